@@ -1,0 +1,170 @@
+//! Command-line flags (clap derive), each with its `DBKEEPER_*` environment twin.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Parses a duration that carries its unit (`500ms`, `30s`, `5m`, `2h`, `1h30m`).
+/// A bare number is rejected rather than guessed at.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration with a unit such as 30s, 5m or 2h ({e})"))
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dbkeeper",
+    version,
+    about = "Wait for, preseed, back up and health-check MongoDB, Redis and Chroma",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every verb understands. Engine URLs are secrets (they may carry passwords): they are
+/// read here without clap's `env` so `--help` never shows their values, and resolved with their
+/// `_FILE` twins by `config`.
+#[derive(Debug, Args, Clone)]
+pub struct GlobalArgs {
+    /// Backup repository directory [env: DBKEEPER_REPO]
+    #[arg(long, global = true, env = "DBKEEPER_REPO", default_value = "/backups")]
+    pub repo: PathBuf,
+
+    /// MongoDB URI [env: DBKEEPER_MONGODB_URI, DBKEEPER_MONGODB_URI_FILE]
+    #[arg(long, global = true, value_name = "URI")]
+    pub mongodb_uri: Option<String>,
+
+    /// Redis URL (redis:// or rediss://) [env: DBKEEPER_REDIS_URL, DBKEEPER_REDIS_URL_FILE]
+    #[arg(long, global = true, value_name = "URL")]
+    pub redis_url: Option<String>,
+
+    /// Chroma URL (http:// or https://) [env: DBKEEPER_CHROMA_URL]
+    #[arg(long, global = true, value_name = "URL")]
+    pub chroma_url: Option<String>,
+
+    /// Chroma auth token [env: DBKEEPER_CHROMA_TOKEN, DBKEEPER_CHROMA_TOKEN_FILE]
+    #[arg(long, global = true, value_name = "TOKEN")]
+    pub chroma_token: Option<String>,
+
+    /// Redis data directory for pre-start preseed (shared volume, server not running)
+    #[arg(long, global = true, env = "DBKEEPER_REDIS_DATA_DIR")]
+    pub redis_data_dir: Option<PathBuf>,
+
+    /// How long a writer waits for the repository lock (0s: fail at once)
+    #[arg(long, global = true, env = "DBKEEPER_LOCK_WAIT", default_value = "0s", value_parser = parse_duration)]
+    pub lock_wait: Duration,
+
+    /// Log format
+    #[arg(long, global = true, env = "DBKEEPER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. `info`, `dbkeeper=debug`)
+    #[arg(
+        long = "log",
+        global = true,
+        env = "DBKEEPER_LOG",
+        default_value = "info"
+    )]
+    pub log_filter: String,
+
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RetentionArgs {
+    /// Keep the N newest good sets
+    #[arg(long, global = true, env = "DBKEEPER_KEEP_LAST", default_value_t = 0)]
+    pub keep_last: u32,
+    /// Keep the newest good set of each of the last N days that have one
+    #[arg(long, global = true, env = "DBKEEPER_KEEP_DAILY", default_value_t = 7)]
+    pub keep_daily: u32,
+    /// Keep the newest good set of each of the last N ISO weeks that have one
+    #[arg(long, global = true, env = "DBKEEPER_KEEP_WEEKLY", default_value_t = 0)]
+    pub keep_weekly: u32,
+    /// Keep the newest good set of each of the last N months that have one
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_KEEP_MONTHLY",
+        default_value_t = 0
+    )]
+    pub keep_monthly: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Wait until every engine answers at the protocol level
+    Wait {
+        /// Engine URLs (default: every configured engine)
+        urls: Vec<String>,
+        /// Overall deadline
+        #[arg(long, env = "DBKEEPER_WAIT_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// One protocol-level probe (the same as `dbkeeper-health`)
+    Health {
+        /// Engine URL (default: every configured engine)
+        url: Option<String>,
+        /// Probe timeout (keep it below the healthcheck's own timeout)
+        #[arg(long, env = "DBKEEPER_HEALTH_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Take one backup set of the configured engines
+    Backup {
+        /// Only these engines (comma-separated: mongodb,redis,chroma)
+        #[arg(long, env = "DBKEEPER_ONLY", value_delimiter = ',')]
+        only: Vec<String>,
+    },
+    /// List backup sets, newest first
+    List {
+        /// Machine-readable output on stdout
+        #[arg(long, env = "DBKEEPER_LIST_JSON")]
+        json: bool,
+    },
+    /// Check a set's checksums (and with --deep decode every record)
+    Verify {
+        /// Set id, or `latest`
+        #[arg(default_value = "latest")]
+        id: String,
+        /// Also decode every record and compare counts with the manifest
+        #[arg(long, env = "DBKEEPER_VERIFY_DEEP")]
+        deep: bool,
+    },
+    /// Restore a set into the configured engines
+    Restore {
+        /// Set id, or `latest` (the newest set that verifies)
+        #[arg(default_value = "latest")]
+        id: String,
+        /// Only these engines
+        #[arg(long, env = "DBKEEPER_ONLY", value_delimiter = ',')]
+        only: Vec<String>,
+        /// Replace the data of a non-empty target
+        #[arg(long, env = "DBKEEPER_FORCE")]
+        force: bool,
+    },
+    /// Restore only into targets that are empty
+    Preseed {
+        /// Only these engines
+        #[arg(long, env = "DBKEEPER_ONLY", value_delimiter = ',')]
+        only: Vec<String>,
+    },
+    /// Apply the retention policy
+    Prune {
+        /// Say what would be deleted, delete nothing
+        #[arg(long, env = "DBKEEPER_PRUNE_DRY_RUN")]
+        dry_run: bool,
+    },
+    /// The compose init role: wait for every engine, then preseed the empty ones
+    Init {
+        /// Overall deadline for the engines to become ready
+        #[arg(long, env = "DBKEEPER_WAIT_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}

@@ -1,0 +1,218 @@
+//! The engine contract (probe, emptiness, dump, restore, deep verify) and the closed enum that
+//! dispatches it to MongoDB, Redis and Chroma.
+
+pub mod chroma;
+pub mod mongodb;
+pub mod redis;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::repo::manifest::EngineEntry;
+use crate::repo::reader::SetReader;
+use crate::repo::writer::EngineWriter;
+use crate::secret::Secret;
+
+/// Which kind of database an engine is. Also the name of its directory inside a set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    Mongodb,
+    Redis,
+    Chroma,
+}
+
+impl EngineKind {
+    pub const ALL: [EngineKind; 3] = [EngineKind::Mongodb, EngineKind::Redis, EngineKind::Chroma];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Mongodb => "mongodb",
+            EngineKind::Redis => "redis",
+            EngineKind::Chroma => "chroma",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "mongodb" | "mongo" => Ok(EngineKind::Mongodb),
+            "redis" => Ok(EngineKind::Redis),
+            "chroma" => Ok(EngineKind::Chroma),
+            other => Err(Error::config(format!(
+                "unknown engine {other:?}; expected mongodb, redis or chroma"
+            ))),
+        }
+    }
+
+    /// The engine a URL names, by its scheme.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+        match scheme.as_deref() {
+            Some("mongodb") | Some("mongodb+srv") => Ok(EngineKind::Mongodb),
+            Some("redis") | Some("rediss") => Ok(EngineKind::Redis),
+            Some("http") | Some("https") => Ok(EngineKind::Chroma),
+            _ => Err(Error::config(format!(
+                "{}: not an engine URL; expected mongodb://, redis://, rediss://, http:// or https://",
+                crate::secret::redact_url(url)
+            ))),
+        }
+    }
+
+    /// Decodes every record of this engine's part of a set, offline, and returns the counts
+    /// it found (compared with the manifest by the caller). Checksums are checked as it reads.
+    pub fn verify_deep(
+        self,
+        set: &SetReader,
+        entry: &EngineEntry,
+        cancel: &CancellationToken,
+    ) -> Result<Counts> {
+        match self {
+            EngineKind::Mongodb => mongodb::verify_deep(set, entry, cancel),
+            EngineKind::Redis => redis::verify_deep(set, entry, cancel),
+            EngineKind::Chroma => chroma::verify_deep(set, entry, cancel),
+        }
+    }
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Record counts by unit: keys per Redis db (`db0`), documents per MongoDB namespace
+/// (`db.coll`), records per Chroma collection.
+pub type Counts = BTreeMap<String, u64>;
+
+/// What a successful probe learned.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub version: Option<String>,
+    /// Extra facts for the health line (e.g. `role=master`).
+    pub detail: String,
+}
+
+/// Whether a target may be preseeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Emptiness {
+    Empty,
+    /// Holds data; the string says what (e.g. "12 keys in db0").
+    HasData(String),
+    /// A restore started and did not finish: wipe and restore again.
+    Interrupted,
+}
+
+/// Options of a restore that are not the engine's own configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// The target is known to be empty or wiped; restore may assume no collisions.
+    pub force: bool,
+}
+
+/// Per-engine settings that do not come from the URL.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    pub chroma_token: Option<Secret>,
+}
+
+/// The contract every engine implements. Roles are generic over it (through [`Engine`]);
+/// nothing outside `engine/` matches on the kind of database to decide what to do.
+#[allow(async_fn_in_trait)]
+pub trait EngineOps {
+    fn kind(&self) -> EngineKind;
+
+    /// The URL with any password replaced by `***`.
+    fn display_url(&self) -> &str;
+
+    /// One protocol-level readiness check, bounded by `timeout`. `Error::Unreachable` when
+    /// retrying may help, `Error::Refused` when it cannot (bad credentials, wrong protocol).
+    async fn probe(&self, timeout: Duration) -> Result<Probe>;
+
+    /// Whether the server holds data, ignoring our own in-progress marker.
+    async fn is_empty(&self) -> Result<Emptiness>;
+
+    /// Writes one consistent dump into `out` and describes it for the manifest.
+    async fn dump(&self, out: EngineWriter, cancel: &CancellationToken) -> Result<EngineEntry>;
+
+    /// Loads `entry` from `set` into the server, which the caller made empty.
+    async fn restore(
+        &self,
+        set: &SetReader,
+        entry: &EngineEntry,
+        opts: &RestoreOptions,
+        cancel: &CancellationToken,
+    ) -> Result<Counts>;
+
+    /// Removes every user record (what `--force` and an interrupted preseed need).
+    async fn wipe(&self) -> Result<()>;
+
+    /// Sets (`true`) or clears the "restore in progress" marker that `is_empty` reports as
+    /// [`Emptiness::Interrupted`].
+    async fn set_marker(&self, on: bool) -> Result<()>;
+}
+
+/// The configured engine, chosen at run time from its URL.
+pub enum Engine {
+    Mongodb(mongodb::MongoEngine),
+    Redis(redis::RedisEngine),
+    Chroma(chroma::ChromaEngine),
+}
+
+macro_rules! dispatch {
+    ($self:expr, $e:ident => $body:expr) => {
+        match $self {
+            Engine::Mongodb($e) => $body,
+            Engine::Redis($e) => $body,
+            Engine::Chroma($e) => $body,
+        }
+    };
+}
+
+impl Engine {
+    /// Builds the engine a URL names. Validates the URL; connects to nothing.
+    pub fn from_url(url: &Secret, opts: &EngineOptions) -> Result<Engine> {
+        Ok(match EngineKind::from_url(url.expose())? {
+            EngineKind::Mongodb => Engine::Mongodb(mongodb::MongoEngine::new(url, opts)?),
+            EngineKind::Redis => Engine::Redis(redis::RedisEngine::new(url, opts)?),
+            EngineKind::Chroma => Engine::Chroma(chroma::ChromaEngine::new(url, opts)?),
+        })
+    }
+}
+
+impl EngineOps for Engine {
+    fn kind(&self) -> EngineKind {
+        dispatch!(self, e => e.kind())
+    }
+    fn display_url(&self) -> &str {
+        dispatch!(self, e => e.display_url())
+    }
+    async fn probe(&self, timeout: Duration) -> Result<Probe> {
+        dispatch!(self, e => e.probe(timeout).await)
+    }
+    async fn is_empty(&self) -> Result<Emptiness> {
+        dispatch!(self, e => e.is_empty().await)
+    }
+    async fn dump(&self, out: EngineWriter, cancel: &CancellationToken) -> Result<EngineEntry> {
+        dispatch!(self, e => e.dump(out, cancel).await)
+    }
+    async fn restore(
+        &self,
+        set: &SetReader,
+        entry: &EngineEntry,
+        opts: &RestoreOptions,
+        cancel: &CancellationToken,
+    ) -> Result<Counts> {
+        dispatch!(self, e => e.restore(set, entry, opts, cancel).await)
+    }
+    async fn wipe(&self) -> Result<()> {
+        dispatch!(self, e => e.wipe().await)
+    }
+    async fn set_marker(&self, on: bool) -> Result<()> {
+        dispatch!(self, e => e.set_marker(on).await)
+    }
+}

@@ -1,0 +1,69 @@
+//! Mongodb engine (placeholder being replaced by its implementation).
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Counts, Emptiness, EngineKind, EngineOps, EngineOptions, Probe, RestoreOptions};
+use crate::error::{Error, Result};
+use crate::repo::manifest::EngineEntry;
+use crate::repo::reader::SetReader;
+use crate::repo::writer::EngineWriter;
+use crate::secret::{Secret, redact_url};
+
+pub struct MongoEngine {
+    display: String,
+}
+
+impl MongoEngine {
+    pub fn new(url: &Secret, _opts: &EngineOptions) -> Result<Self> {
+        Ok(MongoEngine {
+            display: redact_url(url.expose()),
+        })
+    }
+
+    fn todo(&self) -> Error {
+        Error::engine("mongodb", "not implemented yet")
+    }
+}
+
+pub fn verify_deep(
+    _set: &SetReader,
+    _entry: &EngineEntry,
+    _cancel: &CancellationToken,
+) -> Result<Counts> {
+    Err(Error::engine("mongodb", "deep verify not implemented yet"))
+}
+
+impl EngineOps for MongoEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Mongodb
+    }
+    fn display_url(&self) -> &str {
+        &self.display
+    }
+    async fn probe(&self, _timeout: Duration) -> Result<Probe> {
+        Err(self.todo())
+    }
+    async fn is_empty(&self) -> Result<Emptiness> {
+        Err(self.todo())
+    }
+    async fn dump(&self, _out: EngineWriter, _cancel: &CancellationToken) -> Result<EngineEntry> {
+        Err(self.todo())
+    }
+    async fn restore(
+        &self,
+        _set: &SetReader,
+        _entry: &EngineEntry,
+        _opts: &RestoreOptions,
+        _cancel: &CancellationToken,
+    ) -> Result<Counts> {
+        Err(self.todo())
+    }
+    async fn wipe(&self) -> Result<()> {
+        Err(self.todo())
+    }
+    async fn set_marker(&self, _on: bool) -> Result<()> {
+        Err(self.todo())
+    }
+}

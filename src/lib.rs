@@ -1,0 +1,26 @@
+//! dbkeeper: waits for MongoDB, Redis and Chroma, preseeds empty volumes from the newest good
+//! backup, takes scheduled, verified, rotated backups and answers health checks.
+//!
+//! # Layout
+//! - `cli`: flags (clap) with their `DBKEEPER_*` environment twins.
+//! - `config`: flags + environment → one validated `Config`.
+//! - `secret`: the `Secret` type, `NAME_FILE` resolution, URL redaction.
+//! - `error`, `exit`: the one error type and the exit-code table.
+//! - `logging`, `shutdown`: tracing set-up; signals → cancellation.
+//! - `engine`: the engine contract and its MongoDB, Redis and Chroma implementations.
+//! - `repo`: sets on disk — manifest, atomic publish, lock, verification, retention.
+//! - `role`: one module per verb (wait, health, backup, list, verify, restore/preseed, prune).
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod exit;
+pub mod logging;
+pub mod repo;
+pub mod role;
+pub mod secret;
+pub mod shutdown;
+
+pub use error::{Error, Result};
+pub use exit::ExitCode;

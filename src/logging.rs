@@ -1,0 +1,27 @@
+//! tracing set-up: filter from `DBKEEPER_LOG`, `text` or `json` from `DBKEEPER_LOG_FORMAT`,
+//! always to stderr (stdout is for data).
+
+use tracing_subscriber::EnvFilter;
+
+use crate::error::{Error, Result};
+
+pub fn init(filter: &str, format: &str) -> Result<()> {
+    let filter = EnvFilter::try_new(filter)
+        .map_err(|e| Error::config(format!("DBKEEPER_LOG={filter:?}: {e}")))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let result = match format {
+        "json" => builder.json().flatten_event(true).try_init(),
+        "text" => builder.try_init(),
+        other => {
+            return Err(Error::config(format!(
+                "DBKEEPER_LOG_FORMAT={other:?}: expected text or json"
+            )));
+        }
+    };
+    // A second init (tests) is harmless.
+    let _ = result;
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! The repository's writer lock: one backup or prune at a time, across processes and
+//! containers sharing the volume (`flock` on `<repo>/.lock`, released by the kernel if the
+//! holder dies, so a SIGKILLed backup never leaves the repository locked).
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tracing::info;
+
+use crate::error::{Error, Result};
+
+pub const LOCK_FILE: &str = ".lock";
+
+/// Held while writing; dropping it releases the lock.
+#[derive(Debug)]
+pub struct RepoLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl RepoLock {
+    pub(super) async fn acquire(root: &Path, wait: Duration) -> Result<RepoLock> {
+        let path = root.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut announced = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(Error::Locked {
+                            path: root.to_owned(),
+                            holder: holder(&mut file),
+                        });
+                    }
+                    if !announced {
+                        info!(holder = %holder(&mut file), "waiting for the repository lock");
+                        announced = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+            }
+        }
+        // Who holds it, for the message a second writer prints.
+        let note = format!(
+            "pid {} since {}",
+            std::process::id(),
+            chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
+        );
+        let _ = file
+            .set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| file.write_all(note.as_bytes()));
+        Ok(RepoLock { _file: file, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn holder(file: &mut File) -> String {
+    let mut s = String::new();
+    let _ = file.rewind().and_then(|_| file.read_to_string(&mut s));
+    let s = s.trim();
+    if s.is_empty() {
+        "another dbkeeper process".to_owned()
+    } else {
+        format!("another dbkeeper process ({s})")
+    }
+}

@@ -1,0 +1,69 @@
+//! `dbkeeper backup`: one set holding every selected engine, published atomically.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Config;
+use crate::engine::{Engine, EngineOps};
+use crate::error::{Error, Result};
+use crate::repo::Repo;
+use crate::repo::manifest::Manifest;
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Takes one backup set. Nothing is visible in the repository unless every engine's dump
+/// succeeded; a failure or cancellation removes the temp directory.
+pub async fn backup(
+    cfg: &Config,
+    engines: &[Engine],
+    cancel: &CancellationToken,
+) -> Result<Manifest> {
+    if engines.is_empty() {
+        return Err(Error::config(
+            "no engine configured: set DBKEEPER_MONGODB_URI, DBKEEPER_REDIS_URL or DBKEEPER_CHROMA_URL",
+        ));
+    }
+    let repo = Repo::open(&cfg.repo)?;
+    let lock = repo.lock(cfg.lock_wait).await?;
+    // Fail before creating anything if an engine is down.
+    for e in engines {
+        e.probe(PROBE_TIMEOUT).await?;
+    }
+    let mut set = repo.begin_set(&lock, Utc::now())?;
+    let start = Instant::now();
+    info!(set = set.id(), repo = %cfg.repo.display(), "backup started");
+    for e in engines {
+        let t = Instant::now();
+        let writer = set.engine_writer(e.kind())?;
+        let entry = tokio::select! {
+            r = e.dump(writer, cancel) => r?,
+            _ = cancel.cancelled() => return Err(Error::Interrupted(0)),
+        };
+        info!(
+            engine = %e.kind(),
+            records = entry.total_records(),
+            raw_bytes = entry.files.iter().map(|f| f.raw_size).sum::<u64>(),
+            stored_bytes = entry.stored_bytes(),
+            elapsed_ms = t.elapsed().as_millis() as u64,
+            "engine dumped"
+        );
+        set.add_engine(e.kind(), entry);
+    }
+    if cancel.is_cancelled() {
+        return Err(Error::Interrupted(0));
+    }
+    let manifest = tokio::task::spawn_blocking(move || set.publish())
+        .await
+        .map_err(|e| Error::engine("backup", format!("publish task failed: {e}")))??;
+    info!(
+        set = %manifest.id,
+        stored_bytes = manifest.stored_bytes(),
+        elapsed_ms = start.elapsed().as_millis() as u64,
+        "backup published"
+    );
+    drop(lock);
+    Ok(manifest)
+}

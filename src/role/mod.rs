@@ -1,0 +1,128 @@
+//! The roles: one file per verb, each a function over `&Config` and the engines.
+
+pub mod backup;
+pub mod health;
+pub mod list;
+pub mod prune;
+pub mod restore;
+pub mod verify;
+pub mod wait;
+
+use std::time::Duration;
+
+use tracing::info;
+
+use crate::cli::{Cli, Command};
+use crate::config::{Config, process_env};
+use crate::error::{Error, Result};
+use crate::repo::Repo;
+use crate::shutdown::Shutdown;
+
+/// How long a role may take to clean up (remove its temp set) after a signal.
+const CLEANUP_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs the verb. On a signal the role is cancelled, given [`CLEANUP_GRACE`] to clean up,
+/// and the result is `Interrupted(signal)` whatever the role returned.
+pub async fn run(cli: Cli, shutdown: &Shutdown) -> Result<()> {
+    let cfg = Config::from_args(&cli.global, &process_env)?;
+    let token = shutdown.token().clone();
+    let work = dispatch(cli.command, &cfg, &token);
+    tokio::pin!(work);
+    let result = tokio::select! {
+        r = &mut work => r,
+        _ = token.cancelled() => {
+            match tokio::time::timeout(CLEANUP_GRACE, &mut work).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Interrupted(0)),
+            }
+        }
+    };
+    match shutdown.signal() {
+        Some(n) => Err(match result {
+            Err(Error::Interrupted(_)) | Ok(_) => Error::Interrupted(n),
+            Err(e) => e,
+        }),
+        None => result,
+    }
+}
+
+async fn dispatch(
+    command: Command,
+    cfg: &Config,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    match command {
+        Command::Wait { urls, timeout } => {
+            let engines = if urls.is_empty() {
+                cfg.engines(&[])?
+            } else {
+                urls.iter()
+                    .map(|u| {
+                        crate::engine::Engine::from_url(
+                            &crate::secret::Secret::new(u.clone()),
+                            &cfg.engine_options,
+                        )
+                    })
+                    .collect::<Result<_>>()?
+            };
+            if engines.is_empty() {
+                return Err(Error::config(
+                    "nothing to wait for: give URLs or set DBKEEPER_*_URL",
+                ));
+            }
+            wait::wait_all(&engines, timeout, cancel).await.map(|_| ())
+        }
+        Command::Health { url, timeout } => {
+            let urls = match url {
+                Some(u) => vec![crate::secret::Secret::new(u)],
+                None => cfg.urls.iter().map(|(_, u)| u.clone()).collect(),
+            };
+            if urls.is_empty() {
+                return Err(Error::config("no URL given and none configured"));
+            }
+            let opts = cfg.engine_options.clone();
+            let healthy = tokio::task::spawn_blocking(move || health::check(&urls, &opts, timeout))
+                .await
+                .map_err(|e| Error::engine("health", e.to_string()))?;
+            if healthy {
+                Ok(())
+            } else {
+                Err(Error::engine("health", "unhealthy"))
+            }
+        }
+        Command::Backup { only } => {
+            let engines = cfg.engines(&only)?;
+            let m = backup::backup(cfg, &engines, cancel).await?;
+            println!("{}", m.id);
+            Ok(())
+        }
+        Command::List { json } => list::list(&Repo::open(&cfg.repo)?, json),
+        Command::Verify { id, deep } => verify::verify(Repo::open(&cfg.repo)?, id, deep, cancel)
+            .await
+            .map(|_| ()),
+        Command::Restore { id, only, force } => {
+            let engines = cfg.engines(&only)?;
+            restore::restore(cfg, &engines, &id, force, cancel).await
+        }
+        Command::Preseed { only } => {
+            let engines = cfg.engines(&only)?;
+            restore::preseed(cfg, &engines, cancel).await.map(|_| ())
+        }
+        Command::Prune { dry_run } => prune::prune(cfg, dry_run, cancel).await.map(|_| ()),
+        Command::Init { timeout } => {
+            info!(config = %cfg.describe(), "dbkeeper init");
+            let engines = cfg.engines(&[])?;
+            // A Redis preseeded through its data directory is not running yet: don't wait.
+            let live: Vec<_> = engines
+                .into_iter()
+                .filter(|e| {
+                    !(cfg.redis_data_dir.is_some()
+                        && crate::engine::EngineOps::kind(e) == crate::engine::EngineKind::Redis)
+                })
+                .collect();
+            wait::wait_all(&live, timeout, cancel).await?;
+            let all = cfg.engines(&[])?;
+            restore::preseed(cfg, &all, cancel).await.map(|_| ())
+        }
+    }
+}

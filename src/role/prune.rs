@@ -1,0 +1,65 @@
+//! `dbkeeper prune`: apply the retention policy under the writer lock.
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::repo::retention::{self, Candidate, Decision};
+use crate::repo::{self, Repo, VerifyLevel};
+
+pub async fn prune(cfg: &Config, dry_run: bool, cancel: &CancellationToken) -> Result<Decision> {
+    let repo = Repo::open(&cfg.repo)?;
+    let lock = repo.lock(cfg.lock_wait).await?;
+    let policy = cfg.retention;
+    let cancel = cancel.clone();
+    let decision = tokio::task::spawn_blocking(move || -> Result<Decision> {
+        // Only sets whose checksums verify count toward the policy.
+        let mut candidates = Vec::new();
+        for info in repo.list()? {
+            let good = match info.reader() {
+                Ok(r) => match repo::verify(&r, VerifyLevel::Checksums, &cancel) {
+                    Ok(_) => true,
+                    Err(Error::Interrupted(n)) => return Err(Error::Interrupted(n)),
+                    Err(e) => {
+                        warn!(set = %info.id, error = %e, "set does not verify; prune leaves it alone");
+                        false
+                    }
+                },
+                Err(e) => {
+                    warn!(set = %info.id, error = %e, "set does not verify; prune leaves it alone");
+                    false
+                }
+            };
+            candidates.push(Candidate {
+                id: info.id,
+                time: info.time,
+                good,
+            });
+        }
+        let decision = retention::apply(&policy, &candidates);
+        if policy.is_empty() {
+            warn!("no retention policy set (all DBKEEPER_KEEP_* are 0): keeping every set");
+        }
+        for (id, why) in &decision.keep {
+            println!("keep    {id}  ({})", why.join(", "));
+        }
+        for id in &decision.untouched {
+            println!("ignore  {id}  (does not verify; not counted, not deleted)");
+        }
+        for id in &decision.delete {
+            if dry_run {
+                println!("would delete {id}");
+            } else {
+                repo::delete_set(&repo, id)?;
+                println!("deleted {id}");
+                info!(set = %id, "set deleted by retention");
+            }
+        }
+        Ok(decision)
+    })
+    .await
+    .map_err(|e| Error::engine("prune", format!("task failed: {e}")))??;
+    drop(lock);
+    Ok(decision)
+}

@@ -1,0 +1,186 @@
+//! `dbkeeper restore` and `dbkeeper preseed`: load a set into the engines, guarded by the
+//! emptiness rules and the in-progress marker.
+
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::engine::{Emptiness, Engine, EngineKind, EngineOps, RestoreOptions};
+use crate::error::{Error, Result};
+use crate::repo::Repo;
+use crate::repo::reader::SetReader;
+
+/// What preseed did for one engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Restored { set: String, records: u64 },
+    SkippedHasData(String),
+    FirstStart,
+}
+
+/// Restores `id` into every engine. A non-empty target is refused unless `force`.
+pub async fn restore(
+    cfg: &Config,
+    engines: &[Engine],
+    id: &str,
+    force: bool,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let repo = Repo::open(&cfg.repo)?;
+    // Check every target before touching any, so a refusal changes nothing anywhere.
+    let mut states = Vec::new();
+    for e in engines {
+        let state = e.is_empty().await?;
+        if let Emptiness::HasData(what) = &state
+            && !force
+        {
+            return Err(Error::NotEmpty {
+                engine: e.kind().name(),
+                url: e.display_url().to_owned(),
+                what: what.clone(),
+            });
+        }
+        states.push(state);
+    }
+    for (e, state) in engines.iter().zip(states) {
+        let set = find_set(&repo, id, e.kind()).await?;
+        if state != Emptiness::Empty {
+            info!(engine = %e.kind(), state = ?state, "wiping the target before restoring");
+            e.wipe().await?;
+        }
+        restore_into(e, &set, force, cancel).await?;
+    }
+    Ok(())
+}
+
+/// Restores into every engine whose target is empty; skips the others.
+pub async fn preseed(
+    cfg: &Config,
+    engines: &[Engine],
+    cancel: &CancellationToken,
+) -> Result<Vec<(EngineKind, Outcome)>> {
+    let repo = Repo::open(&cfg.repo)?;
+    let mut outcomes = Vec::new();
+    for e in engines {
+        let outcome = if e.kind() == EngineKind::Redis && cfg.redis_data_dir.is_some() {
+            let dir = cfg.redis_data_dir.as_deref().expect("checked");
+            preseed_redis_dir(&repo, dir).await?
+        } else {
+            preseed_one(&repo, e, cancel).await?
+        };
+        match &outcome {
+            Outcome::Restored { set, records } => {
+                info!(engine = %e.kind(), set, records, "preseeded")
+            }
+            Outcome::SkippedHasData(what) => {
+                info!(engine = %e.kind(), holds = %what, "preseed skipped: target holds data")
+            }
+            Outcome::FirstStart => {
+                info!(engine = %e.kind(), "no backup yet and the target is empty: first start")
+            }
+        }
+        outcomes.push((e.kind(), outcome));
+    }
+    Ok(outcomes)
+}
+
+async fn preseed_one(repo: &Repo, e: &Engine, cancel: &CancellationToken) -> Result<Outcome> {
+    let state = e.is_empty().await?;
+    if let Emptiness::HasData(what) = state {
+        return Ok(Outcome::SkippedHasData(what));
+    }
+    let Some(set) = newest_good(repo, e.kind()).await? else {
+        if state == Emptiness::Interrupted {
+            warn!(engine = %e.kind(), "an interrupted preseed left partial data and no backup is left to redo it; wiping");
+            e.wipe().await?;
+            e.set_marker(false).await?;
+        }
+        return Ok(Outcome::FirstStart);
+    };
+    if state == Emptiness::Interrupted {
+        warn!(engine = %e.kind(), "an earlier preseed was interrupted: wiping its partial data and restoring again");
+        e.wipe().await?;
+    }
+    let records = restore_into(e, &set, false, cancel).await?;
+    Ok(Outcome::Restored {
+        set: set.id().to_owned(),
+        records,
+    })
+}
+
+async fn preseed_redis_dir(repo: &Repo, dir: &std::path::Path) -> Result<Outcome> {
+    use crate::engine::redis;
+    if let Emptiness::HasData(what) = redis::data_dir_state(dir)? {
+        return Ok(Outcome::SkippedHasData(what));
+    }
+    let Some(set) = newest_good(repo, EngineKind::Redis).await? else {
+        return Ok(Outcome::FirstStart);
+    };
+    let entry = set.manifest.engines[&EngineKind::Redis].clone();
+    let records = entry.total_records();
+    let dir = dir.to_owned();
+    let id = set.id().to_owned();
+    tokio::task::spawn_blocking(move || redis::preseed_data_dir(&dir, &set, &entry))
+        .await
+        .map_err(|e| Error::engine("redis", format!("preseed task failed: {e}")))??;
+    Ok(Outcome::Restored { set: id, records })
+}
+
+/// Marks the target, restores, checks the counts against the manifest, clears the mark.
+/// A failure leaves the mark, so the next preseed wipes and redoes.
+async fn restore_into(
+    e: &Engine,
+    set: &SetReader,
+    force: bool,
+    cancel: &CancellationToken,
+) -> Result<u64> {
+    let entry = set.manifest.engines.get(&e.kind()).ok_or_else(|| {
+        Error::repo(
+            &set.dir,
+            format!("set {} holds no {} backup", set.id(), e.kind()),
+        )
+    })?;
+    let start = Instant::now();
+    info!(engine = %e.kind(), set = set.id(), records = entry.total_records(), "restore started");
+    e.set_marker(true).await?;
+    let counts = e
+        .restore(set, entry, &RestoreOptions { force }, cancel)
+        .await?;
+    if counts != entry.counts {
+        return Err(Error::engine(
+            e.kind().name(),
+            format!(
+                "restored {} records but set {} holds {}; the target stays marked and the next preseed redoes it",
+                counts.values().sum::<u64>(),
+                set.id(),
+                entry.total_records()
+            ),
+        ));
+    }
+    e.set_marker(false).await?;
+    info!(
+        engine = %e.kind(),
+        set = set.id(),
+        records = entry.total_records(),
+        elapsed_ms = start.elapsed().as_millis() as u64,
+        "restore finished"
+    );
+    Ok(entry.total_records())
+}
+
+async fn newest_good(repo: &Repo, kind: EngineKind) -> Result<Option<SetReader>> {
+    let root = repo.root().to_owned();
+    tokio::task::spawn_blocking(move || Repo::open(&root)?.newest_good(Some(kind)))
+        .await
+        .map_err(|e| Error::engine("repo", format!("task failed: {e}")))?
+}
+
+async fn find_set(repo: &Repo, id: &str, kind: EngineKind) -> Result<SetReader> {
+    let root = repo.root().to_owned();
+    let id = id.to_owned();
+    tokio::task::spawn_blocking(move || Repo::open(&root)?.resolve(&id, Some(kind)))
+        .await
+        .map_err(|e| Error::engine("repo", format!("task failed: {e}")))?
+}
