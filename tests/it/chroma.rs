@@ -1,0 +1,1 @@
+//! chroma integration tests (real server).

@@ -1,0 +1,1 @@
+//! Configuration, usage and repository behaviour of the binary that needs no database.

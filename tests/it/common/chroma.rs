@@ -1,0 +1,1 @@
+//! chroma server harness.

@@ -1,0 +1,134 @@
+//! Shared harness: the binary under test, free ports, temp repositories, and the servers
+//! (one module each) started on loopback with their data in temp dirs and stopped on drop.
+
+#![allow(dead_code)]
+
+pub mod chroma;
+pub mod mongodb;
+pub mod redis;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The `dbkeeper` binary cargo built for these tests.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_dbkeeper"))
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `dbkeeper` command with a clean environment: no inherited `DBKEEPER_*` variables, the
+/// repository set, debug logs off.
+pub fn dbkeeper(repo: &Path) -> Command {
+    let mut c = Command::new(bin());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("DBKEEPER_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("DBKEEPER_REPO", repo).env("DBKEEPER_LOG", "info");
+    c
+}
+
+/// Runs a command and returns its output, failing the test with both streams shown when it
+/// cannot be run at all.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run dbkeeper")
+}
+
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts an exit code and shows both streams when it differs.
+#[track_caller]
+pub fn assert_code(o: &Output, want: i32) {
+    assert_eq!(
+        code(o),
+        want,
+        "exit code\n--- stdout\n{}\n--- stderr\n{}",
+        stdout(o),
+        stderr(o)
+    );
+}
+
+/// Set directories in a repository (names only, sorted), excluding temp dirs and the lock.
+pub fn sets(repo: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(repo)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Everything in a repository whose name starts with `.tmp-`.
+pub fn temps(repo: &Path) -> Vec<String> {
+    std::fs::read_dir(repo)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect()
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Locates a server binary: `$VAR`, then the shared cache the test command installs into,
+/// then `PATH`. Panics with the install hint when absent: a missing server is a failed
+/// set-up, never a silently skipped test.
+pub fn server_binary(var: &str, cache_rel: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
+        return PathBuf::from(p);
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        let p = Path::new(&home).join(".cache/dbkeeper").join(cache_rel);
+        if p.exists() {
+            return p;
+        }
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let p = dir.join(name);
+            if p.exists() {
+                return p;
+            }
+        }
+    }
+    panic!("{name} not found (set {var}); run `bash .ci/run` once to install the test servers");
+}
+
+/// The shared fixtures folder of other projects' files, when present beside the checkout.
+pub fn shared_fixtures() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    p.is_dir().then_some(p)
+}

@@ -1,0 +1,1 @@
+//! mongodb server harness.

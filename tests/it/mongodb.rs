@@ -1,0 +1,1 @@
+//! mongodb integration tests (real server).

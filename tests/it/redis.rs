@@ -1,0 +1,1 @@
+//! redis integration tests (real server).
