@@ -71,7 +71,8 @@ fn configuration_errors_are_exit_2() {
     let repo = dir.path();
     let pw = repo.join("pw");
     fs::write(&pw, "redis://:filepw@127.0.0.1:1\n").unwrap();
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec!["list"],
             vec![
@@ -164,7 +165,7 @@ fn wait_on_a_closed_port_is_exit_3_after_the_deadline_and_names_no_password() {
 fn sigterm_interrupts_a_one_shot_job_with_128_plus_15() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = dbkeeper(dir.path())
+    let child = dbkeeper(dir.path())
         .args([
             "wait",
             "--timeout",
