@@ -118,6 +118,11 @@ pub struct RestoreOptions {
 #[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
     pub chroma_token: Option<Secret>,
+    /// MongoDB collections dumped or restored at once (default 4).
+    pub mongo_parallel: Option<std::num::NonZeroUsize>,
+    /// MongoDB namespaces to include / exclude (`db`, `db.coll`, `db.*`); empty: all.
+    pub mongo_include: Vec<String>,
+    pub mongo_exclude: Vec<String>,
 }
 
 /// The contract every engine implements. Roles are generic over it (through [`Engine`]);
