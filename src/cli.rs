@@ -57,11 +57,23 @@ pub struct GlobalArgs {
     pub parallel: Option<std::num::NonZeroUsize>,
 
     /// MongoDB namespaces to back up / restore / wipe: `db`, `db.coll` or `db.*`, comma-separated (default: all)
-    #[arg(long, global = true, env = "DBKEEPER_MONGODB_INCLUDE", value_delimiter = ',', value_name = "NS")]
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_MONGODB_INCLUDE",
+        value_delimiter = ',',
+        value_name = "NS"
+    )]
     pub mongodb_include: Vec<String>,
 
     /// MongoDB namespaces to leave out (`db`, `db.coll` or `db.*`, comma-separated)
-    #[arg(long, global = true, env = "DBKEEPER_MONGODB_EXCLUDE", value_delimiter = ',', value_name = "NS")]
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_MONGODB_EXCLUDE",
+        value_delimiter = ',',
+        value_name = "NS"
+    )]
     pub mongodb_exclude: Vec<String>,
 
     /// Redis data directory for pre-start preseed (shared volume, server not running)

@@ -14,9 +14,7 @@ use tracing::{debug, info};
 
 use super::metadata::{Kind, Metadata};
 use super::names::{escape, is_dumped_collection};
-use super::{
-    CONSISTENCY, CollectionEntry, Details, ENGINE, MongoEngine, Progress, Purpose,
-};
+use super::{CONSISTENCY, CollectionEntry, Details, ENGINE, MongoEngine, Progress, Purpose};
 use crate::engine::Counts;
 use crate::error::{Error, Result};
 use crate::repo::manifest::{EngineEntry, FileEntry};
@@ -233,7 +231,10 @@ async fn dump_collection(
         let n = (BATCH_BYTES / it.avg_obj_size).clamp(101, 100_000);
         find = find.batch_size(n as u32);
     }
-    let mut cursor = find.batch().await.map_err(engine.op_err(&format!("find on {ns}")))?;
+    let mut cursor = find
+        .batch()
+        .await
+        .map_err(engine.op_err(&format!("find on {ns}")))?;
     let rel = format!("{}/{}.bson", it.db, data_stem(it));
     let artifact = out.create(&rel, 1)?;
     let path = out.dir().join(&rel);
@@ -256,7 +257,8 @@ async fn dump_collection(
                         format!("{ns}: the server sent a non-document in a batch"),
                     ));
                 };
-                w.write_all(doc.as_bytes()).map_err(|e| Error::io(&path, e))?;
+                w.write_all(doc.as_bytes())
+                    .map_err(|e| Error::io(&path, e))?;
                 bn += 1;
                 bytes += doc.as_bytes().len() as u64;
             }
@@ -282,7 +284,9 @@ async fn dump_collection(
                 }
             }
             Err(e) => {
-                failed = Some(engine.op_err(&format!("reading {}.{}", it.db, it.source))(e));
+                failed = Some(engine.op_err(&format!("reading {}.{}", it.db, it.source))(
+                    e,
+                ));
                 break;
             }
         }

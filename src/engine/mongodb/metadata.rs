@@ -164,10 +164,22 @@ mod tests {
         ];
         let m = Metadata::from_listing(&entry, indexes).unwrap();
         let json = String::from_utf8(m.to_json()).unwrap();
-        assert!(json.starts_with(r#"{"options":{"capped":true,"size":{"$numberLong":"4096"}"#), "{json}");
-        assert!(json.contains(r#""key":{"b":{"$numberInt":"-1"},"a":{"$numberInt":"1"}}"#), "{json}");
-        assert!(json.contains(&format!(r#""uuid":"{}""#, "ab".repeat(16))), "{json}");
-        assert!(json.ends_with(r#""collectionName":"events","type":"collection"}"#), "{json}");
+        assert!(
+            json.starts_with(r#"{"options":{"capped":true,"size":{"$numberLong":"4096"}"#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#""key":{"b":{"$numberInt":"-1"},"a":{"$numberInt":"1"}}"#),
+            "{json}"
+        );
+        assert!(
+            json.contains(&format!(r#""uuid":"{}""#, "ab".repeat(16))),
+            "{json}"
+        );
+        assert!(
+            json.ends_with(r#""collectionName":"events","type":"collection"}"#),
+            "{json}"
+        );
         let back = Metadata::parse(json.as_bytes()).unwrap();
         assert_eq!(back, m);
         let sec = back.secondary_indexes();
@@ -177,7 +189,8 @@ mod tests {
 
     #[test]
     fn views_are_recognised_without_a_type() {
-        let m = Metadata::parse(br#"{"options":{"viewOn":"a","pipeline":[]},"indexes":[]}"#).unwrap();
+        let m =
+            Metadata::parse(br#"{"options":{"viewOn":"a","pipeline":[]},"indexes":[]}"#).unwrap();
         assert_eq!(m.kind, Kind::View);
         assert!(Metadata::parse(b"").is_err());
         assert!(Metadata::parse(b"[1]").is_err());
@@ -188,9 +201,13 @@ mod tests {
     /// mongo-tools), and the one that is not JSON is rejected.
     #[test]
     fn parses_every_mongodump_fixture() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/mongodump");
+        let root =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/mongodump");
         if !root.is_dir() {
-            eprintln!("skipped: {} is absent (fixtures live beside the checkout)", root.display());
+            eprintln!(
+                "skipped: {} is absent (fixtures live beside the checkout)",
+                root.display()
+            );
             return;
         }
         let mut stack = vec![root];
@@ -213,7 +230,9 @@ mod tests {
                     continue;
                 }
                 let m = r.unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-                assert!(m.indexes.iter().any(|i| i.get_document("key").is_ok()) || m.indexes.is_empty());
+                assert!(
+                    m.indexes.iter().any(|i| i.get_document("key").is_ok()) || m.indexes.is_empty()
+                );
                 parsed += 1;
             }
         }

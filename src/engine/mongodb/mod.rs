@@ -146,7 +146,8 @@ impl MongoEngine {
                 o.retry_writes = Some(false);
             }
             Purpose::Bulk => {
-                o.server_selection_timeout.get_or_insert(Duration::from_secs(10));
+                o.server_selection_timeout
+                    .get_or_insert(Duration::from_secs(10));
                 let want = (self.cfg.parallel + restore::INSERT_WORKERS + 2) as u32;
                 o.max_pool_size = Some(o.max_pool_size.unwrap_or(want).max(want));
             }

@@ -24,7 +24,10 @@ pub fn escape(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for (i, b) in name.bytes().enumerate() {
         let keep = b.is_ascii_alphanumeric()
-            || matches!(b, b'-' | b'_' | b'~' | b'$' | b'&' | b'+' | b':' | b'=' | b'@')
+            || matches!(
+                b,
+                b'-' | b'_' | b'~' | b'$' | b'&' | b'+' | b':' | b'=' | b'@'
+            )
             || (b == b'.' && i > 0);
         if keep {
             out.push(b as char);
@@ -181,7 +184,11 @@ mod tests {
         assert!(!all.wants("admin", "users"));
         assert!(!all.wants_db("local"));
 
-        let f = Filter::new(&["app".into(), "logs.events".into()], &["app.secret".into()]).unwrap();
+        let f = Filter::new(
+            &["app".into(), "logs.events".into()],
+            &["app.secret".into()],
+        )
+        .unwrap();
         assert!(f.wants("app", "users"));
         assert!(!f.wants("app", "secret"));
         assert!(f.wants("logs", "events"));

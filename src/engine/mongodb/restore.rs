@@ -114,10 +114,7 @@ pub(super) async fn restore(
     let inserted: Arc<Vec<AtomicU64>> =
         Arc::new((0..data.len()).map(|_| AtomicU64::new(0)).collect());
     let targets: Arc<Vec<mongodb::Collection<RawDocumentBuf>>> = Arc::new({
-        let mut v: Vec<_> = data
-            .iter()
-            .map(|(slot, p)| (*slot, p))
-            .collect::<Vec<_>>();
+        let mut v: Vec<_> = data.iter().map(|(slot, p)| (*slot, p)).collect::<Vec<_>>();
         v.sort_by_key(|(slot, _)| *slot);
         v.into_iter()
             .map(|(_, p)| {
@@ -185,12 +182,7 @@ pub(super) async fn restore(
     let readers = stream::iter(data.iter().map(move |(slot, p)| {
         let tx = tx.clone();
         let set = set.clone();
-        let f = p
-            .entry
-            .data
-            .as_deref()
-            .and_then(|d| entry.file(d))
-            .cloned();
+        let f = p.entry.data.as_deref().and_then(|d| entry.file(d)).cloned();
         let stop = reader_stop.clone();
         let slot = *slot;
         async move {
@@ -283,7 +275,11 @@ pub(super) async fn restore(
     for p in plan.iter().filter(|p| p.meta.kind == Kind::View) {
         create(engine, &client, p).await?;
     }
-    info!(engine = ENGINE, collections = plan.len(), "indexes and views created");
+    info!(
+        engine = ENGINE,
+        collections = plan.len(),
+        "indexes and views created"
+    );
     Ok(counts)
 }
 
@@ -310,7 +306,9 @@ async fn create(engine: &MongoEngine, client: &Client, p: &Planned) -> Result<()
             debug!(engine = ENGINE, ns = %p.entry.namespace(), "collection exists; kept");
             Ok(())
         }
-        Err(e) => Err(engine.op_err(&format!("creating {}", p.entry.namespace()))(e)),
+        Err(e) => Err(engine.op_err(&format!("creating {}", p.entry.namespace()))(
+            e,
+        )),
     }
 }
 
