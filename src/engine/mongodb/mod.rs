@@ -104,6 +104,21 @@ fn driver_message(e: &mongodb::error::Error) -> String {
     }
 }
 
+/// The per-server error inside a server-selection timeout (`… Error: Kind: <cause>, labels:
+/// …`), which is what an operator needs; the whole topology dump when there is none.
+fn selection_cause(message: &str) -> String {
+    let causes: Vec<&str> = message
+        .split("Error: Kind: ")
+        .skip(1)
+        .map(|rest| rest.split(", labels:").next().unwrap_or(rest).trim())
+        .collect();
+    if causes.is_empty() {
+        one_line(message)
+    } else {
+        one_line(&causes.join("; "))
+    }
+}
+
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -185,15 +200,19 @@ impl MongoEngine {
                 message: format!("{msg} (is this a MongoDB server?)"),
             },
             ErrorKind::ServerSelection { message, .. } => {
-                let hint = if message.contains("refused") || message.contains("timed out") {
-                    ""
-                } else {
-                    " (is this a MongoDB server? add directConnection=true for a single member of a replica set reached by another name)"
-                };
+                let inner = selection_cause(message);
+                // A port that answers but not in MongoDB's wire protocol will not start to.
+                if inner.contains("invalid reply") || inner.contains("wire protocol") {
+                    return Error::Refused {
+                        engine: ENGINE,
+                        url,
+                        message: format!("not a MongoDB server: {inner}"),
+                    };
+                }
                 Error::Unreachable {
                     engine: ENGINE,
                     url,
-                    message: format!("{msg}{hint}"),
+                    message: format!("no server answered: {inner}"),
                 }
             }
             ErrorKind::Io(_)
@@ -559,5 +578,46 @@ impl EngineOps for MongoEngine {
                 .map_err(self.op_err("removing the restore marker"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_errors_are_cut_to_their_cause() {
+        let m = "Server selection timeout: No available servers. Topology: { Type: Unknown, Servers: [ { Address: h:1, Type: Unknown, Error: Kind: I/O error: Connection refused (os error 111), labels: {\"RetryableError\"}, source: None, server response: None } ] }";
+        assert_eq!(
+            selection_cause(m),
+            "I/O error: Connection refused (os error 111)"
+        );
+        assert_eq!(selection_cause("no servers"), "no servers");
+    }
+
+    #[test]
+    fn construction_validates_without_connecting() {
+        let opts = EngineOptions::default();
+        let e =
+            MongoEngine::new(&Secret::new("mongodb://u:p%40ss@db:1/?authSource=x"), &opts).unwrap();
+        assert_eq!(e.display_url(), "mongodb://u:***@db:1/?authSource=x");
+        assert_eq!(e.cfg.auth_db().as_deref(), Some("x"));
+        let e = MongoEngine::new(&Secret::new("mongodb://db:1/app"), &opts).unwrap();
+        assert_eq!(e.cfg.auth_db(), None);
+        let e = MongoEngine::new(&Secret::new("mongodb://u:p@db:1/app"), &opts).unwrap();
+        assert_eq!(e.cfg.auth_db().as_deref(), Some("app"));
+        for bad in [
+            "mongodb://u:p@s@db/",
+            "mongodb://db:1/?w=1&directConnection=maybe",
+            "mongodb://",
+        ] {
+            let err = MongoEngine::new(&Secret::new(bad), &opts).err().expect(bad);
+            assert!(matches!(err, Error::Config(_)), "{bad}: {err}");
+        }
+        let bad_filter = EngineOptions {
+            mongo_include: vec![".x".into()],
+            ..EngineOptions::default()
+        };
+        assert!(MongoEngine::new(&Secret::new("mongodb://db"), &bad_filter).is_err());
     }
 }
