@@ -122,7 +122,10 @@ fn every_type_docs() -> Vec<RawDocumentBuf> {
 
 /// Collections, options and indexes of every user database, and their documents as sorted
 /// raw bytes: what a round trip must preserve.
-fn snapshot(m: &Mongo) -> BTreeMap<String, (Document, Vec<Document>, Vec<Vec<u8>>)> {
+/// Per namespace: the `listCollections` entry, the index specs, the sorted documents.
+type Snapshot = BTreeMap<String, (Document, Vec<Document>, Vec<Vec<u8>>)>;
+
+fn snapshot(m: &Mongo) -> Snapshot {
     let mut out = BTreeMap::new();
     for db in m.databases() {
         for (name, mut spec) in m.collections(&db) {

@@ -100,7 +100,7 @@ pub(super) async fn dump(
             });
         }
     }
-    items.sort_by(|a, b| b.size.cmp(&a.size));
+    items.sort_by_key(|it| std::cmp::Reverse(it.size));
     info!(
         engine = ENGINE,
         collections = items.len(),
@@ -227,9 +227,8 @@ async fn dump_collection(
         .database(&it.db)
         .collection::<RawDocumentBuf>(&it.source);
     let mut find = coll.find(doc! {});
-    if it.avg_obj_size > 0 {
-        let n = (BATCH_BYTES / it.avg_obj_size).clamp(101, 100_000);
-        find = find.batch_size(n as u32);
+    if let Some(n) = BATCH_BYTES.checked_div(it.avg_obj_size) {
+        find = find.batch_size(n.clamp(101, 100_000) as u32);
     }
     let mut cursor = find
         .batch()

@@ -49,7 +49,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct MongoConfig {
     /// Parsed (and so validated) at construction; resolved (SRV, TLS files) when connecting.
-    conn: ConnectionString,
+    /// Boxed: it is large, and engines live in one enum.
+    conn: Box<ConnectionString>,
     display: String,
     pub parallel: usize,
     pub filter: Filter,
@@ -69,7 +70,7 @@ impl MongoConfig {
             .map(|n| n.get())
             .unwrap_or(DEFAULT_PARALLEL);
         Ok(MongoConfig {
-            conn,
+            conn: Box::new(conn),
             display,
             parallel,
             filter: Filter::new(&opts.mongo_include, &opts.mongo_exclude)?,
@@ -147,7 +148,7 @@ impl MongoEngine {
     }
 
     async fn client(&self, purpose: Purpose) -> Result<Client> {
-        let mut o = ClientOptions::parse(self.cfg.conn.clone())
+        let mut o = ClientOptions::parse(*self.cfg.conn.clone())
             .await
             .map_err(|e| self.classify(e))?;
         o.app_name.get_or_insert_with(|| "dbkeeper".into());
