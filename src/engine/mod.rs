@@ -153,6 +153,12 @@ pub trait EngineOps {
         cancel: &CancellationToken,
     ) -> Result<Counts>;
 
+    /// The counts a restore of `entry` must return: all of them, unless the engine is
+    /// configured to restore part of a set (a namespace filter).
+    fn expected_counts(&self, entry: &EngineEntry) -> Counts {
+        entry.counts.clone()
+    }
+
     /// Removes every user record (what `--force` and an interrupted preseed need).
     async fn wipe(&self) -> Result<()>;
 
@@ -213,6 +219,9 @@ impl EngineOps for Engine {
         cancel: &CancellationToken,
     ) -> Result<Counts> {
         dispatch!(self, e => e.restore(set, entry, opts, cancel).await)
+    }
+    fn expected_counts(&self, entry: &EngineEntry) -> Counts {
+        dispatch!(self, e => e.expected_counts(entry))
     }
     async fn wipe(&self) -> Result<()> {
         dispatch!(self, e => e.wipe().await)

@@ -569,6 +569,44 @@ fn namespace_filters_limit_the_dump() {
         .keys()
         .collect();
     assert_eq!(counts, vec!["keep.a"]);
+
+    // A partial restore from a full set: only the selected namespaces are checked for
+    // emptiness, restored, and (with --force) dropped first; the rest of the target stays.
+    let full = backup(&src, repo.path(), &[]);
+    let dst = Mongo::start(false, true);
+    dst.insert("unrelated", "x", vec![raw(doc! {"_id": "stays"})]);
+    let o = dbk(
+        repo.path(),
+        &dst.uri(),
+        &["restore", &full, "--mongodb-include", "keep"],
+    );
+    assert_code(&o, 0);
+    assert_eq!(
+        dst.databases(),
+        vec!["keep".to_owned(), "unrelated".to_owned()]
+    );
+    assert_eq!(dst.sorted_docs("keep", "b").len(), 1);
+    dst.insert("keep", "a", vec![raw(doc! {"_id": "extra"})]);
+    dst.insert("keep", "b", vec![raw(doc! {"_id": "extra"})]);
+    let o = dbk(
+        repo.path(),
+        &dst.uri(),
+        &["restore", &full, "--mongodb-include", "keep.a"],
+    );
+    assert_code(&o, 1);
+    let o = dbk(
+        repo.path(),
+        &dst.uri(),
+        &["restore", &full, "--mongodb-include", "keep.a", "--force"],
+    );
+    assert_code(&o, 0);
+    assert_eq!(dst.sorted_docs("keep", "a"), src.sorted_docs("keep", "a"));
+    assert_eq!(
+        dst.sorted_docs("keep", "b").len(),
+        2,
+        "keep.b was not selected"
+    );
+    assert_eq!(dst.sorted_docs("unrelated", "x").len(), 1);
 }
 
 // ---- readiness and health ----

@@ -166,7 +166,7 @@ pub(super) async fn dump(
     details
         .collections
         .sort_by(|a, b| (&a.db, &a.name).cmp(&(&b.db, &b.name)));
-    progress.log();
+    progress.finished();
     Ok(EngineEntry {
         source: engine.cfg.display.clone(),
         server_version,

@@ -101,6 +101,20 @@ fn driver_message(e: &mongodb::error::Error) -> String {
         | ErrorKind::DnsResolve { message, .. }
         | ErrorKind::InvalidTlsConfig { message, .. } => one_line(message),
         ErrorKind::Command(c) => format!("{} ({}): {}", c.code_name, c.code, one_line(&c.message)),
+        ErrorKind::InsertMany(im) => {
+            let errs = im.write_errors.as_deref().unwrap_or_default();
+            match (errs.first(), &im.write_concern_error) {
+                (Some(first), _) => format!(
+                    "{} documents refused, the first (#{}) with code {}: {}",
+                    errs.len(),
+                    first.index,
+                    first.code,
+                    one_line(&first.message)
+                ),
+                (None, Some(wc)) => format!("write concern: {}", one_line(&wc.message)),
+                (None, None) => one_line(&e.to_string()),
+            }
+        }
         _ => one_line(&e.to_string()),
     }
 }
@@ -329,6 +343,14 @@ impl Progress {
     }
 
     fn log(&self) {
+        self.log_as("in progress");
+    }
+
+    fn finished(&self) {
+        self.log_as("finished");
+    }
+
+    fn log_as(&self, state: &str) {
         let docs = self.docs.load(Ordering::Relaxed);
         let bytes = self.bytes.load(Ordering::Relaxed);
         let secs = self.start.elapsed().as_secs_f64().max(1e-3);
@@ -338,7 +360,7 @@ impl Progress {
             bytes,
             docs_per_s = (docs as f64 / secs) as u64,
             mb_per_s = format!("{:.1}", bytes as f64 / secs / 1e6),
-            "{} in progress",
+            "{} {state}",
             self.what
         );
     }
@@ -524,6 +546,19 @@ impl EngineOps for MongoEngine {
         cancel: &CancellationToken,
     ) -> Result<Counts> {
         restore::restore(self, set, entry, cancel).await
+    }
+
+    /// Only the namespaces the filter selects are restored.
+    fn expected_counts(&self, entry: &EngineEntry) -> Counts {
+        entry
+            .counts
+            .iter()
+            .filter(|(ns, _)| {
+                let (db, coll) = ns.split_once('.').unwrap_or((ns.as_str(), ""));
+                self.cfg.filter.wants(db, coll)
+            })
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 
     /// Drops every database the filter selects whole, and the selected collections of the

@@ -263,7 +263,7 @@ pub(super) async fn restore(
     if cancel.is_cancelled() {
         return Err(Error::Interrupted(0));
     }
-    progress.log();
+    progress.finished();
 
     let mut counts = Counts::new();
     for (slot, p) in &data {
@@ -299,7 +299,14 @@ async fn create(engine: &MongoEngine, client: &Client, p: &Planned) -> Result<()
     for (k, v) in &p.meta.options {
         cmd.insert(k.clone(), v.clone());
     }
-    // An `_id` index with its own collation is recreated through the collection's collation.
+    // listCollections reports the bucket span a `granularity` implies; `create` takes either
+    // a granularity or custom bucketing parameters, not both.
+    if let Ok(ts) = cmd.get_document_mut("timeseries")
+        && ts.contains_key("granularity")
+    {
+        ts.remove("bucketMaxSpanSeconds");
+        ts.remove("bucketRoundingSeconds");
+    }
     match client.database(&p.entry.db).run_command(cmd).await {
         Ok(_) => Ok(()),
         Err(e) if command_code(&e) == Some(NAMESPACE_EXISTS) => {
