@@ -40,6 +40,9 @@ struct Batch {
     slot: usize,
     docs: Vec<RawDocumentBuf>,
     bytes: u64,
+    /// Set for a capped collection, whose natural order is its insertion order (and decides
+    /// what it evicts): its batches go one at a time, in order, each inserted ordered.
+    done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 pub(super) async fn restore(
@@ -146,9 +149,10 @@ pub(super) async fn restore(
                     let Some(b) = next else { return Ok(()) };
                     let coll = &targets[b.slot];
                     let n = b.docs.len() as u64;
+                    let in_order = b.done.is_some();
                     let r = coll
                         .insert_many(b.docs)
-                        .ordered(false)
+                        .ordered(in_order)
                         .bypass_document_validation(true)
                         .await;
                     match r {
@@ -156,7 +160,11 @@ pub(super) async fn restore(
                             let done = res.inserted_ids.len() as u64;
                             inserted[b.slot].fetch_add(done, Ordering::Relaxed);
                             progress.add(done, b.bytes);
+                            if let Some(tx) = b.done {
+                                let _ = tx.send(());
+                            }
                             if done != n {
+                                stop.cancel();
                                 return Err(format!(
                                     "{}.{}: the server took {done} of {n} documents",
                                     coll.namespace().db,
@@ -165,6 +173,7 @@ pub(super) async fn restore(
                             }
                         }
                         Err(e) => {
+                            stop.cancel();
                             return Err(format!(
                                 "inserting into {}.{}: {}",
                                 coll.namespace().db,
@@ -185,6 +194,7 @@ pub(super) async fn restore(
         let f = p.entry.data.as_deref().and_then(|d| entry.file(d)).cloned();
         let stop = reader_stop.clone();
         let slot = *slot;
+        let capped = p.meta.options.get_bool("capped").unwrap_or(false);
         async move {
             let f = f.ok_or_else(|| {
                 Error::corrupt(set.id(), "a data file is not in the manifest".to_owned())
@@ -207,13 +217,26 @@ pub(super) async fn restore(
                         None => !batch.is_empty(),
                     };
                     if full {
+                        let (done, inserted) = if capped {
+                            let (t, r) = tokio::sync::oneshot::channel();
+                            (Some(t), Some(r))
+                        } else {
+                            (None, None)
+                        };
                         let b = Batch {
                             slot,
                             docs: std::mem::take(&mut batch),
                             bytes: bytes as u64,
+                            done,
                         };
                         bytes = 0;
                         if stop.is_cancelled() || tx.blocking_send(b).is_err() {
+                            return Err(Error::Interrupted(0));
+                        }
+                        // A failed insert drops the sender; the worker's error says why.
+                        if let Some(r) = inserted
+                            && r.blocking_recv().is_err()
+                        {
                             return Err(Error::Interrupted(0));
                         }
                     }

@@ -145,9 +145,16 @@ impl Mongo {
 
     /// Every document of a collection as raw bytes, sorted: equality that ignores order only.
     pub fn sorted_docs(&self, db: &str, coll: &str) -> Vec<Vec<u8>> {
+        let mut v = self.natural_docs(db, coll);
+        v.sort();
+        v
+    }
+
+    /// Every document of a collection as raw bytes, in natural order.
+    pub fn natural_docs(&self, db: &str, coll: &str) -> Vec<Vec<u8>> {
         use futures_util::TryStreamExt;
         let c = self.client.database(db).collection::<RawDocumentBuf>(coll);
-        let mut v: Vec<Vec<u8>> = self.block(async {
+        self.block(async {
             c.find(doc! {})
                 .await
                 .unwrap()
@@ -155,9 +162,7 @@ impl Mongo {
                 .try_collect()
                 .await
                 .unwrap()
-        });
-        v.sort();
-        v
+        })
     }
 
     /// User databases (not admin/local/config).
