@@ -235,7 +235,9 @@ async fn dump_collection(
         .await
         .map_err(engine.op_err(&format!("find on {ns}")))?;
     let rel = format!("{}/{}.bson", it.db, data_stem(it));
-    let artifact = out.create(&rel, 1)?;
+    // Compressed on the writer thread itself: it already runs beside the network reads, and
+    // zstd's multithreaded mode would buffer whole jobs (megabytes) per collection.
+    let artifact = out.create(&rel, 0)?;
     let path = out.dir().join(&rel);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<RawBatch>(1);
     let progress2 = Arc::clone(progress);
