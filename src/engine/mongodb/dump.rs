@@ -7,7 +7,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use mongodb::Client;
-use mongodb::bson::{Bson, Document, RawBsonRef, RawDocumentBuf, doc};
+use mongodb::bson::{Document, RawBsonRef, RawDocumentBuf, doc};
 use mongodb::raw_batch_cursor::RawBatch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -23,7 +23,7 @@ use crate::repo::writer::EngineWriter;
 /// Cursor batches aim at this many bytes (from the collection's average document size), so a
 /// dump's memory stays near a few batches whatever the collection holds; the server caps a
 /// batch at 16 MiB anyway.
-const BATCH_BYTES: u64 = 4 * 1024 * 1024;
+const BATCH_BYTES: u64 = 8 * 1024 * 1024;
 
 /// One collection to dump.
 struct Item {
@@ -85,22 +85,42 @@ pub(super) async fn dump(
             } else {
                 name.clone()
             };
-            let (size, avg_obj_size) = if kind == Kind::View {
-                (0, 0)
+            let avg_obj_size = if kind == Kind::View {
+                0
             } else {
-                coll_size(&client, &db, &source).await
+                sample_avg(&client, &db, &source).await
             };
             items.push(Item {
                 db: db.clone(),
                 name,
                 meta,
                 source,
-                size,
+                size: 0,
                 avg_obj_size,
             });
         }
     }
-    items.sort_by_key(|it| std::cmp::Reverse(it.size));
+    // Largest first, so the longest collection does not start last. Only worth asking when
+    // there is an order to choose.
+    if items.iter().filter(|it| it.meta.kind != Kind::View).count() > 1 {
+        let sizes: Vec<u64> = stream::iter(items.iter())
+            .map(|it| {
+                let client = client.clone();
+                async move {
+                    if it.meta.kind == Kind::View {
+                        return 0;
+                    }
+                    estimated_count(&client, &it.db, &it.source).await * it.avg_obj_size.max(1)
+                }
+            })
+            .buffered(engine.cfg.parallel)
+            .collect()
+            .await;
+        for (it, size) in items.iter_mut().zip(sizes) {
+            it.size = size;
+        }
+        items.sort_by_key(|it| std::cmp::Reverse(it.size));
+    }
     info!(
         engine = ENGINE,
         collections = items.len(),
@@ -187,28 +207,28 @@ fn data_stem(it: &Item) -> String {
     escape(&it.source)
 }
 
-/// Size and average document size from `collStats`; zeros when the server will not say.
-async fn coll_size(client: &Client, db: &str, coll: &str) -> (u64, u64) {
-    match client
-        .database(db)
-        .run_command(doc! {"collStats": coll})
-        .await
-    {
-        Ok(s) => (as_u64(s.get("size")), as_u64(s.get("avgObjSize"))),
+/// Documents sampled to size cursor batches. `collStats` would say the average, but some
+/// servers compute it by a scan; a few documents are enough to choose a batch size.
+const SAMPLE: i64 = 16;
+
+/// Average size of the first few documents in natural order; 0 for an empty collection.
+async fn sample_avg(client: &Client, db: &str, coll: &str) -> u64 {
+    let c = client.database(db).collection::<RawDocumentBuf>(coll);
+    let docs: Vec<RawDocumentBuf> = match c.find(doc! {}).limit(SAMPLE).await {
+        Ok(cursor) => cursor.try_collect().await.unwrap_or_default(),
         Err(e) => {
-            debug!(engine = ENGINE, db, coll, error = %e, "collStats unavailable");
-            (0, 0)
+            debug!(engine = ENGINE, db, coll, error = %e, "cannot sample documents");
+            Vec::new()
         }
-    }
+    };
+    let bytes: usize = docs.iter().map(|d| d.as_bytes().len()).sum();
+    (bytes / docs.len().max(1)) as u64
 }
 
-fn as_u64(v: Option<&Bson>) -> u64 {
-    match v {
-        Some(Bson::Int32(n)) => (*n).max(0) as u64,
-        Some(Bson::Int64(n)) => (*n).max(0) as u64,
-        Some(Bson::Double(f)) if *f > 0.0 => *f as u64,
-        _ => 0,
-    }
+/// The `count` command's metadata estimate; 0 when the server will not say.
+async fn estimated_count(client: &Client, db: &str, coll: &str) -> u64 {
+    let c = client.database(db).collection::<RawDocumentBuf>(coll);
+    c.estimated_document_count().await.unwrap_or(0)
 }
 
 /// Streams one collection: the async side pulls raw batches from the cursor, a blocking

@@ -26,7 +26,7 @@ pub(super) const INSERT_WORKERS: usize = 4;
 
 /// Bytes per insert batch we assemble (the driver splits further at the server's
 /// `maxMessageSizeBytes` / `maxWriteBatchSize`). Bounds memory to a few batches per worker.
-const BATCH_BYTES: usize = 8 * 1024 * 1024;
+const BATCH_BYTES: usize = 2 * 1024 * 1024;
 
 /// Server error code for "namespace exists" (a collection made by an earlier partial run).
 const NAMESPACE_EXISTS: i32 = 48;
