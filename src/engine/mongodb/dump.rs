@@ -23,7 +23,7 @@ use crate::repo::writer::EngineWriter;
 /// Cursor batches aim at this many bytes (from the collection's average document size), so a
 /// dump's memory stays near a few batches whatever the collection holds; the server caps a
 /// batch at 16 MiB anyway.
-const BATCH_BYTES: u64 = 8 * 1024 * 1024;
+const BATCH_BYTES: u64 = 4 * 1024 * 1024;
 
 /// One collection to dump.
 struct Item {
@@ -208,7 +208,9 @@ fn data_stem(it: &Item) -> String {
 }
 
 /// Documents sampled to size cursor batches. `collStats` would say the average, but some
-/// servers compute it by a scan; a few documents are enough to choose a batch size.
+/// servers compute it by a scan; a few documents are enough to choose a batch size. (A
+/// server's batch size cannot change after the first batch, so the cursor itself cannot be
+/// the sample.)
 const SAMPLE: i64 = 16;
 
 /// Average size of the first few documents in natural order; 0 for an empty collection.
