@@ -23,7 +23,7 @@ use crate::repo::writer::EngineWriter;
 /// Cursor batches aim at this many bytes (from the collection's average document size), so a
 /// dump's memory stays near a few batches whatever the collection holds; the server caps a
 /// batch at 16 MiB anyway.
-const BATCH_BYTES: u64 = 4 * 1024 * 1024;
+const BATCH_BYTES: u64 = 8 * 1024 * 1024;
 
 /// One collection to dump.
 struct Item {
@@ -261,13 +261,16 @@ async fn dump_collection(
     // zstd's multithreaded mode would buffer whole jobs (megabytes) per collection.
     let artifact = out.create(&rel, 0)?;
     let path = out.dir().join(&rel);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<RawBatch>(1);
+    // Two batches alive at most: one being compressed, the next arriving.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(2));
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<(RawBatch, tokio::sync::OwnedSemaphorePermit)>(1);
     let progress2 = Arc::clone(progress);
     let writer = tokio::task::spawn_blocking(move || -> Result<(FileEntry, u64)> {
         // Documents are often small: coalesce them before they reach the compressor.
         let mut w = BufWriter::with_capacity(1 << 20, artifact);
         let mut n = 0u64;
-        while let Some(batch) = rx.blocking_recv() {
+        while let Some((batch, _permit)) = rx.blocking_recv() {
             let docs = batch
                 .doc_slices()
                 .map_err(|e| Error::engine(ENGINE, format!("{ns}: bad batch: {e}")))?;
@@ -294,14 +297,20 @@ async fn dump_collection(
         Ok((artifact.finish()?, n))
     });
     let mut failed = None;
-    while let Some(batch) = cursor.next().await {
+    loop {
+        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+            break;
+        };
+        let Some(batch) = cursor.next().await else {
+            break;
+        };
         if cancel.is_cancelled() {
             failed = Some(Error::Interrupted(0));
             break;
         }
         match batch {
             Ok(b) => {
-                if tx.send(b).await.is_err() {
+                if tx.send((b, permit)).await.is_err() {
                     // The writer stopped: its own error says why.
                     break;
                 }
