@@ -659,6 +659,14 @@ fn wait_and_health_in_both_topologies_with_and_without_auth() {
             assert_code(&o, 0);
         }
         if auth {
+            // The URI from a Docker secret file, as the official images read theirs.
+            let f = repo.path().join("mongodb-uri");
+            std::fs::write(&f, format!("{}\n", m.uri())).unwrap();
+            let o = run(dbkeeper(repo.path())
+                .env("DBKEEPER_MONGODB_URI_FILE", &f)
+                .args(["wait", "--timeout", "30s"]));
+            no_password(&o);
+            assert_code(&o, 0);
             // SCRAM-SHA-1 as well as the default SCRAM-SHA-256.
             let uri = format!("{}&authMechanism=SCRAM-SHA-1", m.uri());
             let o = dbk(repo.path(), &uri, &["health", &uri]);
