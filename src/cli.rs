@@ -52,6 +52,30 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "TOKEN")]
     pub chroma_token: Option<String>,
 
+    /// MongoDB collections dumped or restored in parallel (largest first)
+    #[arg(long, global = true, env = "DBKEEPER_PARALLEL", value_name = "N")]
+    pub parallel: Option<std::num::NonZeroUsize>,
+
+    /// MongoDB namespaces to back up / restore / wipe: `db`, `db.coll` or `db.*`, comma-separated (default: all)
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_MONGODB_INCLUDE",
+        value_delimiter = ',',
+        value_name = "NS"
+    )]
+    pub mongodb_include: Vec<String>,
+
+    /// MongoDB namespaces to leave out (`db`, `db.coll` or `db.*`, comma-separated)
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_MONGODB_EXCLUDE",
+        value_delimiter = ',',
+        value_name = "NS"
+    )]
+    pub mongodb_exclude: Vec<String>,
+
     /// Redis data directory for pre-start preseed (shared volume, server not running)
     #[arg(long, global = true, env = "DBKEEPER_REDIS_DATA_DIR")]
     pub redis_data_dir: Option<PathBuf>,

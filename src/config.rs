@@ -50,7 +50,12 @@ impl Config {
         let cfg = Config {
             repo: g.repo.clone(),
             urls,
-            engine_options: EngineOptions { chroma_token },
+            engine_options: EngineOptions {
+                chroma_token,
+                mongo_parallel: g.parallel,
+                mongo_include: g.mongodb_include.clone(),
+                mongo_exclude: g.mongodb_exclude.clone(),
+            },
             redis_data_dir: g.redis_data_dir.clone(),
             retention: Policy {
                 keep_last: g.retention.keep_last,

@@ -118,6 +118,11 @@ pub struct RestoreOptions {
 #[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
     pub chroma_token: Option<Secret>,
+    /// MongoDB collections dumped or restored at once (default 4).
+    pub mongo_parallel: Option<std::num::NonZeroUsize>,
+    /// MongoDB namespaces to include / exclude (`db`, `db.coll`, `db.*`); empty: all.
+    pub mongo_include: Vec<String>,
+    pub mongo_exclude: Vec<String>,
 }
 
 /// The contract every engine implements. Roles are generic over it (through [`Engine`]);
@@ -147,6 +152,12 @@ pub trait EngineOps {
         opts: &RestoreOptions,
         cancel: &CancellationToken,
     ) -> Result<Counts>;
+
+    /// The counts a restore of `entry` must return: all of them, unless the engine is
+    /// configured to restore part of a set (a namespace filter).
+    fn expected_counts(&self, entry: &EngineEntry) -> Counts {
+        entry.counts.clone()
+    }
 
     /// Removes every user record (what `--force` and an interrupted preseed need).
     async fn wipe(&self) -> Result<()>;
@@ -208,6 +219,9 @@ impl EngineOps for Engine {
         cancel: &CancellationToken,
     ) -> Result<Counts> {
         dispatch!(self, e => e.restore(set, entry, opts, cancel).await)
+    }
+    fn expected_counts(&self, entry: &EngineEntry) -> Counts {
+        dispatch!(self, e => e.expected_counts(entry))
     }
     async fn wipe(&self) -> Result<()> {
         dispatch!(self, e => e.wipe().await)

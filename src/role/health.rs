@@ -124,6 +124,7 @@ fn parse_and_check(args: &[OsString], env: EnvLookup<'_>) -> Result<bool> {
     }
     let opts = EngineOptions {
         chroma_token: secret::resolve("DBKEEPER_CHROMA_TOKEN", None, env)?,
+        ..EngineOptions::default()
     };
     Ok(check(&urls, &opts, timeout))
 }

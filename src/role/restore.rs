@@ -148,7 +148,7 @@ async fn restore_into(
     let counts = e
         .restore(set, entry, &RestoreOptions { force }, cancel)
         .await?;
-    if counts != entry.counts {
+    if counts != e.expected_counts(entry) {
         return Err(Error::engine(
             e.kind().name(),
             format!(

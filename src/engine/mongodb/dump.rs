@@ -1,0 +1,336 @@
+//! The dump: every selected collection's raw BSON batches straight into its zstd stream, and
+//! its metadata file, in mongodump's layout; collections in parallel, largest first.
+
+use std::io::{BufWriter, Write};
+use std::sync::Arc;
+
+use chrono::Utc;
+use futures_util::{StreamExt, TryStreamExt, stream};
+use mongodb::Client;
+use mongodb::bson::{Document, RawBsonRef, RawDocumentBuf, doc};
+use mongodb::raw_batch_cursor::RawBatch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::metadata::{Kind, Metadata};
+use super::names::{escape, is_dumped_collection};
+use super::{CONSISTENCY, CollectionEntry, Details, ENGINE, MongoEngine, Progress, Purpose};
+use crate::engine::Counts;
+use crate::error::{Error, Result};
+use crate::repo::manifest::{EngineEntry, FileEntry};
+use crate::repo::writer::EngineWriter;
+
+/// Cursor batches aim at this many bytes (from the collection's average document size), so a
+/// dump's memory stays near a few batches whatever the collection holds; the server caps a
+/// batch at 16 MiB anyway.
+const BATCH_BYTES: u64 = 8 * 1024 * 1024;
+
+/// One collection to dump.
+struct Item {
+    db: String,
+    name: String,
+    meta: Metadata,
+    /// The collection the documents are read from (a timeseries collection's buckets).
+    source: String,
+    /// Estimated data size, to start the largest first.
+    size: u64,
+    avg_obj_size: u64,
+}
+
+pub(super) async fn dump(
+    engine: &MongoEngine,
+    out: EngineWriter,
+    cancel: &CancellationToken,
+) -> Result<EngineEntry> {
+    let started_at = Utc::now();
+    let client = engine.client(Purpose::Bulk).await?;
+    let build = client
+        .database("admin")
+        .run_command(doc! {"buildInfo": 1})
+        .await
+        .map_err(engine.op_err("buildInfo"))?;
+    let server_version = build.get_str("version").unwrap_or("unknown").to_owned();
+
+    let mut items = Vec::new();
+    for db in engine.user_databases(&client).await? {
+        let database = client.database(&db);
+        for entry in engine.list_collections(&database).await? {
+            let Ok(name) = entry.get_str("name") else {
+                continue;
+            };
+            if !is_dumped_collection(name) || !engine.cfg.filter.wants(&db, name) {
+                continue;
+            }
+            let name = name.to_owned();
+            let kind = entry
+                .get_str("type")
+                .ok()
+                .and_then(Kind::parse)
+                .unwrap_or(Kind::Collection);
+            let indexes = if kind == Kind::View {
+                Vec::new()
+            } else {
+                database
+                    .run_cursor_command(doc! {"listIndexes": &name})
+                    .await
+                    .map_err(engine.op_err(&format!("listIndexes on {db}.{name}")))?
+                    .try_collect::<Vec<Document>>()
+                    .await
+                    .map_err(engine.op_err(&format!("listIndexes on {db}.{name}")))?
+            };
+            let meta = Metadata::from_listing(&entry, indexes)
+                .map_err(|e| Error::engine(ENGINE, format!("{db}: {e}")))?;
+            let source = if kind == Kind::Timeseries {
+                format!("system.buckets.{name}")
+            } else {
+                name.clone()
+            };
+            let avg_obj_size = if kind == Kind::View {
+                0
+            } else {
+                sample_avg(&client, &db, &source).await
+            };
+            items.push(Item {
+                db: db.clone(),
+                name,
+                meta,
+                source,
+                size: 0,
+                avg_obj_size,
+            });
+        }
+    }
+    // Largest first, so the longest collection does not start last. Only worth asking when
+    // there is an order to choose.
+    if items.iter().filter(|it| it.meta.kind != Kind::View).count() > 1 {
+        let sizes: Vec<u64> = stream::iter(items.iter())
+            .map(|it| {
+                let client = client.clone();
+                async move {
+                    if it.meta.kind == Kind::View {
+                        return 0;
+                    }
+                    estimated_count(&client, &it.db, &it.source).await * it.avg_obj_size.max(1)
+                }
+            })
+            .buffered(engine.cfg.parallel)
+            .collect()
+            .await;
+        for (it, size) in items.iter_mut().zip(sizes) {
+            it.size = size;
+        }
+        items.sort_by_key(|it| std::cmp::Reverse(it.size));
+    }
+    info!(
+        engine = ENGINE,
+        collections = items.len(),
+        parallel = engine.cfg.parallel,
+        "dump started"
+    );
+
+    let mut files = Vec::new();
+    let mut details = Details {
+        consistency: CONSISTENCY.to_owned(),
+        collections: Vec::new(),
+    };
+    // Metadata first: small, and it lets a restore create collections before any data.
+    for it in &items {
+        let base = format!("{}/{}", it.db, file_stem(it));
+        let mut w = out.create(&format!("{base}.metadata.json"), 0)?;
+        w.write_all(&it.meta.to_json())
+            .map_err(|e| Error::io(out.dir().join(&base), e))?;
+        let f = w.finish()?;
+        details.collections.push(CollectionEntry {
+            db: it.db.clone(),
+            name: it.name.clone(),
+            kind: it.meta.kind.name().to_owned(),
+            metadata: f.path.clone(),
+            data: None,
+        });
+        files.push(f);
+    }
+
+    let progress = Progress::new("dump");
+    let stop = cancel.child_token();
+    progress.spawn_ticker(stop.clone());
+    let results: Vec<(usize, FileEntry, u64)> = stream::iter(
+        items
+            .iter()
+            .enumerate()
+            .filter(|(_, it)| it.meta.kind != Kind::View),
+    )
+    .map(|(i, it)| {
+        let client = client.clone();
+        let out = out.clone();
+        let progress = Arc::clone(&progress);
+        async move {
+            dump_collection(engine, &client, &out, it, &progress, cancel)
+                .await
+                .map(|(f, n)| (i, f, n))
+        }
+    })
+    .buffer_unordered(engine.cfg.parallel)
+    .try_collect()
+    .await
+    .inspect_err(|_| stop.cancel())?;
+    stop.cancel();
+
+    let mut counts = Counts::new();
+    for (i, f, n) in results {
+        let it = &items[i];
+        counts.insert(format!("{}.{}", it.db, it.name), n);
+        details.collections[i].data = Some(f.path.clone());
+        files.push(f);
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    details
+        .collections
+        .sort_by(|a, b| (&a.db, &a.name).cmp(&(&b.db, &b.name)));
+    progress.finished();
+    Ok(EngineEntry {
+        source: engine.cfg.display.clone(),
+        server_version,
+        started_at,
+        finished_at: Utc::now(),
+        files,
+        counts,
+        details: serde_json::to_value(&details).expect("details serialize"),
+    })
+}
+
+/// The escaped file stem: mongodump names a timeseries collection's data after its buckets.
+fn file_stem(it: &Item) -> String {
+    escape(&it.name)
+}
+
+fn data_stem(it: &Item) -> String {
+    escape(&it.source)
+}
+
+/// Documents sampled to size cursor batches. `collStats` would say the average, but some
+/// servers compute it by a scan; a few documents are enough to choose a batch size. (A
+/// server's batch size cannot change after the first batch, so the cursor itself cannot be
+/// the sample.)
+const SAMPLE: i64 = 16;
+
+/// Average size of the first few documents in natural order; 0 for an empty collection.
+async fn sample_avg(client: &Client, db: &str, coll: &str) -> u64 {
+    let c = client.database(db).collection::<RawDocumentBuf>(coll);
+    let docs: Vec<RawDocumentBuf> = match c.find(doc! {}).limit(SAMPLE).await {
+        Ok(cursor) => cursor.try_collect().await.unwrap_or_default(),
+        Err(e) => {
+            debug!(engine = ENGINE, db, coll, error = %e, "cannot sample documents");
+            Vec::new()
+        }
+    };
+    let bytes: usize = docs.iter().map(|d| d.as_bytes().len()).sum();
+    (bytes / docs.len().max(1)) as u64
+}
+
+/// The `count` command's metadata estimate; 0 when the server will not say.
+async fn estimated_count(client: &Client, db: &str, coll: &str) -> u64 {
+    let c = client.database(db).collection::<RawDocumentBuf>(coll);
+    c.estimated_document_count().await.unwrap_or(0)
+}
+
+/// Streams one collection: the async side pulls raw batches from the cursor, a blocking
+/// thread writes each document's bytes as they came off the wire into the zstd stream.
+/// At most one batch waits between them.
+async fn dump_collection(
+    engine: &MongoEngine,
+    client: &Client,
+    out: &EngineWriter,
+    it: &Item,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<(FileEntry, u64)> {
+    let ns = format!("{}.{}", it.db, it.source);
+    let coll = client
+        .database(&it.db)
+        .collection::<RawDocumentBuf>(&it.source);
+    let mut find = coll.find(doc! {});
+    if let Some(n) = BATCH_BYTES.checked_div(it.avg_obj_size) {
+        find = find.batch_size(n.clamp(101, 100_000) as u32);
+    }
+    let mut cursor = find
+        .batch()
+        .await
+        .map_err(engine.op_err(&format!("find on {ns}")))?;
+    let rel = format!("{}/{}.bson", it.db, data_stem(it));
+    // Compressed on the writer thread itself: it already runs beside the network reads, and
+    // zstd's multithreaded mode would buffer whole jobs (megabytes) per collection.
+    let artifact = out.create(&rel, 0)?;
+    let path = out.dir().join(&rel);
+    // Two batches alive at most: one being compressed, the next arriving.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(2));
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<(RawBatch, tokio::sync::OwnedSemaphorePermit)>(1);
+    let progress2 = Arc::clone(progress);
+    let writer = tokio::task::spawn_blocking(move || -> Result<(FileEntry, u64)> {
+        // Documents are often small: coalesce them before they reach the compressor.
+        let mut w = BufWriter::with_capacity(1 << 20, artifact);
+        let mut n = 0u64;
+        while let Some((batch, _permit)) = rx.blocking_recv() {
+            let docs = batch
+                .doc_slices()
+                .map_err(|e| Error::engine(ENGINE, format!("{ns}: bad batch: {e}")))?;
+            let (mut bn, mut bytes) = (0u64, 0u64);
+            for d in docs {
+                let d = d.map_err(|e| Error::engine(ENGINE, format!("{ns}: bad batch: {e}")))?;
+                let RawBsonRef::Document(doc) = d else {
+                    return Err(Error::engine(
+                        ENGINE,
+                        format!("{ns}: the server sent a non-document in a batch"),
+                    ));
+                };
+                w.write_all(doc.as_bytes())
+                    .map_err(|e| Error::io(&path, e))?;
+                bn += 1;
+                bytes += doc.as_bytes().len() as u64;
+            }
+            n += bn;
+            progress2.add(bn, bytes);
+        }
+        let artifact = w
+            .into_inner()
+            .map_err(|e| Error::io(&path, e.into_error()))?;
+        Ok((artifact.finish()?, n))
+    });
+    let mut failed = None;
+    loop {
+        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+            break;
+        };
+        let Some(batch) = cursor.next().await else {
+            break;
+        };
+        if cancel.is_cancelled() {
+            failed = Some(Error::Interrupted(0));
+            break;
+        }
+        match batch {
+            Ok(b) => {
+                if tx.send((b, permit)).await.is_err() {
+                    // The writer stopped: its own error says why.
+                    break;
+                }
+            }
+            Err(e) => {
+                failed = Some(engine.op_err(&format!("reading {}.{}", it.db, it.source))(
+                    e,
+                ));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| Error::engine(ENGINE, format!("writer task failed: {e}")))?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let (f, n) = written?;
+    debug!(engine = ENGINE, db = %it.db, collection = %it.name, docs = n, raw_bytes = f.raw_size, "collection dumped");
+    Ok((f, n))
+}

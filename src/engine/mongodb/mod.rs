@@ -1,0 +1,659 @@
+//! The MongoDB engine: `hello`/`ping` probe, emptiness and the restore marker, a streaming
+//! dump in mongodump's directory layout, a parallel raw-BSON restore, and offline deep verify.
+//!
+//! Manifest `details` (see [`Details`]): the consistency given, and one entry per collection
+//! or view with its true database and collection names (file names are escaped) and the set
+//! paths of its metadata and data files.
+
+mod bsonfile;
+mod dump;
+mod metadata;
+mod names;
+mod restore;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use mongodb::bson::{Bson, Document, doc};
+use mongodb::error::ErrorKind;
+use mongodb::options::{ClientOptions, ConnectionString};
+use mongodb::{Client, Database};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::{Counts, Emptiness, EngineKind, EngineOps, EngineOptions, Probe, RestoreOptions};
+use crate::error::{Error, Result};
+use crate::repo::manifest::EngineEntry;
+use crate::repo::reader::SetReader;
+use crate::repo::writer::EngineWriter;
+use crate::secret::{Secret, redact_url};
+
+pub use names::Filter;
+
+const ENGINE: &str = "mongodb";
+
+/// Where an in-progress restore is recorded: a collection of `admin`, which `is_empty` does not
+/// count as data and `wipe` never drops.
+const MARKER_DB: &str = "admin";
+const MARKER_COLL: &str = "dbkeeper_restore_marker";
+
+/// Collections dumped or restored at once when not configured.
+pub const DEFAULT_PARALLEL: usize = 4;
+
+/// How often long dumps and restores log their progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// The engine's typed configuration, from the URI and [`EngineOptions`].
+#[derive(Clone)]
+pub struct MongoConfig {
+    /// Parsed (and so validated) at construction; resolved (SRV, TLS files) when connecting.
+    /// Boxed: it is large, and engines live in one enum.
+    conn: Box<ConnectionString>,
+    display: String,
+    pub parallel: usize,
+    pub filter: Filter,
+}
+
+impl MongoConfig {
+    pub fn new(url: &Secret, opts: &EngineOptions) -> Result<Self> {
+        let display = redact_url(url.expose());
+        let conn = ConnectionString::parse(url.expose()).map_err(|e| {
+            Error::config(format!(
+                "{display}: not a valid MongoDB URI: {}",
+                driver_message(&e)
+            ))
+        })?;
+        let parallel = opts
+            .mongo_parallel
+            .map(|n| n.get())
+            .unwrap_or(DEFAULT_PARALLEL);
+        Ok(MongoConfig {
+            conn: Box::new(conn),
+            display,
+            parallel,
+            filter: Filter::new(&opts.mongo_include, &opts.mongo_exclude)?,
+        })
+    }
+
+    /// The database credentials are checked against (`authSource`, else the URI's database,
+    /// else `admin`), or `None` without credentials.
+    fn auth_db(&self) -> Option<String> {
+        let cred = self.conn.credential.as_ref()?;
+        cred.username.as_ref()?;
+        Some(
+            cred.source
+                .clone()
+                .or_else(|| self.conn.default_database.clone())
+                .unwrap_or_else(|| "admin".into()),
+        )
+    }
+}
+
+/// The driver's message for an error, without the labels and source chains it appends.
+fn driver_message(e: &mongodb::error::Error) -> String {
+    match e.kind.as_ref() {
+        ErrorKind::InvalidArgument { message, .. }
+        | ErrorKind::Authentication { message, .. }
+        | ErrorKind::ServerSelection { message, .. }
+        | ErrorKind::InvalidResponse { message, .. }
+        | ErrorKind::DnsResolve { message, .. }
+        | ErrorKind::InvalidTlsConfig { message, .. } => one_line(message),
+        ErrorKind::Command(c) => format!("{} ({}): {}", c.code_name, c.code, one_line(&c.message)),
+        ErrorKind::InsertMany(im) => {
+            let errs = im.write_errors.as_deref().unwrap_or_default();
+            match (errs.first(), &im.write_concern_error) {
+                (Some(first), _) => format!(
+                    "{} documents refused, the first (#{}) with code {}: {}",
+                    errs.len(),
+                    first.index,
+                    first.code,
+                    one_line(&first.message)
+                ),
+                (None, Some(wc)) => format!("write concern: {}", one_line(&wc.message)),
+                (None, None) => one_line(&e.to_string()),
+            }
+        }
+        _ => one_line(&e.to_string()),
+    }
+}
+
+/// The per-server error inside a server-selection timeout (`… Error: Kind: <cause>, labels:
+/// …`), which is what an operator needs; the whole topology dump when there is none.
+fn selection_cause(message: &str) -> String {
+    let causes: Vec<&str> = message
+        .split("Error: Kind: ")
+        .skip(1)
+        .map(|rest| rest.split(", labels:").next().unwrap_or(rest).trim())
+        .collect();
+    if causes.is_empty() {
+        one_line(message)
+    } else {
+        one_line(&causes.join("; "))
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+pub struct MongoEngine {
+    cfg: MongoConfig,
+}
+
+/// What a client is for: probes get one short-lived connection; dumps and restores a pool.
+#[derive(Clone, Copy)]
+enum Purpose {
+    Probe(Duration),
+    Bulk,
+}
+
+impl MongoEngine {
+    /// Validates the URI; connects to nothing.
+    pub fn new(url: &Secret, opts: &EngineOptions) -> Result<Self> {
+        Ok(MongoEngine {
+            cfg: MongoConfig::new(url, opts)?,
+        })
+    }
+
+    pub fn config(&self) -> &MongoConfig {
+        &self.cfg
+    }
+
+    async fn client(&self, purpose: Purpose) -> Result<Client> {
+        let mut o = ClientOptions::parse(*self.cfg.conn.clone())
+            .await
+            .map_err(|e| self.classify(e))?;
+        o.app_name.get_or_insert_with(|| "dbkeeper".into());
+        match purpose {
+            Purpose::Probe(t) => {
+                o.server_selection_timeout = Some(t);
+                o.connect_timeout = Some(t);
+                o.max_pool_size = Some(1);
+                o.min_pool_size = Some(0);
+                o.retry_reads = Some(false);
+                o.retry_writes = Some(false);
+            }
+            Purpose::Bulk => {
+                o.server_selection_timeout
+                    .get_or_insert(Duration::from_secs(10));
+                let want = (self.cfg.parallel + restore::INSERT_WORKERS + 2) as u32;
+                o.max_pool_size = Some(o.max_pool_size.unwrap_or(want).max(want));
+            }
+        }
+        Client::with_options(o).map_err(|e| self.classify(e))
+    }
+
+    /// Sorts a driver error into what the roles act on: unreachable (retry may help),
+    /// refused (bad credentials, not a MongoDB server), or a failed operation.
+    fn classify(&self, e: mongodb::error::Error) -> Error {
+        let url = self.cfg.display.clone();
+        let msg = driver_message(&e);
+        match e.kind.as_ref() {
+            ErrorKind::Authentication { .. } => Error::Refused {
+                engine: ENGINE,
+                url,
+                message: format!("authentication failed: {msg}; check the user and password"),
+            },
+            // AuthenticationFailed, Unauthorized
+            ErrorKind::Command(c) if c.code == 18 || c.code == 13 => Error::Refused {
+                engine: ENGINE,
+                url,
+                message: format!("{msg}; check the user, password and its roles"),
+            },
+            ErrorKind::InvalidTlsConfig { .. } | ErrorKind::InvalidArgument { .. } => {
+                Error::Refused {
+                    engine: ENGINE,
+                    url,
+                    message: msg,
+                }
+            }
+            ErrorKind::InvalidResponse { .. } => Error::Refused {
+                engine: ENGINE,
+                url,
+                message: format!("{msg} (is this a MongoDB server?)"),
+            },
+            ErrorKind::ServerSelection { message, .. } => {
+                let inner = selection_cause(message);
+                // A port that answers but not in MongoDB's wire protocol will not start to.
+                if inner.contains("invalid reply") || inner.contains("wire protocol") {
+                    return Error::Refused {
+                        engine: ENGINE,
+                        url,
+                        message: format!("not a MongoDB server: {inner}"),
+                    };
+                }
+                Error::Unreachable {
+                    engine: ENGINE,
+                    url,
+                    message: format!("no server answered: {inner}"),
+                }
+            }
+            ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::DnsResolve { .. } => Error::Unreachable {
+                engine: ENGINE,
+                url,
+                message: msg,
+            },
+            _ => Error::Engine {
+                engine: ENGINE,
+                message: format!("{url}: {msg}"),
+            },
+        }
+    }
+
+    /// Wraps a failed operation with what was being done.
+    fn op_err(&self, what: &str) -> impl Fn(mongodb::error::Error) -> Error + '_ {
+        let what = what.to_owned();
+        move |e| match self.classify(e) {
+            Error::Engine { engine, message } => Error::Engine {
+                engine,
+                message: format!("{what}: {message}"),
+            },
+            other => other,
+        }
+    }
+
+    /// Databases other than the server's own, in the filter.
+    async fn user_databases(&self, client: &Client) -> Result<Vec<String>> {
+        let names = client
+            .list_database_names()
+            .await
+            .map_err(self.op_err("listDatabases"))?;
+        Ok(names
+            .into_iter()
+            .filter(|d| self.cfg.filter.wants_db(d))
+            .collect())
+    }
+
+    /// The full `listCollections` entries of a database, as the server sends them.
+    async fn list_collections(&self, db: &Database) -> Result<Vec<Document>> {
+        use futures_util::TryStreamExt;
+        db.run_cursor_command(doc! {"listCollections": 1, "nameOnly": false})
+            .await
+            .map_err(self.op_err(&format!("listCollections on {}", db.name())))?
+            .try_collect()
+            .await
+            .map_err(self.op_err(&format!("listCollections on {}", db.name())))
+    }
+}
+
+/// `details` of the manifest entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Details {
+    /// What the dump promises about concurrent writes.
+    pub consistency: String,
+    pub collections: Vec<CollectionEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CollectionEntry {
+    pub db: String,
+    pub name: String,
+    /// `collection`, `view` or `timeseries`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Set path of `<coll>.metadata.json.zst`.
+    pub metadata: String,
+    /// Set path of the `.bson.zst` data; none for views.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+}
+
+impl CollectionEntry {
+    pub fn namespace(&self) -> String {
+        format!("{}.{}", self.db, self.name)
+    }
+}
+
+pub const CONSISTENCY: &str = "per-collection: each collection is read by one cursor from start to end; writes made during the dump to a collection not yet finished may or may not be included (no point-in-time snapshot across collections)";
+
+fn details_of(set: &SetReader, entry: &EngineEntry) -> Result<Details> {
+    serde_json::from_value(entry.details.clone()).map_err(|e| {
+        Error::corrupt(
+            set.id(),
+            format!("mongodb: manifest details do not parse: {e}"),
+        )
+    })
+}
+
+/// Counts documents and bytes across workers and logs the rate at a steady interval.
+pub(crate) struct Progress {
+    what: &'static str,
+    docs: AtomicU64,
+    bytes: AtomicU64,
+    start: Instant,
+}
+
+impl Progress {
+    fn new(what: &'static str) -> Arc<Self> {
+        Arc::new(Progress {
+            what,
+            docs: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            start: Instant::now(),
+        })
+    }
+
+    fn add(&self, docs: u64, bytes: u64) {
+        self.docs.fetch_add(docs, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn log(&self) {
+        self.log_as("in progress");
+    }
+
+    fn finished(&self) {
+        self.log_as("finished");
+    }
+
+    fn log_as(&self, state: &str) {
+        let docs = self.docs.load(Ordering::Relaxed);
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        let secs = self.start.elapsed().as_secs_f64().max(1e-3);
+        info!(
+            engine = ENGINE,
+            docs,
+            bytes,
+            docs_per_s = (docs as f64 / secs) as u64,
+            mb_per_s = format!("{:.1}", bytes as f64 / secs / 1e6),
+            "{} {state}",
+            self.what
+        );
+    }
+
+    /// Logs every [`PROGRESS_EVERY`] until `stop` fires.
+    fn spawn_ticker(self: &Arc<Self>, stop: CancellationToken) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PROGRESS_EVERY);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => me.log(),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+}
+
+/// Decodes every document of every data file offline, checks each metadata file parses, and
+/// returns the documents per namespace.
+pub fn verify_deep(
+    set: &SetReader,
+    entry: &EngineEntry,
+    cancel: &CancellationToken,
+) -> Result<Counts> {
+    let details = details_of(set, entry)?;
+    let mut counts = Counts::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for c in &details.collections {
+        let file = |path: &str| {
+            entry.file(path).ok_or_else(|| {
+                Error::corrupt(
+                    set.id(),
+                    format!("mongodb: {} is listed in details but not in files", path),
+                )
+            })
+        };
+        let mf = file(&c.metadata)?;
+        seen.insert(mf.path.clone());
+        let mut r = set.open_file(mf)?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut r, &mut bytes).map_err(|e| r.error(e))?;
+        r.finish()?;
+        metadata::Metadata::parse(&bytes)
+            .map_err(|e| Error::corrupt(set.id(), format!("{}: {e}", mf.path)))?;
+        let Some(data) = &c.data else { continue };
+        let df = file(data)?;
+        seen.insert(df.path.clone());
+        let n = verify_stream(set, df, cancel)?;
+        counts.insert(c.namespace(), n);
+    }
+    // Files no collection claims still get their checksum checked.
+    for f in &entry.files {
+        if !seen.contains(&f.path) {
+            set.check_file(f)?;
+        }
+    }
+    Ok(counts)
+}
+
+fn verify_stream(
+    set: &SetReader,
+    f: &crate::repo::manifest::FileEntry,
+    cancel: &CancellationToken,
+) -> Result<u64> {
+    let r = set.open_file(f)?;
+    let mut docs = bsonfile::DocReader::new(r);
+    loop {
+        let doc = match docs.next_doc() {
+            Ok(Some(d)) => d,
+            Ok(None) => break,
+            Err(e) => return Err(Error::corrupt(set.id(), format!("{}: {e}", f.path))),
+        };
+        bsonfile::validate(&doc).map_err(|e| {
+            Error::corrupt(
+                set.id(),
+                format!("{}: document #{}: {e}", f.path, docs.count() - 1),
+            )
+        })?;
+        if docs.count() % 4096 == 0 && cancel.is_cancelled() {
+            return Err(Error::Interrupted(0));
+        }
+    }
+    let n = docs.count();
+    docs.into_inner().finish()?;
+    Ok(n)
+}
+
+impl EngineOps for MongoEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Mongodb
+    }
+
+    fn display_url(&self) -> &str {
+        &self.cfg.display
+    }
+
+    /// `hello`, then `ping` against the credentials' database when the URI has credentials
+    /// (the connection authenticates first, so a wrong password fails here, not later).
+    async fn probe(&self, timeout: Duration) -> Result<Probe> {
+        let client = self.client(Purpose::Probe(timeout)).await?;
+        let hello = client
+            .database("admin")
+            .run_command(doc! {"hello": 1})
+            .await
+            .map_err(|e| self.classify(e))?;
+        if let Some(db) = self.cfg.auth_db() {
+            client
+                .database(&db)
+                .run_command(doc! {"ping": 1})
+                .await
+                .map_err(|e| self.classify(e))?;
+        }
+        let role = if hello.get_str("msg").ok() == Some("isdbgrid") {
+            "mongos".to_owned()
+        } else if let Ok(set) = hello.get_str("setName") {
+            let state = if hello.get_bool("isWritablePrimary").unwrap_or(false) {
+                "primary"
+            } else if hello.get_bool("secondary").unwrap_or(false) {
+                "secondary"
+            } else {
+                "other"
+            };
+            format!("{state} set={set}")
+        } else {
+            "standalone".to_owned()
+        };
+        Ok(Probe {
+            version: None,
+            detail: format!(
+                "role={role} wire={}",
+                hello
+                    .get("maxWireVersion")
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+            ),
+        })
+    }
+
+    async fn is_empty(&self) -> Result<Emptiness> {
+        let client = self.client(Purpose::Bulk).await?;
+        let marker = client
+            .database(MARKER_DB)
+            .list_collection_names()
+            .filter(doc! {"name": MARKER_COLL})
+            .await
+            .map_err(self.op_err("listCollections on admin"))?;
+        if !marker.is_empty() {
+            return Ok(Emptiness::Interrupted);
+        }
+        let mut holding = Vec::new();
+        for db in self.user_databases(&client).await? {
+            if self.cfg.filter.is_all() {
+                holding.push(db);
+                continue;
+            }
+            let colls = self.list_collections(&client.database(&db)).await?;
+            if colls.iter().any(|c| {
+                c.get_str("name")
+                    .is_ok_and(|n| names::is_dumped_collection(n) && self.cfg.filter.wants(&db, n))
+            }) {
+                holding.push(db);
+            }
+        }
+        Ok(if holding.is_empty() {
+            Emptiness::Empty
+        } else {
+            Emptiness::HasData(format!("databases {}", holding.join(", ")))
+        })
+    }
+
+    async fn dump(&self, out: EngineWriter, cancel: &CancellationToken) -> Result<EngineEntry> {
+        dump::dump(self, out, cancel).await
+    }
+
+    async fn restore(
+        &self,
+        set: &SetReader,
+        entry: &EngineEntry,
+        _opts: &RestoreOptions,
+        cancel: &CancellationToken,
+    ) -> Result<Counts> {
+        restore::restore(self, set, entry, cancel).await
+    }
+
+    /// Only the namespaces the filter selects are restored.
+    fn expected_counts(&self, entry: &EngineEntry) -> Counts {
+        entry
+            .counts
+            .iter()
+            .filter(|(ns, _)| {
+                let (db, coll) = ns.split_once('.').unwrap_or((ns.as_str(), ""));
+                self.cfg.filter.wants(db, coll)
+            })
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// Drops every database the filter selects whole, and the selected collections of the
+    /// others. `admin`, `local` and `config` (users, the marker) are never touched.
+    async fn wipe(&self) -> Result<()> {
+        let client = self.client(Purpose::Bulk).await?;
+        for db in self.user_databases(&client).await? {
+            let database = client.database(&db);
+            if self.cfg.filter.wants_whole_db(&db) {
+                database
+                    .drop()
+                    .await
+                    .map_err(self.op_err(&format!("dropDatabase {db}")))?;
+                info!(engine = ENGINE, db, "dropped database");
+                continue;
+            }
+            for c in self.list_collections(&database).await? {
+                let Ok(name) = c.get_str("name") else {
+                    continue;
+                };
+                if names::is_dumped_collection(name) && self.cfg.filter.wants(&db, name) {
+                    database
+                        .run_command(doc! {"drop": name})
+                        .await
+                        .map_err(self.op_err(&format!("drop {db}.{name}")))?;
+                    info!(engine = ENGINE, db, collection = name, "dropped collection");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn set_marker(&self, on: bool) -> Result<()> {
+        let client = self.client(Purpose::Bulk).await?;
+        let coll = client
+            .database(MARKER_DB)
+            .collection::<Document>(MARKER_COLL);
+        if on {
+            coll.replace_one(
+                doc! {"_id": "restore"},
+                doc! {
+                    "_id": "restore",
+                    "started_at": Bson::DateTime(mongodb::bson::DateTime::now()),
+                    "tool": format!("dbkeeper {}", env!("CARGO_PKG_VERSION")),
+                },
+            )
+            .upsert(true)
+            .await
+            .map_err(self.op_err("writing the restore marker"))?;
+        } else {
+            coll.drop()
+                .await
+                .map_err(self.op_err("removing the restore marker"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_errors_are_cut_to_their_cause() {
+        let m = "Server selection timeout: No available servers. Topology: { Type: Unknown, Servers: [ { Address: h:1, Type: Unknown, Error: Kind: I/O error: Connection refused (os error 111), labels: {\"RetryableError\"}, source: None, server response: None } ] }";
+        assert_eq!(
+            selection_cause(m),
+            "I/O error: Connection refused (os error 111)"
+        );
+        assert_eq!(selection_cause("no servers"), "no servers");
+    }
+
+    #[test]
+    fn construction_validates_without_connecting() {
+        let opts = EngineOptions::default();
+        let e =
+            MongoEngine::new(&Secret::new("mongodb://u:p%40ss@db:1/?authSource=x"), &opts).unwrap();
+        assert_eq!(e.display_url(), "mongodb://u:***@db:1/?authSource=x");
+        assert_eq!(e.cfg.auth_db().as_deref(), Some("x"));
+        let e = MongoEngine::new(&Secret::new("mongodb://db:1/app"), &opts).unwrap();
+        assert_eq!(e.cfg.auth_db(), None);
+        let e = MongoEngine::new(&Secret::new("mongodb://u:p@db:1/app"), &opts).unwrap();
+        assert_eq!(e.cfg.auth_db().as_deref(), Some("app"));
+        for bad in [
+            "mongodb://u:p@s@db/",
+            "mongodb://db:1/?w=1&directConnection=maybe",
+            "mongodb://",
+        ] {
+            let err = MongoEngine::new(&Secret::new(bad), &opts).err().expect(bad);
+            assert!(matches!(err, Error::Config(_)), "{bad}: {err}");
+        }
+        let bad_filter = EngineOptions {
+            mongo_include: vec![".x".into()],
+            ..EngineOptions::default()
+        };
+        assert!(MongoEngine::new(&Secret::new("mongodb://db"), &bad_filter).is_err());
+    }
+}
