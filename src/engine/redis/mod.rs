@@ -1,5 +1,7 @@
 //! Redis engine (placeholder being replaced by its implementation).
 
+pub mod rdb;
+
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
