@@ -646,7 +646,11 @@ impl<R: Read> Parser<R> {
                             total += listpack(b, &mut |_| Ok(()))?;
                             Ok(())
                         })?,
-                        c => return self.inp.err(format!("unknown quicklist node container {c}")),
+                        c => {
+                            return self
+                                .inp
+                                .err(format!("unknown quicklist node container {c}"));
+                        }
                     }
                 }
                 if deep && total == 0 {
@@ -732,7 +736,7 @@ impl<R: Read> Parser<R> {
                         "stream consumer owns {own} pending entries, its group has only {pel}"
                     ));
                 }
-                self.inp.skip(own.checked_mul(16).unwrap_or(u64::MAX))?;
+                self.inp.skip(own.saturating_mul(16))?;
             }
         }
         Ok(())
@@ -750,7 +754,9 @@ impl<R: Read> Parser<R> {
     fn collection_len(&mut self) -> Res<u64> {
         let n = self.len()?;
         if n == 0 && self.opts.decode_values {
-            return self.inp.err("empty collection (a valid RDB never holds one)");
+            return self
+                .inp
+                .err("empty collection (a valid RDB never holds one)");
         }
         Ok(n)
     }
@@ -822,7 +828,8 @@ impl<R: Read> Parser<R> {
                 packed.clear();
                 let res = self.inp.read_into(clen, &mut packed).and_then(|_| {
                     let at = self.inp.offset();
-                    unlzf(&packed, ulen, &mut out).map_err(|msg| RdbError::Format { offset: at, msg })
+                    unlzf(&packed, ulen, &mut out)
+                        .map_err(|msg| RdbError::Format { offset: at, msg })
                 });
                 self.scratch = packed;
                 self.unpacked = out;
@@ -839,9 +846,9 @@ impl<R: Read> Parser<R> {
         }
         let start = self.inp.offset();
         let mut b = std::mem::take(&mut self.scratch);
-        let res = self.string(&mut b).and_then(|_| {
-            check(&b).map_err(|msg| RdbError::Format { offset: start, msg })
-        });
+        let res = self
+            .string(&mut b)
+            .and_then(|_| check(&b).map_err(|msg| RdbError::Format { offset: start, msg }));
         self.scratch = b;
         // One huge value should not pin its buffer for the rest of the file.
         if self.scratch.capacity() > 64 << 20 {
@@ -862,7 +869,10 @@ impl<R: Read> Parser<R> {
                     self.inp.read_into(u64::from(n), &mut v)?;
                     v
                 };
-                match std::str::from_utf8(&b).ok().and_then(|s| s.parse::<f64>().ok()) {
+                match std::str::from_utf8(&b)
+                    .ok()
+                    .and_then(|s| s.parse::<f64>().ok())
+                {
                     Some(_) => Ok(()),
                     None => self.inp.err(format!(
                         "sorted set score {:?} is not a number",
@@ -950,8 +960,10 @@ fn nonempty(n: usize, what: &str) -> Result<(), String> {
 
 fn pairs(n: usize, what: &str) -> Result<(), String> {
     nonempty(n, what)?;
-    if n % 2 != 0 {
-        return Err(format!("{what} of field/value pairs has an odd entry count {n}"));
+    if !n.is_multiple_of(2) {
+        return Err(format!(
+            "{what} of field/value pairs has an odd entry count {n}"
+        ));
     }
     Ok(())
 }
@@ -992,13 +1004,19 @@ fn le_int(b: &[u8]) -> i64 {
 fn ziplist<'b>(b: &'b [u8], f: &mut ElemFn<'_, 'b>) -> Result<usize, String> {
     const HEADER: usize = 10;
     if b.len() < HEADER + 1 {
-        return Err(format!("ziplist of {} bytes is shorter than its header", b.len()));
+        return Err(format!(
+            "ziplist of {} bytes is shorter than its header",
+            b.len()
+        ));
     }
     let zlbytes = le_u32(b, 0) as usize;
     let zltail = le_u32(b, 4) as usize;
     let zllen = u16::from_le_bytes([b[8], b[9]]);
     if zlbytes != b.len() {
-        return Err(format!("ziplist header says {zlbytes} bytes, it has {}", b.len()));
+        return Err(format!(
+            "ziplist header says {zlbytes} bytes, it has {}",
+            b.len()
+        ));
     }
     let end = b.len() - 1;
     if b[end] != 0xFF {
@@ -1085,10 +1103,14 @@ fn ziplist<'b>(b: &'b [u8], f: &mut ElemFn<'_, 'b>) -> Result<usize, String> {
         count += 1;
     }
     if zltail != last {
-        return Err(format!("ziplist tail offset {zltail} does not point at its last entry ({last})"));
+        return Err(format!(
+            "ziplist tail offset {zltail} does not point at its last entry ({last})"
+        ));
     }
     if zllen != u16::MAX && usize::from(zllen) != count {
-        return Err(format!("ziplist header counts {zllen} entries, it holds {count}"));
+        return Err(format!(
+            "ziplist header counts {zllen} entries, it holds {count}"
+        ));
     }
     Ok(count)
 }
@@ -1108,12 +1130,18 @@ fn backlen_size(l: usize) -> usize {
 fn listpack<'b>(b: &'b [u8], f: &mut ElemFn<'_, 'b>) -> Result<usize, String> {
     const HEADER: usize = 6;
     if b.len() < HEADER + 1 {
-        return Err(format!("listpack of {} bytes is shorter than its header", b.len()));
+        return Err(format!(
+            "listpack of {} bytes is shorter than its header",
+            b.len()
+        ));
     }
     let total = le_u32(b, 0) as usize;
     let declared = u16::from_le_bytes([b[4], b[5]]);
     if total != b.len() {
-        return Err(format!("listpack header says {total} bytes, it has {}", b.len()));
+        return Err(format!(
+            "listpack header says {total} bytes, it has {}",
+            b.len()
+        ));
     }
     let end = b.len() - 1;
     if b[end] != 0xFF {
@@ -1172,14 +1200,18 @@ fn listpack<'b>(b: &'b [u8], f: &mut ElemFn<'_, 'b>) -> Result<usize, String> {
             *slot = ((l >> shift) & 0x7F) as u8 | if i > 0 { 0x80 } else { 0 };
         }
         if b[p + l..p + l + bl] != expect[..bl] {
-            return Err(format!("listpack entry at {start}: back-length does not match its size {l}"));
+            return Err(format!(
+                "listpack entry at {start}: back-length does not match its size {l}"
+            ));
         }
         f(elem)?;
         p += l + bl;
         count += 1;
     }
     if declared != u16::MAX && usize::from(declared) != count {
-        return Err(format!("listpack header counts {declared} entries, it holds {count}"));
+        return Err(format!(
+            "listpack header counts {declared} entries, it holds {count}"
+        ));
     }
     Ok(count)
 }
@@ -1187,7 +1219,10 @@ fn listpack<'b>(b: &'b [u8], f: &mut ElemFn<'_, 'b>) -> Result<usize, String> {
 /// An intset: element width, count, and strictly ascending members. Returns the count.
 fn intset(b: &[u8]) -> Result<usize, String> {
     if b.len() < 8 {
-        return Err(format!("intset of {} bytes is shorter than its header", b.len()));
+        return Err(format!(
+            "intset of {} bytes is shorter than its header",
+            b.len()
+        ));
     }
     let width = le_u32(b, 0) as usize;
     let n = le_u32(b, 4) as usize;
@@ -1237,7 +1272,10 @@ fn zipmap(b: &[u8]) -> Result<usize, String> {
         let (vlen, h) = len_at(p)?;
         p += h;
         let free = usize::from(*b.get(p).ok_or("zipmap value runs past the end")?);
-        p = p.saturating_add(1).saturating_add(vlen).saturating_add(free);
+        p = p
+            .saturating_add(1)
+            .saturating_add(vlen)
+            .saturating_add(free);
         if p > end {
             return Err("zipmap value runs past the end".into());
         }
@@ -1247,7 +1285,9 @@ fn zipmap(b: &[u8]) -> Result<usize, String> {
         return Err("zipmap does not end with its 0xFF marker".into());
     }
     if declared < 254 && usize::from(declared) != pairs {
-        return Err(format!("zipmap header counts {declared} pairs, it holds {pairs}"));
+        return Err(format!(
+            "zipmap header counts {declared} pairs, it holds {pairs}"
+        ));
     }
     Ok(pairs)
 }
@@ -1260,7 +1300,10 @@ fn stream_listpack(b: &[u8]) -> Result<(), String> {
         elems.push(e);
         Ok(())
     })?;
-    let mut cur = Cursor { elems: &elems, at: 0 };
+    let mut cur = Cursor {
+        elems: &elems,
+        at: 0,
+    };
     // Counts are bounded by the element count, so a corrupt one cannot make the loop spin.
     let plausible = 0..=elems.len() as i64;
     let count = cur.int("entry count")?;
@@ -1268,7 +1311,9 @@ fn stream_listpack(b: &[u8]) -> Result<(), String> {
     let master_fields = cur.int("master field count")?;
     for v in [count, deleted, master_fields] {
         if !plausible.contains(&v) {
-            return Err(format!("stream listpack: implausible master entry count {v}"));
+            return Err(format!(
+                "stream listpack: implausible master entry count {v}"
+            ));
         }
     }
     cur.any(master_fields, "master fields")?;
@@ -1328,5 +1373,722 @@ impl Cursor<'_, '_> {
             self.next(what)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+
+    use super::*;
+
+    const DEEP: ParseOptions = ParseOptions {
+        decode_values: true,
+        capture_payload: false,
+    };
+    const SHALLOW: ParseOptions = ParseOptions {
+        decode_values: false,
+        capture_payload: false,
+    };
+    const CAPTURE: ParseOptions = ParseOptions {
+        decode_values: true,
+        capture_payload: true,
+    };
+
+    fn fixtures() -> Option<PathBuf> {
+        let dir = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/fixtures/redis-rdb"
+        ));
+        if dir.is_dir() {
+            Some(dir.to_owned())
+        } else {
+            eprintln!(
+                "skipped: {} is absent (the shared Redis fixtures are not checked out)",
+                dir.display()
+            );
+            None
+        }
+    }
+
+    fn counts(bytes: &[u8], opts: ParseOptions) -> Result<RdbSummary, RdbError> {
+        read(bytes, &opts, &mut CountOnly, false)
+    }
+
+    #[derive(Default)]
+    struct Collect(Vec<(u64, Vec<u8>, Option<i64>, Vec<u8>)>);
+
+    impl Visitor for Collect {
+        fn key(&mut self, rec: &KeyRecord<'_>) -> Result<(), Error> {
+            self.0.push((
+                rec.db,
+                rec.key.to_vec(),
+                rec.expire_ms,
+                rec.payload.to_vec(),
+            ));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn fixtures_count_what_the_server_loads() {
+        let Some(dir) = fixtures() else { return };
+        // As the fixtures README's table gives them (what redis-server 7.0 loads).
+        for (file, db0) in [
+            ("encodings.rdb", 13),
+            ("hash-zipmap.rdb", 1),
+            ("hash-ziplist.rdb", 1),
+            ("list-quicklist.rdb", 2),
+            ("zset-ziplist.rdb", 1),
+            ("scriptbackup.rdb", 0),
+        ] {
+            let bytes = std::fs::read(dir.join(file)).unwrap();
+            for opts in [DEEP, SHALLOW, CAPTURE] {
+                let s = counts(&bytes, opts).unwrap_or_else(|e| panic!("{file}: {e}"));
+                let expect: BTreeMap<u64, u64> = if db0 == 0 {
+                    BTreeMap::new()
+                } else {
+                    [(0, db0)].into()
+                };
+                assert_eq!(s.keys_per_db, expect, "{file} {opts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn fixtures_corrupt_files_are_rejected() {
+        let Some(dir) = fixtures() else { return };
+        for file in ["corrupt_empty_keys.rdb", "corrupt_ziplist.rdb"] {
+            let bytes = std::fs::read(dir.join(file)).unwrap();
+            let err = counts(&bytes, DEEP).expect_err(file);
+            assert!(err.is_corruption(), "{file}: {err}");
+            let msg = err.to_string();
+            assert!(
+                !msg.contains('\n') && msg.contains("byte "),
+                "{file}: {msg}"
+            );
+        }
+        let bytes = std::fs::read(dir.join("corrupt_empty_keys.rdb")).unwrap();
+        let err = counts(&bytes, DEEP).unwrap_err().to_string();
+        assert!(err.contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn aof_preamble_is_read_up_to_the_rdb_end() {
+        let Some(dir) = fixtures() else { return };
+        let bytes = std::fs::read(dir.join("rdb-preamble.aof")).unwrap();
+        let s = read(&bytes[..], &DEEP, &mut CountOnly, true).unwrap();
+        assert!(s.version >= 9, "{s:?}");
+        // The AOF tail is not RDB: a whole-file parse must say so.
+        let err = counts(&bytes, DEEP).unwrap_err().to_string();
+        assert!(err.contains("after the end of the RDB"), "{err}");
+    }
+
+    #[test]
+    fn header_errors_are_clear() {
+        let err = counts(b"REDIS0012\xff", DEEP).unwrap_err().to_string();
+        assert!(
+            err.contains("RDB version 12 is newer than supported"),
+            "{err}"
+        );
+        let err = counts(b"MONGO0009\xff", DEEP).unwrap_err().to_string();
+        assert!(err.contains("not an RDB"), "{err}");
+        let err = counts(b"RED", DEEP).unwrap_err().to_string();
+        assert!(err.contains("too short"), "{err}");
+        let err = counts(b"REDIS00x9\xff", DEEP).unwrap_err().to_string();
+        assert!(err.contains("not 4 digits"), "{err}");
+        // Version 4 had no checksum: the EOF opcode ends it.
+        let s = counts(b"REDIS0004\xfe\x00\x00\x01k\x01v\xff", DEEP).unwrap();
+        assert_eq!(s.keys_per_db, [(0, 1)].into());
+        assert!(!s.checksum_verified);
+    }
+
+    /// A hand-made v9 RDB with a correct checksum around `body`.
+    fn rdb9(body: &[u8]) -> Vec<u8> {
+        let mut v = b"REDIS0009".to_vec();
+        v.extend_from_slice(body);
+        v.push(op::EOF);
+        let crc = CRC.checksum(&v);
+        v.extend_from_slice(&crc.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn module_values_are_unsupported_and_named() {
+        // id of module type "dbkeeper1" version 3.
+        let name = b"dbkeeper1";
+        const SET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut id = 0u64;
+        for c in name {
+            id = (id << 6) | SET.iter().position(|s| s == c).unwrap() as u64;
+        }
+        id = (id << 10) | 3;
+        let mut body = vec![ty::MODULE_2, 1, b'k', 0x81];
+        body.extend_from_slice(&id.to_be_bytes());
+        body.push(0);
+        let err = counts(&rdb9(&body), SHALLOW).unwrap_err();
+        assert!(matches!(err, RdbError::Unsupported { .. }));
+        assert!(err.to_string().contains("'dbkeeper1' v3"), "{err}");
+
+        // Module aux data is self-describing and is skipped.
+        let mut body = vec![op::MODULE_AUX, 0x81];
+        body.extend_from_slice(&id.to_be_bytes());
+        body.extend_from_slice(&[2, 2, 2, 7, 5, 2, b'h', b'i', 4]);
+        body.extend_from_slice(&1.5f64.to_le_bytes());
+        body.extend_from_slice(&[0, ty::STRING, 1, b'k', 1, b'v']);
+        let s = counts(&rdb9(&body), DEEP).unwrap();
+        assert_eq!(s.keys_per_db, [(0, 1)].into());
+    }
+
+    #[test]
+    fn functions_lru_lfu_and_expiry_opcodes() {
+        let mut body = vec![op::FUNCTION2, 3, b'l', b'u', b'a'];
+        body.extend_from_slice(&[
+            op::FUNCTION_PRE_GA,
+            1,
+            b'n',
+            3,
+            b'L',
+            b'U',
+            b'A',
+            1,
+            1,
+            b'd',
+        ]);
+        body.extend_from_slice(&[1, b'c']);
+        body.extend_from_slice(&[op::SELECTDB, 2, op::RESIZEDB, 2, 1]);
+        body.extend_from_slice(&[op::EXPIRETIME_MS]);
+        body.extend_from_slice(&1_700_000_000_123i64.to_le_bytes());
+        body.extend_from_slice(&[op::IDLE, 5, ty::STRING, 1, b'a', 0xC0, 7]);
+        body.extend_from_slice(&[op::EXPIRETIME]);
+        body.extend_from_slice(&1_700_000_000i32.to_le_bytes());
+        body.extend_from_slice(&[op::FREQ, 9, ty::STRING, 1, b'b', 1, b'v']);
+        body.extend_from_slice(&[ty::STRING, 1, b'c', 1, b'v']);
+        let mut seen = Collect::default();
+        let s = read(&rdb9(&body)[..], &CAPTURE, &mut seen, false).unwrap();
+        assert_eq!(s.keys_per_db, [(2, 3)].into());
+        assert!(s.checksum_verified);
+        let got: Vec<_> = seen
+            .0
+            .iter()
+            .map(|r| (r.1.clone(), r.2, r.3.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (b"a".to_vec(), Some(1_700_000_000_123), vec![0, 0xC0, 7]),
+                (b"b".to_vec(), Some(1_700_000_000_000), vec![0, 1, b'v']),
+                (b"c".to_vec(), None, vec![0, 1, b'v']),
+            ]
+        );
+    }
+
+    #[test]
+    fn checksum_mismatch_and_disabled_checksum() {
+        let mut v = rdb9(&[ty::STRING, 1, b'k', 1, b'v']);
+        let n = v.len();
+        v[n - 9 - 1] ^= 1; // inside the value
+        let err = counts(&v, SHALLOW).unwrap_err();
+        assert!(matches!(err, RdbError::Checksum { .. }), "{err}");
+        let mut v = rdb9(&[ty::STRING, 1, b'k', 1, b'v']);
+        let n = v.len();
+        v[n - 8..].fill(0);
+        assert!(!counts(&v, SHALLOW).unwrap().checksum_verified);
+    }
+
+    #[test]
+    fn encodings_reject_bad_headers() {
+        // A good listpack of ["a", 5] then variations.
+        let good = [12, 0, 0, 0, 2, 0, 0x81, b'a', 2, 5, 1, 0xFF];
+        assert_eq!(listpack(&good, &mut |_| Ok(())), Ok(2));
+        let mut bad = good;
+        bad[4] = 3;
+        assert!(listpack(&bad, &mut |_| Ok(())).is_err());
+        let mut bad = good;
+        bad[8] = 3;
+        assert!(listpack(&bad, &mut |_| Ok(())).is_err());
+        assert!(listpack(&good[..11], &mut |_| Ok(())).is_err());
+        // Intsets must be ascending and sized by their header.
+        let mut is = vec![2, 0, 0, 0, 2, 0, 0, 0, 1, 0, 2, 0];
+        assert_eq!(intset(&is), Ok(2));
+        is.swap(8, 10);
+        assert!(intset(&is).is_err());
+        assert!(intset(&is[..11]).is_err());
+        // A ziplist of ["ab"]: header, prevlen 0, 6-bit string.
+        let zl = [15, 0, 0, 0, 10, 0, 0, 0, 1, 0, 0, 2, b'a', b'b', 0xFF];
+        assert_eq!(ziplist(&zl, &mut |_| Ok(())), Ok(1));
+        let mut bad = zl;
+        bad[4] = 11;
+        assert!(ziplist(&bad, &mut |_| Ok(())).is_err());
+        let mut bad = zl;
+        bad[10] = 3;
+        assert!(ziplist(&bad, &mut |_| Ok(())).is_err());
+        // Declared string lengths past the end, not a panic.
+        let mut bad = zl;
+        bad[11] = 0x3F;
+        assert!(ziplist(&bad, &mut |_| Ok(())).is_err());
+    }
+
+    #[test]
+    fn dump_payload_matches_the_documented_layout() {
+        let d = dump_payload(&[0, 1, b'v'], 10);
+        assert_eq!(&d[..5], &[0, 1, b'v', 10, 0]);
+        assert_eq!(d.len(), 13);
+        assert_eq!(db_key(3), "db3");
+    }
+
+    #[test]
+    fn huge_declared_lengths_fail_at_the_data_end() {
+        // A string claiming 2^62 bytes, and a list claiming 2^62 elements.
+        let mut body = vec![ty::STRING, 1, b'k', 0x81];
+        body.extend_from_slice(&(1u64 << 62).to_be_bytes());
+        body.extend_from_slice(b"short");
+        for opts in [DEEP, SHALLOW, CAPTURE] {
+            let err = counts(&rdb9(&body), opts).unwrap_err().to_string();
+            assert!(err.contains("truncated"), "{err}");
+        }
+        let mut body = vec![ty::LIST, 1, b'k', 0x81];
+        body.extend_from_slice(&(1u64 << 62).to_be_bytes());
+        assert!(counts(&rdb9(&body), CAPTURE).is_err());
+        // LZF claiming an absurd expansion.
+        let mut body = vec![ty::STRING, 1, b'k', 0xC3, 2, 0x80];
+        body.extend_from_slice(&u32::MAX.to_be_bytes());
+        body.extend_from_slice(&[0, 0]);
+        let err = counts(&rdb9(&body), DEEP).unwrap_err().to_string();
+        assert!(err.contains("implausible LZF"), "{err}");
+    }
+
+    /// Random single-byte mutations and truncations: always Ok or Err, never a panic or hang.
+    fn fuzz(valid: &[u8], rounds: usize, seed: u64) {
+        let mut x = seed | 1;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut ok, mut err) = (0, 0);
+        for i in 0..rounds {
+            let mut v = valid.to_vec();
+            match rnd() % 4 {
+                0 => v.truncate((rnd() % valid.len() as u64) as usize),
+                1 => {
+                    let at = (rnd() % v.len() as u64) as usize;
+                    v[at] = rnd() as u8;
+                }
+                2 => {
+                    let at = (rnd() % v.len() as u64) as usize;
+                    v[at] ^= 1 << (rnd() % 8);
+                }
+                _ => {
+                    // Also with the checksum disabled, so a mutation is judged by structure.
+                    let n = v.len();
+                    v[n - 8..].fill(0);
+                    let at = 9 + (rnd() % (n as u64 - 17)) as usize;
+                    v[at] = rnd() as u8;
+                }
+            }
+            let opts = [DEEP, SHALLOW, CAPTURE][i % 3];
+            match counts(&v, opts) {
+                Ok(_) => ok += 1,
+                Err(_) => err += 1,
+            }
+        }
+        eprintln!("fuzz: {rounds} mutations, {ok} still parsed, {err} rejected");
+        assert!(err > rounds / 2);
+    }
+
+    #[test]
+    fn fuzz_fixture_mutations() {
+        let Some(dir) = fixtures() else { return };
+        let bytes = std::fs::read(dir.join("encodings.rdb")).unwrap();
+        fuzz(&bytes, 2000, 0x9E37_79B9_7F4A_7C15);
+    }
+
+    // ---- against a real server ----
+
+    struct Server {
+        child: Child,
+        port: u16,
+        dir: tempfile::TempDir,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn on_path(bin: &str) -> bool {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+    }
+
+    fn start_server() -> Option<Server> {
+        if !on_path("redis-server") || !on_path("redis-cli") {
+            eprintln!("skipped: redis-server or redis-cli is not on PATH");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--enable-debug-command", "yes", "--databases", "16"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Server { child, port, dir };
+        for _ in 0..200 {
+            if let Ok(mut c) = Conn::open(port)
+                && c.cmd(&[b"PING"]) == Reply::Status("PONG".into())
+            {
+                return Some(server);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server on port {port} did not answer PING");
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Reply {
+        Status(String),
+        Error(String),
+        Int(i64),
+        Bulk(Option<Vec<u8>>),
+        Array(Vec<Reply>),
+    }
+
+    /// A minimal RESP2 client: enough to fill a test server and read DUMPs.
+    struct Conn {
+        w: TcpStream,
+        r: BufReader<TcpStream>,
+    }
+
+    impl Conn {
+        fn open(port: u16) -> io::Result<Conn> {
+            let w = TcpStream::connect(("127.0.0.1", port))?;
+            let r = BufReader::new(w.try_clone()?);
+            Ok(Conn { w, r })
+        }
+
+        fn send(&mut self, args: &[&[u8]]) {
+            let mut m = format!("*{}\r\n", args.len()).into_bytes();
+            for a in args {
+                m.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+                m.extend_from_slice(a);
+                m.extend_from_slice(b"\r\n");
+            }
+            self.w.write_all(&m).unwrap();
+        }
+
+        fn reply(&mut self) -> Reply {
+            let mut line = Vec::new();
+            self.r.read_until(b'\n', &mut line).unwrap();
+            let text = String::from_utf8_lossy(&line[1..line.len() - 2]).into_owned();
+            match line[0] {
+                b'+' => Reply::Status(text),
+                b'-' => Reply::Error(text),
+                b':' => Reply::Int(text.parse().unwrap()),
+                b'$' => {
+                    let n: i64 = text.parse().unwrap();
+                    if n < 0 {
+                        return Reply::Bulk(None);
+                    }
+                    let mut b = vec![0; n as usize + 2];
+                    self.r.read_exact(&mut b).unwrap();
+                    b.truncate(n as usize);
+                    Reply::Bulk(Some(b))
+                }
+                b'*' => {
+                    let n: i64 = text.parse().unwrap();
+                    Reply::Array((0..n.max(0)).map(|_| self.reply()).collect())
+                }
+                c => panic!("unexpected RESP type {c}"),
+            }
+        }
+
+        fn cmd(&mut self, args: &[&[u8]]) -> Reply {
+            self.send(args);
+            self.reply()
+        }
+
+        /// Runs a command given as words; panics on an error reply.
+        fn run(&mut self, words: &str) -> Reply {
+            let args: Vec<&[u8]> = words.split(' ').map(str::as_bytes).collect();
+            let r = self.cmd(&args);
+            if let Reply::Error(e) = &r {
+                panic!("{words}: {e}");
+            }
+            r
+        }
+    }
+
+    fn fill(c: &mut Conn) {
+        // db0: every type and encoding a Redis 7 server writes.
+        c.run("SET str:small hello");
+        c.run("SET str:int 12345");
+        c.run("SET str:neg -7");
+        c.run("SET str:bigint 12345678901234");
+        let big: String = "compressible text, ".repeat(100 * 1024 / 19);
+        c.cmd(&[b"SET", b"str:lzf", big.as_bytes()]);
+        let long_key = "k".repeat(200);
+        c.cmd(&[b"SET", long_key.as_bytes(), b"lzf-compressed key"]);
+        let noise: Vec<u8> = (0..5000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        c.cmd(&[b"SET", b"bin\x00\xff\r\nkey", &noise]);
+        c.run("SET ttl:px v PX 3600000");
+        c.run("SET ttl:ex v EX 7200");
+        c.run("PEXPIREAT str:small 4102444800123");
+        c.run("RPUSH list:small a b 1 2 -300 70000 99999999999");
+        for chunk in 0..20 {
+            let mut args: Vec<Vec<u8>> = vec![b"RPUSH".to_vec(), b"list:big".to_vec()];
+            args.extend((0..100).map(|i| format!("element-{chunk}-{i}").into_bytes()));
+            let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+            c.cmd(&refs);
+        }
+        // Large elements become plain quicklist nodes past the packed threshold.
+        c.run("DEBUG QUICKLIST-PACKED-THRESHOLD 100");
+        c.cmd(&[
+            b"RPUSH",
+            b"list:plain",
+            &noise[..1000],
+            b"small",
+            &noise[..2000],
+        ]);
+        c.run("SADD set:ints 1 2 3 -5 100000 5000000000");
+        c.run("SADD set:small a b c");
+        for chunk in 0..5 {
+            let mut args: Vec<Vec<u8>> = vec![b"SADD".to_vec(), b"set:big".to_vec()];
+            args.extend((0..100).map(|i| format!("member-{chunk}-{i}").into_bytes()));
+            let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+            c.cmd(&refs);
+        }
+        c.run("HSET hash:small f1 v1 f2 2 f3 -3");
+        for chunk in 0..10 {
+            let mut args: Vec<Vec<u8>> = vec![b"HSET".to_vec(), b"hash:big".to_vec()];
+            for i in 0..100 {
+                args.push(format!("field-{chunk}-{i}").into_bytes());
+                args.push(format!("value-{i}").into_bytes());
+            }
+            let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+            c.cmd(&refs);
+        }
+        c.run("ZADD zset:small 1 a 2.5 b -3 c inf d");
+        for chunk in 0..5 {
+            let mut args: Vec<Vec<u8>> = vec![b"ZADD".to_vec(), b"zset:big".to_vec()];
+            for i in 0..100 {
+                args.push(format!("{}.25", chunk * 100 + i).into_bytes());
+                args.push(format!("member-{chunk}-{i}").into_bytes());
+            }
+            let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+            c.cmd(&refs);
+        }
+        for i in 0..300 {
+            if i % 7 == 0 {
+                c.run(&format!("XADD stream * other {i} extra x"));
+            } else {
+                c.run(&format!("XADD stream * sensor {i} temp {}", i * 3));
+            }
+        }
+        c.run("XGROUP CREATE stream g1 0");
+        c.run("XGROUP CREATE stream g2 $");
+        c.run("XREADGROUP GROUP g1 alice COUNT 10 STREAMS stream >");
+        c.run("XREADGROUP GROUP g1 bob COUNT 5 STREAMS stream >");
+        if let Reply::Array(entries) = c.run("XRANGE stream - + COUNT 3") {
+            for e in entries {
+                if let Reply::Array(parts) = e
+                    && let Some(Reply::Bulk(Some(id))) = parts.first()
+                {
+                    c.cmd(&[b"XACK", b"stream", b"g1", id]);
+                }
+            }
+        }
+        if let Reply::Array(entries) = c.run("XRANGE stream + - COUNT 1") {
+            assert!(entries.is_empty());
+        }
+        if let Reply::Array(entries) = c.run("XREVRANGE stream + - COUNT 5") {
+            for e in entries {
+                if let Reply::Array(parts) = e
+                    && let Some(Reply::Bulk(Some(id))) = parts.first()
+                {
+                    c.cmd(&[b"XDEL", b"stream", id]);
+                }
+            }
+        }
+        c.run("XGROUP CREATE stream:empty g $ MKSTREAM");
+        c.cmd(&[
+            b"FUNCTION",
+            b"LOAD",
+            b"#!lua name=dbkeeperlib\nredis.register_function('f', function() return 1 end)",
+        ]);
+        // Other dbs.
+        c.run("SELECT 1");
+        c.run("SET a 1");
+        c.run("RPUSH l x y");
+        c.run("SELECT 5");
+        for i in 0..50 {
+            c.run(&format!("SET key{i} value{i} EX 1000"));
+        }
+        c.run("SELECT 0");
+    }
+
+    fn server_rdb(s: &Server) -> Vec<u8> {
+        let path = s.dir.path().join("snapshot.rdb");
+        let out = Command::new("redis-cli")
+            .args(["-p", &s.port.to_string(), "--rdb"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read(path).unwrap()
+    }
+
+    fn dbsizes(c: &mut Conn) -> BTreeMap<u64, u64> {
+        let mut m = BTreeMap::new();
+        for db in 0..16u64 {
+            c.run(&format!("SELECT {db}"));
+            if let Reply::Int(n) = c.run("DBSIZE")
+                && n > 0
+            {
+                m.insert(db, n as u64);
+            }
+        }
+        c.run("SELECT 0");
+        m
+    }
+
+    #[test]
+    fn server_snapshot_every_type() {
+        let Some(server) = start_server() else { return };
+        let mut c = Conn::open(server.port).unwrap();
+        fill(&mut c);
+        let expect = dbsizes(&mut c);
+        assert_eq!(expect.len(), 3, "{expect:?}");
+        let rdb = server_rdb(&server);
+
+        for opts in [DEEP, SHALLOW, CAPTURE] {
+            let s = counts(&rdb, opts).unwrap_or_else(|e| panic!("{opts:?}: {e}"));
+            assert_eq!(s.keys_per_db, expect, "{opts:?}");
+            assert!(s.checksum_verified);
+            assert!(s.redis_ver.as_deref().is_some_and(|v| v.starts_with('7')));
+        }
+
+        // The captured payloads are exactly what DUMP serializes, and expiries are absolute.
+        let mut seen = Collect::default();
+        let s = read(&rdb[..], &CAPTURE, &mut seen, false).unwrap();
+        let mut types = std::collections::BTreeSet::new();
+        let mut by_key = HashMap::new();
+        for (db, key, exp, payload) in &seen.0 {
+            types.insert(payload[0]);
+            if *db == 0 {
+                by_key.insert(key.clone(), (*exp, payload.clone()));
+            }
+        }
+        for t in [
+            ty::STRING,
+            ty::SET,
+            ty::HASH,
+            ty::ZSET_2,
+            ty::SET_INTSET,
+            ty::HASH_LISTPACK,
+            ty::ZSET_LISTPACK,
+            ty::LIST_QUICKLIST_2,
+            ty::STREAM_LISTPACKS_2,
+        ] {
+            assert!(types.contains(&t), "no value of type {t} in {types:?}");
+        }
+        for (key, (_, payload)) in &by_key {
+            let Reply::Bulk(Some(dump)) = c.cmd(&[b"DUMP", key]) else {
+                panic!("DUMP {}", show_key(key));
+            };
+            assert_eq!(
+                dump_payload(payload, s.version as u16),
+                dump,
+                "payload of {}",
+                show_key(key)
+            );
+        }
+        assert_eq!(by_key[&b"str:small".to_vec()].0, Some(4102444800123));
+        assert_eq!(by_key[&b"list:small".to_vec()].0, None);
+        let Reply::Int(pexp) = c.run("PEXPIRETIME ttl:px") else {
+            panic!()
+        };
+        assert_eq!(by_key[&b"ttl:px".to_vec()].0, Some(pexp));
+
+        // Damage: a flipped byte, truncation, garbage after the end.
+        let mid = rdb.len() / 2;
+        let mut flipped = rdb.clone();
+        flipped[mid] ^= 0x20;
+        for opts in [DEEP, SHALLOW] {
+            assert!(counts(&flipped, opts).is_err());
+            for cut in [10, mid, rdb.len() - 9, rdb.len() - 1] {
+                let err = counts(&rdb[..cut], opts).unwrap_err();
+                assert!(err.is_corruption(), "cut at {cut}: {err}");
+            }
+            let mut longer = rdb.clone();
+            longer.extend_from_slice(b"garbage");
+            let err = counts(&longer, opts).unwrap_err().to_string();
+            assert!(err.contains("after the end"), "{err}");
+        }
+        // Through the crate error, one line with the offset.
+        let err = parse(&rdb[..mid], &DEEP, &mut CountOnly)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !err.contains('\n') && err.contains(&format!("byte {mid}")),
+            "{err}"
+        );
+
+        // A visitor's error stops the parse and comes back unchanged.
+        struct Stop;
+        impl Visitor for Stop {
+            fn key(&mut self, _: &KeyRecord<'_>) -> Result<(), Error> {
+                Err(Error::Interrupted(15))
+            }
+        }
+        assert!(matches!(
+            parse(&rdb[..], &SHALLOW, &mut Stop),
+            Err(Error::Interrupted(15))
+        ));
+    }
+
+    #[test]
+    fn server_snapshot_fuzzed() {
+        let Some(server) = start_server() else { return };
+        let mut c = Conn::open(server.port).unwrap();
+        // A smaller data set than the full one, so 2000 rounds stay quick.
+        c.run("RPUSH l a b 1 2 -300 70000");
+        c.run("SADD s 1 2 3");
+        c.run("SADD t a b");
+        c.run("HSET h f1 v1 f2 2");
+        c.run("ZADD z 1 a 2.5 b");
+        c.run("SET n 123");
+        c.run("SET ttl v PX 100000");
+        for i in 0..20 {
+            c.run(&format!("XADD x * f {i}"));
+        }
+        c.run("XGROUP CREATE x g 0");
+        c.run("XREADGROUP GROUP g c COUNT 3 STREAMS x >");
+        let rdb = server_rdb(&server);
+        assert_eq!(counts(&rdb, DEEP).unwrap().keys_per_db, dbsizes(&mut c));
+        fuzz(&rdb, 2000, 0xD1B5_4A32_D192_ED03);
     }
 }
