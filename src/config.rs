@@ -93,6 +93,18 @@ impl Config {
         Ok(out)
     }
 
+    /// Like [`Config::engines`], but an empty result is a configuration error: verbs that act
+    /// on engines say what to set instead of silently doing nothing.
+    pub fn engines_required(&self, only: &[String]) -> Result<Vec<Engine>> {
+        let engines = self.engines(only)?;
+        if engines.is_empty() {
+            return Err(Error::config(
+                "no engine configured: set DBKEEPER_MONGODB_URI, DBKEEPER_REDIS_URL or DBKEEPER_CHROMA_URL",
+            ));
+        }
+        Ok(engines)
+    }
+
     /// One line for the start-up banner: what is configured, URLs redacted.
     pub fn describe(&self) -> String {
         let engines: Vec<String> = self

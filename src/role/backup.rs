@@ -21,11 +21,6 @@ pub async fn backup(
     engines: &[Engine],
     cancel: &CancellationToken,
 ) -> Result<Manifest> {
-    if engines.is_empty() {
-        return Err(Error::config(
-            "no engine configured: set DBKEEPER_MONGODB_URI, DBKEEPER_REDIS_URL or DBKEEPER_CHROMA_URL",
-        ));
-    }
     let repo = Repo::open(&cfg.repo)?;
     let lock = repo.lock(cfg.lock_wait).await?;
     // Fail before creating anything if an engine is down.

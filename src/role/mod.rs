@@ -91,7 +91,7 @@ async fn dispatch(
             }
         }
         Command::Backup { only } => {
-            let engines = cfg.engines(&only)?;
+            let engines = cfg.engines_required(&only)?;
             let m = backup::backup(cfg, &engines, cancel).await?;
             println!("{}", m.id);
             Ok(())
@@ -101,17 +101,22 @@ async fn dispatch(
             .await
             .map(|_| ()),
         Command::Restore { id, only, force } => {
-            let engines = cfg.engines(&only)?;
+            if id != "latest" && crate::repo::parse_set_name(&id).is_none() {
+                return Err(Error::config(format!(
+                    "{id:?} is not a set id (YYYY-MM-DD_HH-MM-SS) or `latest`"
+                )));
+            }
+            let engines = cfg.engines_required(&only)?;
             restore::restore(cfg, &engines, &id, force, cancel).await
         }
         Command::Preseed { only } => {
-            let engines = cfg.engines(&only)?;
+            let engines = cfg.engines_required(&only)?;
             restore::preseed(cfg, &engines, cancel).await.map(|_| ())
         }
         Command::Prune { dry_run } => prune::prune(cfg, dry_run, cancel).await.map(|_| ()),
         Command::Init { timeout } => {
             info!(config = %cfg.describe(), "dbkeeper init");
-            let engines = cfg.engines(&[])?;
+            let engines = cfg.engines_required(&[])?;
             // A Redis preseeded through its data directory is not running yet: don't wait.
             let live: Vec<_> = engines
                 .into_iter()
