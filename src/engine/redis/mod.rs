@@ -1122,11 +1122,11 @@ fn restore_blocking(
         decode_values: false,
         capture_payload: true,
     };
-    let parsed = rdb::parse(&mut reader, &opts, &mut r);
+    let parsed = rdb::read(&mut reader, &opts, &mut r, false);
     if cancel.is_cancelled() {
         return Err(Error::Interrupted(0));
     }
-    parsed?;
+    parsed.map_err(|e| e.into_set_error(set.id()))?;
     r.flush()?;
     reader.into_inner().finish().map_err(|e| {
         if cancel.is_cancelled() {
@@ -1185,21 +1185,19 @@ pub fn verify_deep(
             decode_values: true,
             capture_payload: false,
         };
-        let parsed = rdb::parse(
+        let parsed = rdb::read(
             Cancellable {
                 inner: &mut reader,
                 cancel,
             },
             &opts,
             &mut CountOnly(cancel),
+            false,
         );
         if cancel.is_cancelled() {
             return Err(Error::Interrupted(0));
         }
-        let summary = parsed.map_err(|e| match e {
-            Error::Corrupt { .. } | Error::Interrupted(_) => e,
-            other => Error::corrupt(set.id(), format!("{}: {other}", file.path)),
-        })?;
+        let summary = parsed.map_err(|e| e.into_set_error(set.id()))?;
         reader.finish()?;
         for (db, n) in summary.keys_per_db {
             *counts.entry(rdb::db_key(db)).or_default() += n;
