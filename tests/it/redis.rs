@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use crate::common::redis::RedisServer;
+use crate::common::redis::{Opts, RedisServer};
 use crate::common::{assert_code, code, dbkeeper, run, sets, stderr, stdout, temps, wait_until};
 
 const PW: &str = "s3cret-Pw-4711";
@@ -647,4 +647,64 @@ fn rediss_is_refused_clearly() {
     let o = health("rediss://127.0.0.1:1");
     assert_code(&o, 1);
     assert!(stdout(&o).contains("not supported yet"), "{}", stdout(&o));
+}
+
+#[test]
+fn a_loading_server_is_not_ready_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = RedisServer::on_dir(dir.path(), false);
+    seed.cli(&["DEBUG", "POPULATE", "20000", "key", "100"]);
+    seed.cli(&["SAVE"]);
+    drop(seed);
+    // About 10 s of loading, answering clients (with -LOADING) every few keys.
+    let s = RedisServer::start_with(Opts {
+        dir: Some(dir.path()),
+        extra: &[
+            "--key-load-delay",
+            "500",
+            "--loading-process-events-interval-bytes",
+            "1024",
+        ],
+        no_wait: true,
+        ..Opts::default()
+    });
+    let o = health(&s.url());
+    assert_code(&o, 1);
+    assert!(stdout(&o).contains("loading"), "{}", stdout(&o));
+    // Retryable: wait sees it through.
+    let o = wait(&s.url(), "300s");
+    assert_code(&o, 0);
+    assert_eq!(s.total_keys(), 20000);
+}
+
+#[test]
+fn disk_based_sync_and_a_sync_delay_are_handled_and_reported() {
+    let repo = tempfile::tempdir().unwrap();
+    let src = RedisServer::start();
+    populate(&src);
+    // `$<len>` framing instead of the diskless `$EOF:` mark, and a delay worth a warning.
+    src.cli(&["CONFIG", "SET", "repl-diskless-sync", "no"]);
+    src.cli(&["CONFIG", "SET", "repl-diskless-sync-delay", "1"]);
+    let o = backup(repo.path(), &src);
+    assert_code(&o, 0);
+    assert!(
+        stderr(&o).contains("repl-diskless-sync-delay adds 1 s"),
+        "{}",
+        stderr(&o)
+    );
+    let id = &sets(repo.path())[0];
+    assert_eq!(
+        manifest(repo.path(), id)["engines"]["redis"]["details"]["repl_diskless_sync_delay"],
+        1
+    );
+    assert_eq!(
+        src.cli(&["CONFIG", "GET", "repl-diskless-sync-delay"])
+            .lines()
+            .last(),
+        Some("1")
+    );
+    assert_code(&run(dbkeeper(repo.path()).args(["verify", "--deep"])), 0);
+    let dst = RedisServer::start();
+    assert_code(&run(with_url(repo.path(), &dst.url()).arg("restore")), 0);
+    assert_eq!(dst.digest(), src.digest());
 }

@@ -23,6 +23,10 @@ pub struct Opts<'a> {
     pub dir: Option<&'a Path>,
     /// `appendonly yes` (with its multi-part AOF in `appendonlydir/`).
     pub appendonly: bool,
+    /// More `--name value` arguments for redis-server.
+    pub extra: &'a [&'a str],
+    /// Return once the port answers at all (even `-LOADING`), not only once PING succeeds.
+    pub no_wait: bool,
 }
 
 impl RedisServer {
@@ -73,6 +77,7 @@ impl RedisServer {
         if let Some(pw) = o.password {
             cmd.args(["--requirepass", pw]);
         }
+        cmd.args(o.extra);
         let child = cmd.spawn().expect("start redis-server");
         let mut s = RedisServer {
             child,
@@ -83,7 +88,10 @@ impl RedisServer {
         };
         let ready = wait_until(Duration::from_secs(30), || {
             s.try_cli(&["PING"])
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
+                .map(|out| {
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    text.trim() == "PONG" || (o.no_wait && text.contains("LOADING"))
+                })
                 .unwrap_or(false)
         });
         if !ready {
