@@ -1635,6 +1635,41 @@ mod tests {
         );
     }
 
+    /// Redis 7.2's formats (not writable by the 7.0 test server): set listpack and stream v3,
+    /// whose consumers carry an active time after their seen time.
+    #[test]
+    fn redis_7_2_set_listpack_and_stream_v3() {
+        let lp = [13, 0, 0, 0, 2, 0, 0x81, b'a', 2, 0x81, b'b', 2, 0xFF];
+        let mut body = vec![ty::SET_LISTPACK, 1, b's', lp.len() as u8];
+        body.extend_from_slice(&lp);
+        let stream = |t: u8| {
+            let mut v = vec![t, 1, b'x', 0, 0, 0, 0];
+            v.extend_from_slice(&[0, 0, 0, 0, 0]); // first id, max deleted id, entries added
+            v.extend_from_slice(&[1, 1, b'g', 0, 0, 0, 0, 1, 1, b'c']); // group, no PEL, consumer
+            v.extend_from_slice(&1_700_000_000_000i64.to_le_bytes()); // seen
+            v.extend_from_slice(&1_700_000_000_000i64.to_le_bytes()); // active
+            v.push(0); // consumer PEL
+            v
+        };
+        body.extend_from_slice(&stream(ty::STREAM_LISTPACKS_3));
+        let s = counts(&rdb9(&body), DEEP).unwrap();
+        assert_eq!(s.keys_per_db, [(0, 2)].into());
+        // The same bytes read as a v2 stream leave the active time unread: not an RDB.
+        let mut body = stream(ty::STREAM_LISTPACKS_2);
+        body.extend_from_slice(&[ty::STRING, 1, b'k', 1, b'v']);
+        assert!(counts(&rdb9(&body), DEEP).is_err());
+        // A packed set with a duplicate member.
+        let dup = [13, 0, 0, 0, 2, 0, 0x81, b'a', 2, 0x81, b'a', 2, 0xFF];
+        let mut body = vec![ty::SET_LISTPACK, 1, b's', dup.len() as u8];
+        body.extend_from_slice(&dup);
+        let err = counts(&rdb9(&body), DEEP).unwrap_err().to_string();
+        assert!(
+            err.contains("duplicate") && err.contains("key \"s\""),
+            "{err}"
+        );
+        assert!(counts(&rdb9(&body), SHALLOW).is_ok());
+    }
+
     #[test]
     fn checksum_mismatch_and_disabled_checksum() {
         let mut v = rdb9(&[ty::STRING, 1, b'k', 1, b'v']);
