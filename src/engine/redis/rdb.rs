@@ -134,7 +134,6 @@ pub fn read<R: Read>(
     Parser {
         inp: Input::new(r),
         opts: *opts,
-        version: 0,
         scratch: Vec::new(),
         unpacked: Vec::new(),
         key: Vec::new(),
@@ -362,7 +361,6 @@ enum StrHead {
 struct Parser<R> {
     inp: Input<R>,
     opts: ParseOptions,
-    version: u32,
     /// Holds a string value (a ziplist, listpack, compressed bytes) while it is checked.
     scratch: Vec<u8>,
     /// LZF output.
@@ -411,7 +409,6 @@ impl<R: Read> Parser<R> {
                 ),
             });
         }
-        self.version = version;
 
         let mut summary = RdbSummary {
             version,
@@ -2153,6 +2150,12 @@ mod tests {
                 show_key(key)
             );
         }
+        // list:plain is three quicklist nodes: plain, packed, plain.
+        let plain = &by_key[&b"list:plain".to_vec()].1;
+        assert_eq!(
+            &plain[..3],
+            &[ty::LIST_QUICKLIST_2, 3, QUICKLIST_NODE_PLAIN as u8]
+        );
         assert_eq!(by_key[&b"str:small".to_vec()].0, Some(4102444800123));
         assert_eq!(by_key[&b"list:small".to_vec()].0, None);
         let Reply::Int(pexp) = c.run("PEXPIRETIME ttl:px") else {
