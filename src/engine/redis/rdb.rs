@@ -1974,6 +1974,17 @@ mod tests {
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
         c.cmd(&[b"SET", b"bin\x00\xff\r\nkey", &noise]);
+        // Larger than the read buffer, so a value spans refills.
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let huge: Vec<u8> = (0..3 * BUF_SIZE + 12345)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        c.cmd(&[b"SET", b"str:huge", &huge]);
         c.run("SET ttl:px v PX 3600000");
         c.run("SET ttl:ex v EX 7200");
         c.run("PEXPIREAT str:small 4102444800123");
@@ -2162,6 +2173,23 @@ mod tests {
             panic!()
         };
         assert_eq!(by_key[&b"ttl:px".to_vec()].0, Some(pexp));
+
+        // Reads of any size give the same keys and payloads (a socket hands out small pieces).
+        struct Trickle<'a>(&'a [u8], usize);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = self.1.min(buf.len()).min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        for piece in [1, 7, 4093] {
+            let mut again = Collect::default();
+            let s2 = read(Trickle(&rdb, piece), &CAPTURE, &mut again, false).unwrap();
+            assert_eq!(s2, s);
+            assert!(again.0 == seen.0, "reading {piece} bytes at a time");
+        }
 
         // Damage: a flipped byte, truncation, garbage after the end.
         let mid = rdb.len() / 2;
