@@ -5,6 +5,12 @@
 //! the file) and validates the compact encodings (ziplist, listpack, intset, zipmap, stream
 //! listpacks) the way the server's deep sanitizer does; parsers on crates.io either load whole
 //! files, panic on corrupt input, or stop at Redis 6 encodings.
+//!
+//! Shallow reads (`decode_values: false`) walk only the record structure and skip string bytes,
+//! so they run at disk speed; deep reads also decode LZF and every packed encoding and reject
+//! what the server's sanitizer rejects (empty collections, duplicate members, bad counts).
+//! Either way every byte goes through the CRC64, and corrupt lengths fail at the end of the data
+//! instead of becoming allocations.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
