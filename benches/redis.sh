@@ -72,21 +72,21 @@ echo "used_memory: $(redis-cli -p "$port" info memory | grep '^used_memory_human
 
 repo=$work/repo
 mkdir -p "$repo"
-for round in 1 2; do
+for round in 1 2 3; do
     rm -f "$work/cli.rdb"
     t0=$(now)
     redis-cli -p "$port" --rdb "$work/cli.rdb" >/dev/null 2>&1
     t1=$(now)
-    DBKEEPER_REPO=$repo DBKEEPER_REDIS_URL=$url DBKEEPER_LOG=warn DBKEEPER_KEEP_LAST=1 \
-        "$bin" backup
+    DBKEEPER_REPO=$repo DBKEEPER_REDIS_URL=$url DBKEEPER_LOG=warn \
+        /usr/bin/time -o "$work/rss" -f %M "$bin" backup >/dev/null
     t2=$(now)
     bytes=$(stat -c %s "$work/cli.rdb")
     cli_s=$(python3 -c "print($t1-$t0)")
     ours_s=$(python3 -c "print($t2-$t1)")
     stored=$(du -sb "$repo" | cut -f1)
-    printf 'round %d: RDB %.0f MB | redis-cli --rdb %.2f s (%.0f MB/s) | dbkeeper backup %.2f s (%.0f MB/s, %.0f MB stored) | speed ratio dbkeeper/redis-cli %s\n' \
+    printf 'round %d: RDB %.0f MB | redis-cli --rdb %.2f s (%.0f MB/s) | dbkeeper backup %.2f s (%.0f MB/s, %.0f MB stored) max RSS %s KiB | speed ratio dbkeeper/redis-cli %s\n' \
         "$round" "$(python3 -c "print($bytes/1e6)")" "$cli_s" "$(python3 -c "print($bytes/1e6/$cli_s)")" \
         "$ours_s" "$(python3 -c "print($bytes/1e6/$ours_s)")" "$(python3 -c "print($stored/1e6)")" \
-        "$(ratio "$cli_s" "$ours_s")"
+        "$(cat "$work/rss")" "$(ratio "$cli_s" "$ours_s")"
     rm -rf "${repo:?}"/*
 done
