@@ -316,6 +316,11 @@ impl<'a> Conn<'a> {
             io::ErrorKind::UnexpectedEof => {
                 self.cfg.unreachable("the server closed the connection")
             }
+            // What a TLS-only port does to plain text. Still retryable: a container proxy
+            // resets connections the same way while the server behind it is starting.
+            io::ErrorKind::ConnectionReset if !self.cfg.tls => self.cfg.unreachable(format!(
+                "connection reset ({e}); if the server expects TLS, use rediss://"
+            )),
             _ => self.cfg.unreachable(format!("connection lost: {e}")),
         }
     }
