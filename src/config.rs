@@ -50,7 +50,12 @@ impl Config {
         let cfg = Config {
             repo: g.repo.clone(),
             urls,
-            engine_options: EngineOptions { chroma_token },
+            engine_options: EngineOptions {
+                chroma_token,
+                chroma_tenant: Some(g.chroma_tenant.clone()),
+                chroma_database: Some(g.chroma_database.clone()),
+                chroma_auth_header: Some(g.chroma_auth_header.clone()),
+            },
             redis_data_dir: g.redis_data_dir.clone(),
             retention: Policy {
                 keep_last: g.retention.keep_last,

@@ -118,6 +118,13 @@ pub struct RestoreOptions {
 #[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
     pub chroma_token: Option<Secret>,
+    /// Chroma tenant (default `default_tenant`).
+    pub chroma_tenant: Option<String>,
+    /// Chroma database (default `default_database`; `*`: every database of the tenant).
+    pub chroma_database: Option<String>,
+    /// Header the Chroma token travels in: `authorization` (Bearer, the default) or
+    /// `x-chroma-token`.
+    pub chroma_auth_header: Option<String>,
 }
 
 /// The contract every engine implements. Roles are generic over it (through [`Engine`]);
