@@ -53,11 +53,21 @@ pub struct GlobalArgs {
     pub chroma_token: Option<String>,
 
     /// Chroma tenant
-    #[arg(long, global = true, env = "DBKEEPER_CHROMA_TENANT", default_value = "default_tenant")]
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_CHROMA_TENANT",
+        default_value = "default_tenant"
+    )]
     pub chroma_tenant: String,
 
     /// Chroma database (`*`: every database of the tenant)
-    #[arg(long, global = true, env = "DBKEEPER_CHROMA_DATABASE", default_value = "default_database")]
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_CHROMA_DATABASE",
+        default_value = "default_database"
+    )]
     pub chroma_database: String,
 
     /// Header that carries the Chroma token

@@ -38,6 +38,8 @@ pub(super) struct Collection {
     pub configuration_json: Option<Box<RawValue>>,
     #[serde(default)]
     pub schema: Option<Box<RawValue>>,
+    #[serde(default)]
+    pub dimension: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,10 +185,7 @@ impl Api {
 
     pub async fn get_json<T: for<'de> Deserialize<'de>>(&self, url: Url, what: &str) -> Result<T> {
         let resp = self.send(self.request(Method::GET, url)?, what).await?;
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| self.transport(what, e))?;
+        let bytes = resp.bytes().await.map_err(|e| self.transport(what, e))?;
         serde_json::from_slice(&bytes).map_err(|e| {
             Error::engine(
                 ENGINE,
@@ -205,7 +204,9 @@ impl Api {
             api = "v1";
             status = self.probe_get(&["api", "v1", "heartbeat"], timeout).await?;
             if status == StatusCode::NOT_FOUND {
-                return Err(self.refused("not a Chroma server (no /api/v2/heartbeat or /api/v1/heartbeat)"));
+                return Err(
+                    self.refused("not a Chroma server (no /api/v2/heartbeat or /api/v1/heartbeat)")
+                );
             }
         }
         self.probe_status(status, "heartbeat")?;
@@ -231,11 +232,10 @@ impl Api {
         } else if status.is_server_error() {
             Err(self.unreachable(format!("{what}: HTTP {status}")))
         } else {
-            Err(self.status_error(status, what, ""))
-                .map_err(|e| match e {
-                    Error::Engine { message, .. } => self.refused(message),
-                    other => other,
-                })
+            match self.status_error(status, what, "") {
+                Error::Engine { .. } => Err(self.refused(format!("{what}: HTTP {status}"))),
+                refused => Err(refused),
+            }
         }
     }
 
@@ -264,7 +264,10 @@ impl Api {
 
     pub async fn preflight(&self) -> Result<PreFlight> {
         let p: PreFlight = self
-            .get_json(self.url(&["api", "v2", "pre-flight-checks"]), "pre-flight checks")
+            .get_json(
+                self.url(&["api", "v2", "pre-flight-checks"]),
+                "pre-flight checks",
+            )
             .await?;
         if p.max_batch_size == 0 {
             return Err(Error::engine(
@@ -391,8 +394,11 @@ impl Api {
         }
         let what = format!("create collection {name}");
         let url = self.db_url(db, &["collections"]);
-        let (metadata, configuration, schema) =
-            (not_null(metadata), not_null(configuration), not_null(schema));
+        let (metadata, configuration, schema) = (
+            not_null(metadata),
+            not_null(configuration),
+            not_null(schema),
+        );
         if schema.is_some() {
             let body = CreateCollection {
                 name,
@@ -416,7 +422,11 @@ impl Api {
             {
                 return Err(self.check(resp, &what).await.err().expect("not success"));
             }
-            tracing::debug!(engine = ENGINE, collection = name, "server refused the schema; creating from the configuration");
+            tracing::debug!(
+                engine = ENGINE,
+                collection = name,
+                "server refused the schema; creating from the configuration"
+            );
         }
         let body = CreateCollection {
             name,
@@ -512,8 +522,8 @@ fn error_message(body: &str) -> String {
     }
 }
 
-/// The error and its causes on one line, without the request URL (it is shown redacted by
-/// the caller).
+/// The error and its causes on one line. reqwest names the request URL, which never holds
+/// credentials: they were moved out of the base URL when it was parsed.
 fn chain(e: &reqwest::Error) -> String {
     use std::error::Error as _;
     let mut parts = vec![e.to_string()];

@@ -5,6 +5,8 @@
 use std::time::Instant;
 
 use chrono::Utc;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -23,6 +25,11 @@ use crate::repo::writer::EngineWriter;
 /// zstd worker threads for the embeddings artifact: one, so compression of float32 (the bulk
 /// of the bytes) overlaps with JSON parsing on the writer thread.
 const EMBEDDING_ZSTD_THREADS: u32 = 1;
+/// Page reads in flight per collection.
+const PAGES_IN_FLIGHT: usize = 3;
+/// Upper bound on one page's JSON (about 12 bytes per float): wide vectors get pages smaller
+/// than `max_batch_size`, so memory stays near `PAGES_IN_FLIGHT + 2` × this.
+const PAGE_BYTES: usize = 24 << 20;
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(super) async fn dump(
@@ -91,6 +98,8 @@ async fn dump_collection(
     cancel: &CancellationToken,
 ) -> Result<(CollectionRef, Vec<FileEntry>)> {
     let expected = api.count(db, &c.id).await?;
+    let per_record = c.dimension.unwrap_or(0) as usize * 12 + 256;
+    let batch = batch.min((PAGE_BYTES / per_record).max(1));
     info!(engine = ENGINE, database = db, collection = %c.name, records = expected, "exporting collection");
     let mut records = out.create(&format!("{dir}/{RECORDS_FILE}"), 0)?;
     let mut vectors = out.create(&format!("{dir}/{EMBEDDINGS_FILE}"), EMBEDDING_ZSTD_THREADS)?;
@@ -155,9 +164,10 @@ async fn dump_collection(
     ))
 }
 
-/// Fetches pages until one comes back short. Page k+1 is requested while page k is being
-/// written; when page k turns out short, page k+1 (empty unless the collection grew) is
-/// dropped.
+/// Fetches the pages of a collection, [`PAGES_IN_FLIGHT`] at a time (Chroma serves reads in
+/// parallel, and offset pages are independent), and hands them to the writer in order. The
+/// pages below the count taken at the start are requested ahead; after them, if the last
+/// page was full (the collection grew), pages are read one by one until a short one.
 #[allow(clippy::too_many_arguments)]
 async fn fetch_pages(
     api: &Api,
@@ -171,25 +181,49 @@ async fn fetch_pages(
 ) -> Result<()> {
     let start = Instant::now();
     let mut last_log = Instant::now();
-    let mut offset = 0u64;
-    let mut done = 0u64;
-    let mut body = api.get_page(db, &c.id, offset, batch).await?;
+    let mut next_offset = 0u64;
+    let mut inflight = FuturesOrdered::new();
+    let (mut sent, mut acked, mut done) = (0usize, 0usize, 0u64);
+    let mut more = true;
     loop {
+        while inflight.len() < PAGES_IN_FLIGHT
+            && (next_offset < expected || (more && inflight.is_empty()))
+        {
+            inflight.push_back(api.get_page(db, &c.id, next_offset, batch));
+            next_offset += batch as u64;
+            more = false;
+        }
+        let Some(body) = inflight.next().await else {
+            return Ok(());
+        };
         if cancel.is_cancelled() {
             return Err(Error::Interrupted(0));
         }
-        if page_tx.send(body).await.is_err() {
-            // The writer stopped; its error is reported by the caller.
+        if page_tx.send(body?).await.is_err() {
+            // The writer stopped; the caller reports its error.
             return Ok(());
         }
-        offset += batch as u64;
-        // Wait for the oldest page's length while the next page is on its way.
-        let next = api.get_page(db, &c.id, offset, batch);
-        let (next, len) = tokio::join!(next, len_rx.recv());
-        let Some(len) = len else {
-            return Ok(());
-        };
-        done += len as u64;
+        sent += 1;
+        while let Ok(len) = len_rx.try_recv() {
+            acked += 1;
+            done += len as u64;
+        }
+        if inflight.is_empty() && next_offset >= expected {
+            // Everything asked for is sent: learn whether the last page was full.
+            let mut last = batch;
+            while acked < sent {
+                let Some(len) = len_rx.recv().await else {
+                    return Ok(());
+                };
+                acked += 1;
+                done += len as u64;
+                last = len;
+            }
+            if last < batch {
+                return Ok(());
+            }
+            more = true;
+        }
         if last_log.elapsed() >= PROGRESS_EVERY {
             let secs = start.elapsed().as_secs_f64().max(1e-3);
             info!(
@@ -202,9 +236,5 @@ async fn fetch_pages(
             );
             last_log = Instant::now();
         }
-        if len < batch {
-            return Ok(());
-        }
-        body = next?;
     }
 }

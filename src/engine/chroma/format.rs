@@ -372,9 +372,8 @@ impl<R1: Read, R2: Read> RecordReader<R1, R2> {
     }
 
     pub fn record(&self) -> std::result::Result<RecordLine<'_>, String> {
-        let r: RecordLine = serde_json::from_str(self.line.trim_end()).map_err(|e| {
-            format!("{}: record {} does not parse: {e}", self.what, self.read)
-        })?;
+        let r: RecordLine = serde_json::from_str(self.line.trim_end())
+            .map_err(|e| format!("{}: record {} does not parse: {e}", self.what, self.read))?;
         r.check()
             .map_err(|e| format!("{}: record {}: {e}", self.what, self.read))?;
         Ok(r)
@@ -458,7 +457,10 @@ impl BatchBuilder {
     /// The request body; the builder is empty again afterwards.
     pub fn take(&mut self) -> Vec<u8> {
         let mut body = Vec::with_capacity(
-            self.ids.len() + self.embeddings.len() + self.documents.len() + self.metadatas.len()
+            self.ids.len()
+                + self.embeddings.len()
+                + self.documents.len()
+                + self.metadatas.len()
                 + self.uris.len()
                 + 96,
         );
@@ -525,12 +527,9 @@ pub fn file_entry<'a>(
     name: &str,
 ) -> Result<&'a crate::repo::manifest::FileEntry> {
     let path = format!("{ENGINE}/{}.zst", c.file(name));
-    entry.file(&path).ok_or_else(|| {
-        Error::corrupt(
-            set.id(),
-            format!("{ENGINE}: the manifest lists no {path}"),
-        )
-    })
+    entry
+        .file(&path)
+        .ok_or_else(|| Error::corrupt(set.id(), format!("{ENGINE}: the manifest lists no {path}")))
 }
 
 /// Reads and checks a collection's `collection.json`.
@@ -544,13 +543,15 @@ pub fn read_collection_file(
     let mut buf = Vec::new();
     r.read_to_end(&mut buf).map_err(|e| r.error(e))?;
     r.finish()?;
-    let cf: CollectionFile = serde_json::from_slice(&buf).map_err(|e| {
-        Error::corrupt(set.id(), format!("{}: does not parse: {e}", fe.path))
-    })?;
+    let cf: CollectionFile = serde_json::from_slice(&buf)
+        .map_err(|e| Error::corrupt(set.id(), format!("{}: does not parse: {e}", fe.path)))?;
     if cf.name != c.name || cf.records != c.records || cf.dimension != c.dimension {
         return Err(Error::corrupt(
             set.id(),
-            format!("{}: disagrees with the manifest about name, records or dimension", fe.path),
+            format!(
+                "{}: disagrees with the manifest about name, records or dimension",
+                fe.path
+            ),
         ));
     }
     Ok(cf)
@@ -569,7 +570,8 @@ pub fn verify_deep(
     let mut counts = Counts::new();
     for c in &details.collections {
         let cf = read_collection_file(set, entry, c)?;
-        let dim = usize::try_from(cf.dimension).map_err(|_| corrupt("dimension too large".into()))?;
+        let dim =
+            usize::try_from(cf.dimension).map_err(|_| corrupt("dimension too large".into()))?;
         if dim == 0 && cf.records > 0 {
             return Err(corrupt(format!("{}: records without a dimension", c.key())));
         }
@@ -626,8 +628,12 @@ mod tests {
     fn vectors_parse_exactly_to_f32() {
         let mut dim = None;
         let mut out = Vec::new();
-        let n = parse_vectors("[[1.0,3.0000002,-0.1],[ 1e-3 , 2 ,16777217]]", &mut dim, &mut out)
-            .unwrap();
+        let n = parse_vectors(
+            "[[1.0,3.0000002,-0.1],[ 1e-3 , 2 ,16777217]]",
+            &mut dim,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!((n, dim), (2, Some(3)));
         let f: Vec<f32> = out
             .chunks_exact(4)
@@ -642,7 +648,15 @@ mod tests {
     #[test]
     fn bad_vectors_are_errors_not_panics() {
         for bad in [
-            "", "[", "[[1,2]", "[[1,x]]", "[[1,2],[3]]", "[[1,,2]]", "{}", "[[1e99]]", "[[1 2]]",
+            "",
+            "[",
+            "[[1,2]",
+            "[[1,x]]",
+            "[[1,2],[3]]",
+            "[[1,,2]]",
+            "{}",
+            "[[1e99]]",
+            "[[1 2]]",
         ] {
             let mut dim = None;
             assert!(
@@ -707,7 +721,10 @@ mod tests {
 
     #[test]
     fn directory_names_stay_inside_one_component() {
-        assert_eq!(dir_name("default_database", "docs", 0), "default_database/docs");
+        assert_eq!(
+            dir_name("default_database", "docs", 0),
+            "default_database/docs"
+        );
         let long = "a".repeat(300);
         assert_eq!(dir_name("d1x", &long, 7), "d1x/collection-00007");
         assert!(dir_name("../x", "abc", 0).starts_with("db-"));

@@ -25,7 +25,14 @@ impl ChromaServer {
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
         let child = Command::new(bin)
-            .args(["run", "--host", "127.0.0.1", "--port", &port.to_string(), "--path"])
+            .args([
+                "run",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--path",
+            ])
             .arg(dir.path().join("data"))
             .env("ANONYMIZED_TELEMETRY", "False")
             .stdin(Stdio::null())
@@ -322,7 +329,12 @@ fn serve(conn: TcpStream, upstream: u16, mode: &Mode, gets: &AtomicUsize) -> std
     let mut req = Vec::new();
     req.extend_from_slice(head[0].as_bytes());
     for l in &head[1..head.len() - 1] {
-        let name = l.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
+        let name = l
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         if name != "connection" && name != "keep-alive" {
             req.extend_from_slice(l.as_bytes());
         }
