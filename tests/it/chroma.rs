@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::chroma::{COMPARE, ChromaServer, Mode, Proxy, SEED, py, py_output};
+use crate::common::chroma::{COMPARE, ChromaServer, Mode, Proxy, SEED, TlsFront, py, py_output};
 use crate::common::{assert_code, dbkeeper, free_port, run, sets, stderr, stdout, temps};
 
 fn dk(repo: &Path, url: &str) -> Command {
@@ -497,4 +497,43 @@ fn rewrite_artifact(set: &Path, rel: &str, f: impl Fn(&[u8]) -> Vec<u8>) {
         }
     }
     std::fs::write(&mpath, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+/// `https://` with the server's CA in the trust store (`SSL_CERT_FILE`) works end to end;
+/// without it the certificate is refused at once (exit 1, no waiting for a deadline).
+#[test]
+fn https_with_a_private_ca() {
+    let server = ChromaServer::start();
+    seed(&server, SMALL);
+    let tls = TlsFront::start(server.port);
+    let repo = tempfile::tempdir().unwrap();
+
+    // The system store (or none at all) does not trust the test CA.
+    let o = run(dbkeeper(repo.path()).args(["wait", "--timeout", "60s", &tls.url()]));
+    assert_code(&o, 1);
+    assert!(stderr(&o).contains("TLS"), "{}", stderr(&o));
+    // A plain-HTTP server behind https:// is refused the same way.
+    let o = run(dbkeeper(repo.path()).args([
+        "wait",
+        "--timeout",
+        "60s",
+        &format!("https://127.0.0.1:{}", server.port),
+    ]));
+    assert_code(&o, 1);
+
+    let with_ca = |c: &mut Command| {
+        c.env("SSL_CERT_FILE", &tls.ca);
+    };
+    let mut c = dbkeeper(repo.path());
+    with_ca(&mut c);
+    assert_code(&run(c.args(["health", &tls.url()])), 0);
+    let mut c = dk(repo.path(), &tls.url());
+    with_ca(&mut c);
+    let o = run(c.arg("backup"));
+    assert_code(&o, 0);
+    let m = manifest(repo.path(), stdout(&o).trim());
+    assert_eq!(
+        m["engines"]["chroma"]["counts"]["default_database/notes"],
+        40
+    );
 }

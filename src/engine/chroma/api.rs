@@ -1,7 +1,7 @@
 //! The HTTP side of the Chroma engine: one lazily built reqwest client (rustls with the ring
 //! provider, system trust store), the auth header, error mapping, and the v2 endpoints we use.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use reqwest::{Client, Method, RequestBuilder, Response, StatusCode};
@@ -77,15 +77,32 @@ impl Api {
     fn client(&self) -> Result<&Client> {
         let built = self.client.get_or_init(|| {
             let _ = rustls::crypto::ring::default_provider().install_default();
-            Client::builder()
+            let mut b = Client::builder()
                 .connect_timeout(CONNECT_TIMEOUT)
-                .pool_max_idle_per_host(8)
-                .build()
-                .map_err(|e| chain(&e))
+                .pool_max_idle_per_host(8);
+            if self.cfg.base.scheme() == "http" {
+                // No TLS will happen: skip loading the system trust store (the health probe
+                // runs every few seconds).
+                let provider = rustls::crypto::CryptoProvider::get_default()
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+                if let Ok(tls) = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map(|c| {
+                        c.with_root_certificates(rustls::RootCertStore::empty())
+                            .with_no_client_auth()
+                    })
+                {
+                    b = b.tls_backend_preconfigured(tls);
+                }
+            }
+            b.build().map_err(|e| chain(&e))
         });
-        built
-            .as_ref()
-            .map_err(|e| Error::engine(ENGINE, format!("cannot build the HTTP client: {e}")))
+        built.as_ref().map_err(|e| {
+            self.refused(format!(
+                "TLS set-up: {e} (point SSL_CERT_FILE or SSL_CERT_DIR at the CA certificates)"
+            ))
+        })
     }
 
     pub fn display(&self) -> &str {
@@ -139,7 +156,9 @@ impl Api {
     }
 
     fn transport(&self, what: &str, e: reqwest::Error) -> Error {
-        if e.is_connect() || e.is_timeout() {
+        if is_tls_failure(&e) {
+            self.refused(format!("{what}: TLS: {}", chain(&e)))
+        } else if e.is_connect() || e.is_timeout() {
             self.unreachable(format!("{what}: {}", chain(&e)))
         } else {
             Error::engine(ENGINE, format!("{what} at {}: {}", self.display, chain(&e)))
@@ -243,6 +262,7 @@ impl Api {
         let rb = self.request(Method::GET, self.url(segs))?.timeout(timeout);
         match rb.send().await {
             Ok(r) => Ok(r.status()),
+            Err(e) if is_tls_failure(&e) => Err(self.refused(format!("TLS: {}", chain(&e)))),
             Err(e) if e.is_connect() || e.is_timeout() => Err(self.unreachable(chain(&e))),
             // Anything else (a TLS handshake with a plain-HTTP port, garbage instead of HTTP)
             // will not improve by waiting.
@@ -520,6 +540,24 @@ fn error_message(body: &str) -> String {
             if t.is_empty() { "(no body)".into() } else { t }
         }
     }
+}
+
+/// Whether a request failed in the TLS handshake (a plain-HTTP port behind `https://`, an
+/// untrusted certificate): reqwest files those under "connect", but waiting will not fix them.
+fn is_tls_failure(e: &reqwest::Error) -> bool {
+    use std::error::Error as _;
+    let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();
+    while let Some(s) = src {
+        if s.is::<rustls::Error>() {
+            return true;
+        }
+        // io::Error's own `source` skips the error it wraps (and tokio-rustls nests them).
+        src = match s.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as _),
+            None => s.source(),
+        };
+    }
+    false
 }
 
 /// The error and its causes on one line. reqwest names the request URL, which never holds

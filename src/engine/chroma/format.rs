@@ -27,6 +27,9 @@ pub const COLLECTION_FILE: &str = "collection.json";
 pub const RECORDS_FILE: &str = "records.jsonl";
 pub const EMBEDDINGS_FILE: &str = "embeddings.f32";
 
+/// Far above any embedding model; a larger value in a set is damage, not data.
+pub const MAX_DIMENSION: u64 = 1 << 20;
+
 /// `details` of the engine's manifest entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Details {
@@ -545,6 +548,12 @@ pub fn read_collection_file(
     r.finish()?;
     let cf: CollectionFile = serde_json::from_slice(&buf)
         .map_err(|e| Error::corrupt(set.id(), format!("{}: does not parse: {e}", fe.path)))?;
+    if cf.dimension > MAX_DIMENSION {
+        return Err(Error::corrupt(
+            set.id(),
+            format!("{}: dimension {} is not plausible", fe.path, cf.dimension),
+        ));
+    }
     if cf.name != c.name || cf.records != c.records || cf.dimension != c.dimension {
         return Err(Error::corrupt(
             set.id(),
