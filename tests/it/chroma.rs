@@ -356,7 +356,8 @@ fn deep_verify_reports_bad_artifacts() {
     let pristine = tempfile::tempdir().unwrap();
     copy_dir(&set, pristine.path());
 
-    let cases: Vec<(&str, Box<dyn Fn(&[u8]) -> Vec<u8>>)> = vec![
+    type Mutate = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+    let cases: Vec<(&str, Mutate)> = vec![
         // A record whose id is not a string.
         (
             "records.jsonl",

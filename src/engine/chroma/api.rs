@@ -440,7 +440,9 @@ impl Api {
             if !(resp.status() == StatusCode::BAD_REQUEST
                 || resp.status() == StatusCode::UNPROCESSABLE_ENTITY)
             {
-                return Err(self.check(resp, &what).await.err().expect("not success"));
+                let status = resp.status();
+                let body = resp.text().await.unwrap_or_default();
+                return Err(self.status_error(status, &what, &body));
             }
             tracing::debug!(
                 engine = ENGINE,

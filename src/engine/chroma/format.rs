@@ -96,7 +96,7 @@ pub fn dir_name(db: &str, name: &str, ordinal: usize) -> String {
     let db = if safe(db) {
         db.to_owned()
     } else {
-        format!("db-{}", hex::encode(&sha2_prefix(db)))
+        format!("db-{}", hex::encode(sha2_prefix(db)))
     };
     let coll = if safe(name) {
         name.to_owned()

@@ -136,7 +136,8 @@ fn percent_decode(s: &str) -> String {
 
 pub struct ChromaEngine {
     display: String,
-    api: api::Api,
+    /// Boxed: the engine enum stays small whichever engine it holds.
+    api: Box<api::Api>,
 }
 
 impl ChromaEngine {
@@ -144,7 +145,7 @@ impl ChromaEngine {
         let cfg = ChromaConfig::parse(url, opts)?;
         let display = redact_url(url.expose());
         Ok(ChromaEngine {
-            api: api::Api::new(cfg, display.clone()),
+            api: Box::new(api::Api::new(cfg, display.clone())),
             display,
         })
     }

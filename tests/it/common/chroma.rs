@@ -359,7 +359,7 @@ fn serve(conn: TcpStream, upstream: u16, mode: &Mode, gets: &AtomicUsize) -> std
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"connection: close\r\n");
-    out.extend_from_slice(&resp[split.min(resp.len())..].get(2..).unwrap_or(b""));
+    out.extend_from_slice(resp[split.min(resp.len())..].get(2..).unwrap_or(b""));
     conn.write_all(&out)?;
     conn.flush()?;
     conn.shutdown(Shutdown::Both)
