@@ -25,6 +25,9 @@ use crate::repo::reader::SetReader;
 
 /// Concurrent `add` requests per collection.
 const WRITERS: usize = 3;
+/// Upper bound on one request body (base64 float32 is ~5.4 bytes per value): wide vectors get
+/// batches smaller than `max_batch_size`, so memory stays near `2 × WRITERS + 1` × this.
+const BATCH_BYTES: usize = 24 << 20;
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 pub(super) async fn restore(
@@ -77,6 +80,7 @@ pub(super) async fn restore(
             let (set, entry, c) = (set.clone(), entry.clone(), c.clone());
             let dim = cf.dimension as usize;
             let base64 = pre.supports_base64_encoding;
+            let batch = batch.min((BATCH_BYTES / (dim * 6 + 512)).max(1));
             tokio::task::spawn_blocking(move || -> Result<u64> {
                 let corrupt = |m: String| Error::corrupt(set.id(), format!("{ENGINE}: {m}"));
                 let records = set.open_file(file_entry(&set, &entry, &c, RECORDS_FILE)?)?;
