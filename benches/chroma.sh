@@ -15,7 +15,9 @@ CHROMA="${DBKEEPER_TEST_CHROMA:-$CACHE/venv/bin/chroma}"
 PY="${DBKEEPER_TEST_PYTHON:-$CACHE/venv/bin/python}"
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
-BIN=$(ls target/*/release/dbkeeper target/release/dbkeeper 2>/dev/null | head -1)
+BIN=
+for b in target/*/release/dbkeeper target/release/dbkeeper; do [ -x "$b" ] && BIN=$b && break; done
+[ -n "$BIN" ] || { echo "no release binary" >&2; exit 1; }
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -57,10 +59,10 @@ for s in range(0, n, bs):
             metadatas=[{"i": i, "s": f"s{i % 9}"} for i in range(s, s + len(ids))])
 EOF
 
-# Export: Python paging loop.
-T0=$(now)
-"$PY" - "$SRC" <<'EOF'
-import sys, chromadb
+# Export: Python paging loop (timed inside Python: interpreter start and imports excluded).
+"$PY" - "$SRC" <<'EOF' > "$WORK/py_export_s"
+import sys, time, chromadb
+t = time.time()
 c = chromadb.HttpClient(host="127.0.0.1", port=int(sys.argv[1]))
 col = c.get_collection("bench")
 bs, off = c.get_max_batch_size(), 0
@@ -68,6 +70,7 @@ while True:
     page = col.get(include=["embeddings", "documents", "metadatas", "uris"], limit=bs, offset=off)
     if len(page["ids"]) < bs: break
     off += bs
+print(time.time() - t)
 EOF
 T1=$(now)
 REPO="$WORK/repo"; mkdir "$REPO"
@@ -93,7 +96,7 @@ T3=$(now)
 DBKEEPER_REPO="$REPO" DBKEEPER_CHROMA_URL="http://127.0.0.1:$DST" DBKEEPER_LOG=warn "$BIN" restore >/dev/null
 T4=$(now)
 
-PY_EXPORT=$(rate "$N" "$T0" "$T1")
+PY_EXPORT=$(awk -v n="$N" -v s="$(cat "$WORK/py_export_s")" 'BEGIN { printf "%.0f", n / s }')
 DK_EXPORT=$(rate "$N" "$T1" "$T2")
 PY_IMPORT=$(awk -v n="$N" -v s="$(cat "$WORK/py_import_s")" 'BEGIN { printf "%.0f", n / s }')
 DK_IMPORT=$(rate "$N" "$T3" "$T4")
