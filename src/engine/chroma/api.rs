@@ -130,7 +130,14 @@ impl Api {
         if let Some(token) = &self.cfg.token {
             rb = match self.cfg.header {
                 AuthHeader::Bearer => rb.bearer_auth(token.expose()),
-                AuthHeader::XChromaToken => rb.header("X-Chroma-Token", token.expose()),
+                AuthHeader::XChromaToken => {
+                    let mut v = reqwest::header::HeaderValue::from_str(token.expose()).map_err(|_| {
+                        Error::config("DBKEEPER_CHROMA_TOKEN holds characters an HTTP header cannot carry")
+                    })?;
+                    // Kept out of debug logs, as bearer_auth does for Authorization.
+                    v.set_sensitive(true);
+                    rb.header("X-Chroma-Token", v)
+                }
             };
         }
         if let Some((user, pass)) = &self.cfg.basic {

@@ -1,6 +1,7 @@
 //! Export: every collection of the selected database(s), paged with the server's
-//! `max_batch_size`. The next page is fetched while a blocking thread parses and compresses
-//! the previous one, so memory holds at most a few pages whatever the collection's size.
+//! `max_batch_size` (smaller for wide vectors). A few pages are fetched while a blocking thread
+//! parses and compresses the previous one, so memory holds a few pages whatever the size of
+//! the collection.
 
 use std::time::Instant;
 
