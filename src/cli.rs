@@ -75,6 +75,27 @@ pub struct GlobalArgs {
         value_name = "NS"
     )]
     pub mongodb_exclude: Vec<String>,
+    /// Chroma tenant
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_CHROMA_TENANT",
+        default_value = "default_tenant"
+    )]
+    pub chroma_tenant: String,
+
+    /// Chroma database (`*`: every database of the tenant)
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_CHROMA_DATABASE",
+        default_value = "default_database"
+    )]
+    pub chroma_database: String,
+
+    /// Header that carries the Chroma token
+    #[arg(long, global = true, env = "DBKEEPER_CHROMA_AUTH_HEADER", default_value = "authorization", value_parser = ["authorization", "x-chroma-token"])]
+    pub chroma_auth_header: String,
 
     /// Redis data directory for pre-start preseed (shared volume, server not running)
     #[arg(long, global = true, env = "DBKEEPER_REDIS_DATA_DIR")]

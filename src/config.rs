@@ -55,6 +55,9 @@ impl Config {
                 mongo_parallel: g.parallel,
                 mongo_include: g.mongodb_include.clone(),
                 mongo_exclude: g.mongodb_exclude.clone(),
+                chroma_tenant: Some(g.chroma_tenant.clone()),
+                chroma_database: Some(g.chroma_database.clone()),
+                chroma_auth_header: Some(g.chroma_auth_header.clone()),
             },
             redis_data_dir: g.redis_data_dir.clone(),
             retention: Policy {

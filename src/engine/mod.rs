@@ -123,6 +123,13 @@ pub struct EngineOptions {
     /// MongoDB namespaces to include / exclude (`db`, `db.coll`, `db.*`); empty: all.
     pub mongo_include: Vec<String>,
     pub mongo_exclude: Vec<String>,
+    /// Chroma tenant (default `default_tenant`).
+    pub chroma_tenant: Option<String>,
+    /// Chroma database (default `default_database`; `*`: every database of the tenant).
+    pub chroma_database: Option<String>,
+    /// Header the Chroma token travels in: `authorization` (Bearer, the default) or
+    /// `x-chroma-token`.
+    pub chroma_auth_header: Option<String>,
 }
 
 /// The contract every engine implements. Roles are generic over it (through [`Engine`]);

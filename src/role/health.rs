@@ -124,6 +124,9 @@ fn parse_and_check(args: &[OsString], env: EnvLookup<'_>) -> Result<bool> {
     }
     let opts = EngineOptions {
         chroma_token: secret::resolve("DBKEEPER_CHROMA_TOKEN", None, env)?,
+        chroma_tenant: env("DBKEEPER_CHROMA_TENANT"),
+        chroma_database: env("DBKEEPER_CHROMA_DATABASE"),
+        chroma_auth_header: env("DBKEEPER_CHROMA_AUTH_HEADER"),
         ..EngineOptions::default()
     };
     Ok(check(&urls, &opts, timeout))
