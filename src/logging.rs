@@ -1,6 +1,8 @@
 //! tracing set-up: filter from `DBKEEPER_LOG`, `text` or `json` from `DBKEEPER_LOG_FORMAT`,
 //! always to stderr (stdout is for data).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::error::{Error, Result};
@@ -11,6 +13,8 @@ pub fn init(filter: &str, format: &str) -> Result<()> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into `docker logs` or a file.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     let result = match format {
         "json" => builder.json().flatten_event(true).try_init(),
