@@ -79,7 +79,10 @@ async fn dispatch(
         }
         Command::Health { url, timeout } => {
             let urls = match url {
-                Some(u) => vec![crate::secret::Secret::new(u)],
+                Some(u) => vec![crate::secret::Secret::new(health::resolve_self(
+                    &u,
+                    &process_env,
+                )?)],
                 None => cfg.urls.iter().map(|(_, u)| u.clone()).collect(),
             };
             if urls.is_empty() {
