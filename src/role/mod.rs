@@ -123,7 +123,8 @@ async fn dispatch(
         }
         Command::Prune { dry_run } => prune::prune(cfg, dry_run, cancel).await.map(|_| ()),
         Command::Init { timeout } => init::init(cfg, timeout, cancel).await,
-        Command::Sidecar(_) => unreachable!("the sidecar is run before dispatch"),
+        // `run` starts the sidecar itself, with its own stop rules.
+        Command::Sidecar(_) => Err(Error::config("the sidecar cannot be dispatched as a verb")),
         Command::TestRestore { id, into } => {
             if id != "latest" && crate::repo::parse_set_name(&id).is_none() {
                 return Err(Error::config(format!(

@@ -25,6 +25,7 @@ pub fn router(app: App) -> Router {
         .route("/alerts", get(alerts))
         .route("/metrics", get(metrics))
         .route("/backups", get(list_backups).post(start_backup))
+        .route("/test-restores", axum::routing::post(start_test_restore))
         .route("/jobs/{id}", get(get_job).delete(cancel_job))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
@@ -229,10 +230,27 @@ async fn list_backups(State(app): State<App>) -> Response {
 }
 
 async fn start_backup(State(app): State<App>, headers: HeaderMap) -> Response {
-    if let Some(r) = unauthorized(&app, &headers) {
+    start_job(&app, &headers, JobKind::Backup)
+}
+
+async fn start_test_restore(State(app): State<App>, headers: HeaderMap) -> Response {
+    if app.sc.scratch.is_empty() {
+        if let Some(r) = unauthorized(&app, &headers) {
+            return r;
+        }
+        return error(
+            StatusCode::CONFLICT,
+            "no scratch server configured: set DBKEEPER_TEST_RESTORE_REDIS_URL (or _MONGODB_URI, _CHROMA_URL)",
+        );
+    }
+    start_job(&app, &headers, JobKind::TestRestore)
+}
+
+fn start_job(app: &App, headers: &HeaderMap, kind: JobKind) -> Response {
+    if let Some(r) = unauthorized(app, headers) {
         return r;
     }
-    match app.start(JobKind::Backup, Trigger::Api, Utc::now()) {
+    match app.start(kind, Trigger::Api, Utc::now()) {
         Ok(id) => ok(
             StatusCode::ACCEPTED,
             json!({ "job": id, "status_url": format!("/jobs/{id}") }),

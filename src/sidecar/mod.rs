@@ -195,7 +195,7 @@ impl Sidecar {
         }
         match self.state.try_begin(kind, trigger, &self.root) {
             Ok((id, cancel)) => {
-                info!(job = %id, kind = ?kind, trigger = ?trigger, due = %due.to_rfc3339(), "job started");
+                info!(job = %id, kind = kind.name(), trigger = if trigger == Trigger::Api { "api" } else { "schedule" }, due = %due.to_rfc3339(), "job started");
                 let app = self.clone();
                 let id2 = id.clone();
                 self.tracker.spawn(async move {
@@ -208,7 +208,7 @@ impl Sidecar {
             }
             Err(busy) => {
                 if trigger == Trigger::Schedule {
-                    warn!(kind = ?kind, running = %busy.running, "scheduled run skipped: a job is still running");
+                    warn!(kind = kind.name(), running = %busy.running, "scheduled run skipped: a job is still running");
                 }
                 Err(busy.running)
             }

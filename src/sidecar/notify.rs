@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::state::{Job, JobKind, JobStatus};
+use super::state::{Job, JobStatus};
 use crate::secret::{Secret, redact_url};
 
 const ATTEMPTS: u32 = 3;
@@ -15,10 +15,7 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The body a receiver gets. `event` is `<kind>_<status>`, e.g. `backup_failed`.
 pub fn payload(job: &Job) -> Value {
-    let kind = match job.kind {
-        JobKind::Backup => "backup",
-        JobKind::TestRestore => "test_restore",
-    };
+    let kind = job.kind.name();
     let status = serde_json::to_value(job.status).unwrap_or(Value::Null);
     json!({
         "event": format!("{kind}_{}", status.as_str().unwrap_or("unknown")),

@@ -22,6 +22,15 @@ pub enum JobKind {
     TestRestore,
 }
 
+impl JobKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            JobKind::Backup => "backup",
+            JobKind::TestRestore => "test_restore",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {

@@ -752,3 +752,63 @@ fn test_restore_restores_into_scratch_compares_and_cleans_up() {
         .arg("test-restore"));
     assert_code(&o, 0);
 }
+
+#[test]
+fn the_sidecar_runs_test_restore_into_its_scratch_server() {
+    let repo = tempfile::tempdir().unwrap();
+    let src = RedisServer::start();
+    src.cli(&["DEBUG", "POPULATE", "1200"]);
+    let scratch = RedisServer::start();
+    scratch.cli(&["SET", "leftover", "x"]);
+    let (k, url) = redis_env(&src);
+    // Without scratch servers the endpoint says what to set.
+    let plain = Sidecar::start(repo.path(), &[(k, &url)]);
+    let (code, v) = plain.call("POST", "/test-restores", None);
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("DBKEEPER_TEST_RESTORE_REDIS_URL")
+    );
+    drop(plain);
+
+    let scratch_url = scratch.url();
+    let sc = Sidecar::start(
+        repo.path(),
+        &[
+            (k, &url),
+            ("DBKEEPER_TEST_RESTORE_REDIS_URL", &scratch_url),
+            ("DBKEEPER_TEST_RESTORE_SCHEDULE", "0 4 * * *"),
+        ],
+    );
+    assert_eq!(backup_via_api(&sc, None)["status"], "succeeded");
+    let (code, v) = sc.call("POST", "/test-restores", None);
+    assert_eq!(code, 202, "{v}");
+    let job = sc.wait_job(v["job"].as_str().unwrap());
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", sc.log());
+    assert_eq!(job["kind"], "test_restore");
+    assert_eq!(job["engines"]["redis"]["records"], 1200);
+    assert_eq!(
+        scratch.total_keys(),
+        0,
+        "the scratch server was not cleaned"
+    );
+    assert_eq!(src.total_keys(), 1200);
+    let (_, text) = http(sc.port, "GET", "/metrics", None);
+    assert_eq!(
+        sample(
+            &parse_metrics(&text),
+            "dbkeeper_test_restore_last_status",
+            None
+        ),
+        1.0
+    );
+
+    // A scratch URL that is the guarded engine itself is refused at start-up.
+    let o = run(dbkeeper(repo.path())
+        .env("DBKEEPER_REDIS_URL", &url)
+        .env("DBKEEPER_TEST_RESTORE_REDIS_URL", &url)
+        .arg("sidecar"));
+    assert_code(&o, 2);
+}
