@@ -111,11 +111,10 @@ pub async fn run(cfg: Config, sc: SidecarConfig, root: CancellationToken) -> Res
     }
 
     root.cancelled().await;
-    let running = app.state.running_job();
+    // Every job's token is a child of `root`: a running job is already being cancelled.
     info!(
-        running_job = running.as_ref().map(|j| j.id.as_str()).unwrap_or("none"),
         stop_timeout_ms = app.sc.stop_timeout.as_millis() as u64,
-        "stopping: no new connections; cancelling the running job"
+        "stopping: no new connections, no new jobs; waiting for tasks to end"
     );
     app.tracker.close();
     match tokio::time::timeout(app.sc.stop_timeout, app.tracker.wait()).await {

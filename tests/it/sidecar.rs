@@ -812,3 +812,24 @@ fn the_sidecar_runs_test_restore_into_its_scratch_server() {
         .arg("sidecar"));
     assert_code(&o, 2);
 }
+
+/// The real schedule, end to end: `* * * * *` fires at the next minute boundary (so this
+/// test takes up to a minute).
+#[test]
+fn a_scheduled_run_fires_on_the_minute() {
+    let repo = tempfile::tempdir().unwrap();
+    let r = RedisServer::start();
+    r.cli(&["SET", "k", "v"]);
+    let (k, url) = redis_env(&r);
+    let sc = Sidecar::start(
+        repo.path(),
+        &[(k, &url), ("DBKEEPER_SCHEDULE", "* * * * *")],
+    );
+    let ran = wait_until(Duration::from_secs(90), || {
+        let (_, text) = http(sc.port, "GET", "/metrics", None);
+        text.contains("dbkeeper_backup_runs_total{result=\"succeeded\"} 1")
+    });
+    assert!(ran, "no scheduled run:\n{}", sc.log());
+    assert_eq!(sets(repo.path()).len(), 1);
+    assert!(sc.log().contains("\"schedule\""), "{}", sc.log());
+}
