@@ -121,10 +121,6 @@ impl RedisConfig {
             message: message.into(),
         }
     }
-
-    fn tls_unsupported(&self) -> Error {
-        self.refused("rediss:// (TLS) is not supported yet; use redis:// on a trusted network")
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -145,10 +141,77 @@ const MAX_LINE: usize = 64 * 1024;
 /// Replies this module reads are small (INFO, CONFIG GET); a bigger one is not ours.
 const MAX_BULK: i64 = 64 << 20;
 
+/// A plain or TLS connection; writes go through the `BufReader`, which buffers reads only.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// The client side of `rediss://`: rustls with the ring provider, trusting the system's CA
+/// certificates (or the bundle `SSL_CERT_FILE` names, as OpenSSL tools do).
+fn tls_client_config(cfg: &RedisConfig) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return Err(cfg.refused(
+            "rediss://: no trusted CA certificate found; set SSL_CERT_FILE to a PEM bundle",
+        ));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| cfg.refused(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
+fn tls_stream(cfg: &RedisConfig, tcp: TcpStream) -> Result<Stream> {
+    let name = rustls::pki_types::ServerName::try_from(cfg.host.clone())
+        .map_err(|e| cfg.refused(format!("TLS: {} is not a valid server name: {e}", cfg.host)))?;
+    let conn = rustls::ClientConnection::new(tls_client_config(cfg)?, name)
+        .map_err(|e| cfg.refused(format!("TLS: {e}")))?;
+    Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp))))
+}
+
 struct Conn<'a> {
     cfg: &'a RedisConfig,
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    reader: BufReader<Stream>,
     deadline: Option<Instant>,
 }
 
@@ -164,9 +227,6 @@ fn encode(args: &[&[u8]], out: &mut Vec<u8>) {
 impl<'a> Conn<'a> {
     /// Connects within `timeout`; every later read or write must also finish by then.
     fn connect(cfg: &'a RedisConfig, timeout: Duration) -> Result<Self> {
-        if cfg.tls {
-            return Err(cfg.tls_unsupported());
-        }
         let deadline = Instant::now() + timeout;
         let addrs: Vec<_> = (cfg.host.as_str(), cfg.port)
             .to_socket_addrs()
@@ -181,16 +241,37 @@ impl<'a> Conn<'a> {
             match TcpStream::connect_timeout(&addr, left) {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
-                    let writer = s
-                        .try_clone()
-                        .map_err(|e| cfg.unreachable(format!("socket: {e}")))?;
+                    let stream = if cfg.tls {
+                        tls_stream(cfg, s)?
+                    } else {
+                        Stream::Plain(s)
+                    };
                     let mut c = Conn {
                         cfg,
-                        reader: BufReader::with_capacity(1 << 16, s),
-                        writer,
+                        reader: BufReader::with_capacity(1 << 16, stream),
                         deadline: Some(deadline),
                     };
                     c.arm()?;
+                    if let Stream::Tls(t) = c.reader.get_mut() {
+                        // Shake hands now: a plain port never answers a ClientHello, and
+                        // that must read as "wrong port", not as "not up yet".
+                        let t = &mut **t;
+                        let mut r = Ok(());
+                        while r.is_ok() && t.conn.is_handshaking() {
+                            r = t.conn.complete_io(&mut t.sock).map(|_| ());
+                        }
+                        if let Err(e) = r {
+                            return Err(match e.kind() {
+                                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                                    cfg.refused(format!(
+                                        "no TLS handshake within {timeout:?}: is port {} a TLS port?",
+                                        cfg.port
+                                    ))
+                                }
+                                _ => c.io_error(e),
+                            });
+                        }
+                    }
                     return Ok(c);
                 }
                 Err(e) => last = Some(e),
@@ -217,13 +298,17 @@ impl<'a> Conn<'a> {
             }
             None => POLL,
         };
-        let s = self.reader.get_ref();
+        let s = self.reader.get_ref().tcp();
         s.set_read_timeout(Some(t))
             .and_then(|_| s.set_write_timeout(Some(t)))
             .map_err(|e| self.cfg.unreachable(format!("socket: {e}")))
     }
 
     fn io_error(&self, e: io::Error) -> Error {
+        // A certificate or handshake failure: retrying will not help.
+        if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            return self.cfg.refused(format!("TLS: {tls}"));
+        }
         match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                 self.cfg.unreachable("no answer in time")
@@ -231,6 +316,11 @@ impl<'a> Conn<'a> {
             io::ErrorKind::UnexpectedEof => {
                 self.cfg.unreachable("the server closed the connection")
             }
+            // What a TLS-only port does to plain text. Still retryable: a container proxy
+            // resets connections the same way while the server behind it is starting.
+            io::ErrorKind::ConnectionReset if !self.cfg.tls => self.cfg.unreachable(format!(
+                "connection reset ({e}); if the server expects TLS, use rediss://"
+            )),
             _ => self.cfg.unreachable(format!("connection lost: {e}")),
         }
     }
@@ -242,7 +332,10 @@ impl<'a> Conn<'a> {
             encode(c, &mut buf);
         }
         self.arm()?;
-        self.writer.write_all(&buf).map_err(|e| self.io_error(e))
+        let w = self.reader.get_mut();
+        w.write_all(&buf)
+            .and_then(|_| w.flush())
+            .map_err(|e| self.io_error(e))
     }
 
     fn call(&mut self, args: &[&[u8]]) -> Result<Reply> {
@@ -471,7 +564,7 @@ impl RedisEngine {
             c.auth()?;
             // Admin commands may take long (FLUSHALL of a big dataset): no deadline now.
             c.deadline = None;
-            let s = c.reader.get_ref();
+            let s = c.reader.get_ref().tcp();
             let _ = s
                 .set_read_timeout(None)
                 .and_then(|_| s.set_write_timeout(None));
@@ -724,6 +817,8 @@ impl<R: Read> Read for Payload<R> {
 struct Tee<'a, R> {
     inner: R,
     out: &'a mut crate::repo::writer::ArtifactWriter,
+    /// Why writing the artifact failed, if it did: the parser only sees a read error.
+    write_failed: Option<io::Error>,
     bytes: u64,
     start: Instant,
     last_report: Instant,
@@ -732,7 +827,14 @@ struct Tee<'a, R> {
 impl<R: Read> Read for Tee<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.out.write_all(&buf[..n])?;
+        if let Err(e) = self.out.write_all(&buf[..n]) {
+            let kept = match e.raw_os_error() {
+                Some(code) => io::Error::from_raw_os_error(code),
+                None => io::Error::new(e.kind(), e.to_string()),
+            };
+            self.write_failed = Some(kept);
+            return Err(e);
+        }
         self.bytes += n as u64;
         if self.last_report.elapsed() >= PROGRESS_EVERY {
             self.last_report = Instant::now();
@@ -832,6 +934,7 @@ fn dump_blocking(
             framing,
         ),
         out: &mut artifact,
+        write_failed: None,
         bytes: 0,
         start: Instant::now(),
         last_report: Instant::now(),
@@ -841,15 +944,25 @@ fn dump_blocking(
         capture_payload: false,
     };
     let parsed = rdb::parse(&mut tee, &opts, &mut CountOnly(cancel));
-    let interrupted = || cancel.is_cancelled().then_some(Error::Interrupted(0));
+    let artifact_path = out.dir().join(format!("{DUMP_REL}.zst"));
+    let failed = |tee: &mut Tee<'_, _>, e: Error| {
+        if cancel.is_cancelled() {
+            Error::Interrupted(0)
+        } else if let Some(w) = tee.write_failed.take() {
+            Error::io(&artifact_path, w)
+        } else {
+            e
+        }
+    };
     let summary = match parsed {
         Ok(s) => s,
-        Err(e) => return Err(interrupted().unwrap_or(e)),
+        Err(e) => return Err(failed(&mut tee, e)),
     };
     // Whatever follows the RDB's own end inside the payload still belongs to the file.
-    io::copy(&mut tee, &mut io::sink()).map_err(|e| {
-        interrupted().unwrap_or_else(|| Error::engine(ENGINE, format!("snapshot: {e}")))
-    })?;
+    if let Err(e) = io::copy(&mut tee, &mut io::sink()) {
+        let e = Error::engine(ENGINE, format!("snapshot: {e}"));
+        return Err(failed(&mut tee, e));
+    }
     let bytes = tee.bytes;
     drop(tee);
     let file = artifact.finish()?;
@@ -958,9 +1071,8 @@ fn client_error(cfg: &RedisConfig, e: redis::RedisError) -> Error {
 }
 
 fn client(cfg: &RedisConfig) -> Result<redis::Connection> {
-    if cfg.tls {
-        return Err(cfg.tls_unsupported());
-    }
+    // The client library builds its TLS config from the process-wide provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut settings = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
     if let Some(p) = &cfg.password {
         settings = settings.set_password(p.expose());
@@ -968,12 +1080,19 @@ fn client(cfg: &RedisConfig) -> Result<redis::Connection> {
     if let Some(u) = &cfg.username {
         settings = settings.set_username(u);
     }
-    let info = redis::IntoConnectionInfo::into_connection_info(redis::ConnectionAddr::Tcp(
-        cfg.host.clone(),
-        cfg.port,
-    ))
-    .map_err(|e| client_error(cfg, e))?
-    .set_redis_settings(settings);
+    let addr = if cfg.tls {
+        redis::ConnectionAddr::TcpTls {
+            host: cfg.host.clone(),
+            port: cfg.port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        redis::ConnectionAddr::Tcp(cfg.host.clone(), cfg.port)
+    };
+    let info = redis::IntoConnectionInfo::into_connection_info(addr)
+        .map_err(|e| client_error(cfg, e))?
+        .set_redis_settings(settings);
     let client = redis::Client::open(info).map_err(|e| client_error(cfg, e))?;
     client
         .get_connection_with_timeout(CONNECT_TIMEOUT)
@@ -1237,7 +1356,8 @@ pub fn data_dir_state(dir: &Path) -> Result<Emptiness> {
         let path = e.path();
         if name.starts_with(TMP_AOF) {
             half_done = true;
-        } else if name.starts_with('.') {
+        } else if name.starts_with('.') || name.starts_with("temp-") {
+            // Ours, or the server's own unfinished saves (`temp-<pid>.rdb`), never loaded.
             continue;
         } else if path.is_file() && (name.ends_with(".rdb") || name.starts_with("appendonly.aof")) {
             found.push(name);

@@ -5,6 +5,12 @@
 //! the file) and validates the compact encodings (ziplist, listpack, intset, zipmap, stream
 //! listpacks) the way the server's deep sanitizer does; parsers on crates.io either load whole
 //! files, panic on corrupt input, or stop at Redis 6 encodings.
+//!
+//! Shallow reads (`decode_values: false`) walk only the record structure and skip string bytes,
+//! so they run at disk speed; deep reads also decode LZF and every packed encoding and reject
+//! what the server's sanitizer rejects (empty collections, duplicate members, bad counts).
+//! Either way every byte goes through the CRC64, and corrupt lengths fail at the end of the data
+//! instead of becoming allocations.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
@@ -18,8 +24,10 @@ use crate::error::Error;
 /// Set in the target while a restore runs, so an interrupted restore is never taken for data.
 pub const MARKER_KEY: &[u8] = b"__dbkeeper:restore-in-progress";
 
-/// The newest RDB format this reader understands (Redis 7.2 writes 11).
-pub const MAX_VERSION: u32 = 11;
+/// The newest RDB format this reader understands: 12, written by Redis 7.4, 8.0, 8.2 and 8.4
+/// (hashes with field expiration, cluster slot info). Redis 8.6 writes 13 and 8.8 writes 14
+/// (new stream encodings, key metadata): those are refused as newer than supported.
+pub const MAX_VERSION: u32 = 12;
 
 /// Why an RDB stream was rejected. Messages are one line and carry the byte offset.
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +142,6 @@ pub fn read<R: Read>(
     Parser {
         inp: Input::new(r),
         opts: *opts,
-        version: 0,
         scratch: Vec::new(),
         unpacked: Vec::new(),
         key: Vec::new(),
@@ -144,6 +151,11 @@ pub fn read<R: Read>(
 
 /// The DUMP/RESTORE serialization of one value: payload ++ rdb version (u16 LE) ++ CRC64 (LE)
 /// of both.
+///
+/// The server refuses a payload whose version is newer than the RDB version it writes itself
+/// ("DUMP payload version or checksum are wrong"), whatever the value's type: a set taken from
+/// Redis 7.4+ (version 12) cannot be restored into Redis 7.2 or older this way, and that refusal
+/// comes from the target server, not from here.
 pub fn dump_payload(payload: &[u8], rdb_version: u16) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 10);
     out.extend_from_slice(payload);
@@ -168,6 +180,7 @@ const GROW_STEP: u64 = 1 << 20;
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 mod op {
+    pub const SLOT_INFO: u8 = 0xF4;
     pub const FUNCTION_PRE_GA: u8 = 0xF6;
     pub const FUNCTION2: u8 = 0xF5;
     pub const MODULE_AUX: u8 = 0xF7;
@@ -203,6 +216,10 @@ mod ty {
     pub const STREAM_LISTPACKS_2: u8 = 19;
     pub const SET_LISTPACK: u8 = 20;
     pub const STREAM_LISTPACKS_3: u8 = 21;
+    pub const HASH_METADATA_PRE_GA: u8 = 22;
+    pub const HASH_LISTPACK_EX_PRE_GA: u8 = 23;
+    pub const HASH_METADATA: u8 = 24;
+    pub const HASH_LISTPACK_EX: u8 = 25;
 }
 
 type Res<T> = Result<T, RdbError>;
@@ -362,7 +379,6 @@ enum StrHead {
 struct Parser<R> {
     inp: Input<R>,
     opts: ParseOptions,
-    version: u32,
     /// Holds a string value (a ziplist, listpack, compressed bytes) while it is checked.
     scratch: Vec<u8>,
     /// LZF output.
@@ -407,11 +423,10 @@ impl<R: Read> Parser<R> {
             return Err(RdbError::Unsupported {
                 offset: 5,
                 msg: format!(
-                    "RDB version {version} is newer than supported (up to {MAX_VERSION}, Redis 7.2); upgrade dbkeeper"
+                    "RDB version {version} is newer than supported (up to {MAX_VERSION}, Redis 7.4 to 8.4); upgrade dbkeeper"
                 ),
             });
         }
-        self.version = version;
 
         let mut summary = RdbSummary {
             version,
@@ -430,6 +445,19 @@ impl<R: Read> Parser<R> {
                 op::RESIZEDB => {
                     self.len()?;
                     self.len()?;
+                }
+                // Cluster mode only: slot id, keys in the slot, keys with an expiry in it.
+                op::SLOT_INFO => {
+                    let at = self.inp.offset();
+                    let slot = self.len()?;
+                    self.len()?;
+                    self.len()?;
+                    if self.opts.decode_values && slot >= CLUSTER_SLOTS {
+                        return Err(RdbError::Format {
+                            offset: at,
+                            msg: format!("slot info for slot {slot}, past the last cluster slot"),
+                        });
+                    }
                 }
                 op::EXPIRETIME => {
                     let s = i32::from_le_bytes(self.inp.array()?);
@@ -603,22 +631,24 @@ impl<R: Read> Parser<R> {
                 let n = ziplist(b, &mut |_| Ok(()))?;
                 nonempty(n, "ziplist")
             }),
-            ty::ZSET_ZIPLIST | ty::HASH_ZIPLIST => self.blob(|b| {
-                let n = ziplist(b, &mut |_| Ok(()))?;
-                pairs(n, "ziplist")
-            }),
+            ty::HASH_ZIPLIST => self.blob(|b| keyed(b, ziplist, Keyed::Hash)),
+            ty::ZSET_ZIPLIST => self.blob(|b| keyed(b, ziplist, Keyed::Zset)),
             ty::SET_INTSET => self.blob(|b| {
                 let n = intset(b)?;
                 nonempty(n, "intset")
             }),
-            ty::HASH_LISTPACK | ty::ZSET_LISTPACK => self.blob(|b| {
-                let n = listpack(b, &mut |_| Ok(()))?;
-                pairs(n, "listpack")
-            }),
-            ty::SET_LISTPACK => self.blob(|b| {
-                let n = listpack(b, &mut |_| Ok(()))?;
-                nonempty(n, "listpack")
-            }),
+            ty::HASH_LISTPACK => self.blob(|b| keyed(b, listpack, Keyed::Hash)),
+            ty::HASH_METADATA | ty::HASH_METADATA_PRE_GA => self.hash_with_ttls(t),
+            ty::HASH_LISTPACK_EX | ty::HASH_LISTPACK_EX_PRE_GA => {
+                if t == ty::HASH_LISTPACK_EX {
+                    // The hash's next field expiry; 0 when none. Informational only: the
+                    // listpack's TTLs are absolute.
+                    self.inp.skip(8)?;
+                }
+                self.blob(|b| keyed(b, listpack, Keyed::HashEx))
+            }
+            ty::ZSET_LISTPACK => self.blob(|b| keyed(b, listpack, Keyed::Zset)),
+            ty::SET_LISTPACK => self.blob(|b| keyed(b, listpack, Keyed::Set)),
             ty::LIST_QUICKLIST => {
                 let nodes = self.len()?;
                 let mut total = 0usize;
@@ -674,6 +704,41 @@ impl<R: Read> Parser<R> {
             }
             t => self.inp.err(format!("unknown value type {t}")),
         }
+    }
+
+    /// A table-encoded hash with field expiration: [minExpire (GA only)] count, then per field
+    /// TTL, field, value. A TTL of 0 means none; in the GA format the others are offsets from
+    /// minExpire plus one, in the pre-GA format (7.4 release candidates) absolute times.
+    fn hash_with_ttls(&mut self, t: u8) -> Res<()> {
+        let deep = self.opts.decode_values;
+        let min_expire = if t == ty::HASH_METADATA {
+            let v = u64::from_le_bytes(self.inp.array()?);
+            if deep && v > EXPIRE_TIME_INVALID {
+                return self.inp.err(format!(
+                    "hash with field TTLs: minimum expiry {v} is out of range"
+                ));
+            }
+            v
+        } else {
+            0
+        };
+        let n = self.collection_len()?;
+        for _ in 0..n {
+            let ttl = self.len()?;
+            let expire_at = match (ttl, t) {
+                (0, _) => 0,
+                (ttl, ty::HASH_METADATA) => ttl.wrapping_add(min_expire).wrapping_sub(1),
+                (ttl, _) => ttl,
+            };
+            if deep && expire_at > EXPIRE_TIME_MAX {
+                return self
+                    .inp
+                    .err(format!("hash field expiry {expire_at} is out of range"));
+            }
+            self.skip_string()?; // field
+            self.skip_string()?; // value
+        }
+        Ok(())
     }
 
     fn stream(&mut self, t: u8) -> Res<()> {
@@ -912,11 +977,15 @@ const MODULE_OP_UINT: u64 = 2;
 const MODULE_OP_FLOAT: u64 = 3;
 const MODULE_OP_DOUBLE: u64 = 4;
 const MODULE_OP_STRING: u64 = 5;
+/// Field expiry times are 48-bit milliseconds; one past the largest means "none".
+const EXPIRE_TIME_MAX: u64 = (1 << 48) - 1;
+const EXPIRE_TIME_INVALID: u64 = EXPIRE_TIME_MAX + 1;
+const CLUSTER_SLOTS: u64 = 16384;
 const QUICKLIST_NODE_PLAIN: u64 = 1;
 const QUICKLIST_NODE_PACKED: u64 = 2;
 
 fn is_value_type(t: u8) -> bool {
-    t <= ty::STREAM_LISTPACKS_3 && t != 8
+    t <= ty::HASH_LISTPACK_EX && t != 8
 }
 
 /// A module type id packs a 9-character name (6 bits each) and a 10-bit encoding version.
@@ -968,8 +1037,86 @@ fn pairs(n: usize, what: &str) -> Result<(), String> {
     Ok(())
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keyed {
+    Hash,
+    Zset,
+    Set,
+    /// A hash with field expiration: field, value, TTL triplets.
+    HashEx,
+}
+
+type Walker = for<'b> fn(&'b [u8], &mut ElemFn<'_, 'b>) -> Result<usize, String>;
+
+/// A hash, sorted set or set packed in a ziplist/listpack: besides the container itself, the
+/// server's deep sanitizer rejects duplicate fields/members, odd pair counts and bad scores;
+/// for hashes with field expiration also TTLs that are not integers, out of range or out of
+/// order (fields with a TTL come first, earliest first; TTL 0, none, after them).
+fn keyed(b: &[u8], walk: Walker, kind: Keyed) -> Result<(), String> {
+    let (what, tuple) = match kind {
+        Keyed::Hash => ("hash", 2),
+        Keyed::Zset => ("sorted set", 2),
+        Keyed::Set => ("set", 1),
+        Keyed::HashEx => ("hash", 3),
+    };
+    // Sorting beats hashing here: packed collections are small (the server converts them to
+    // real tables past a few hundred entries) and this keeps deep verify near disk speed.
+    let mut names: Vec<Elem<'_>> = Vec::new();
+    let mut i = 0usize;
+    let mut last_ttl: i64 = -1;
+    let n = walk(b, &mut |e| {
+        let pos = i % tuple;
+        i += 1;
+        if pos == 0 {
+            names.push(e);
+        } else if pos == 2 {
+            let ttl = e
+                .int()
+                .ok_or("hash field TTL in a packed hash is not an integer")?;
+            if !(0..=EXPIRE_TIME_MAX as i64).contains(&ttl) {
+                return Err(format!(
+                    "hash field TTL {ttl} in a packed hash is out of range"
+                ));
+            }
+            if ttl != 0 && (last_ttl == 0 || ttl < last_ttl) {
+                return Err("hash field TTLs in a packed hash are out of order".into());
+            }
+            last_ttl = ttl;
+        } else if kind == Keyed::Zset {
+            let ok = match e {
+                Elem::Int(_) => true,
+                Elem::Str(s) => std::str::from_utf8(s)
+                    .ok()
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .is_some_and(|v| !v.is_nan()),
+            };
+            if !ok {
+                return Err("sorted set score is not a number".into());
+            }
+        }
+        Ok(())
+    })?;
+    names.sort_unstable();
+    if names.windows(2).any(|w| w[0] == w[1]) {
+        return Err(format!("duplicate {what} member in a packed {what}"));
+    }
+    match kind {
+        Keyed::Set => nonempty(n, what),
+        Keyed::Hash | Keyed::Zset => pairs(n, what),
+        Keyed::HashEx => {
+            nonempty(n, what)?;
+            if !n.is_multiple_of(3) {
+                return Err(format!(
+                    "hash of field/value/TTL triplets has {n} entries, not a multiple of 3"
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
 /// One element of a ziplist or listpack.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Elem<'a> {
     Int(i64),
     Str(&'a [u8]),
@@ -1419,8 +1566,11 @@ mod tests {
         read(bytes, &opts, &mut CountOnly, false)
     }
 
+    /// (db, key, expiry, payload) per key.
+    type Seen = (u64, Vec<u8>, Option<i64>, Vec<u8>);
+
     #[derive(Default)]
-    struct Collect(Vec<(u64, Vec<u8>, Option<i64>, Vec<u8>)>);
+    struct Collect(Vec<Seen>);
 
     impl Visitor for Collect {
         fn key(&mut self, rec: &KeyRecord<'_>) -> Result<(), Error> {
@@ -1467,6 +1617,7 @@ mod tests {
             let err = counts(&bytes, DEEP).expect_err(file);
             assert!(err.is_corruption(), "{file}: {err}");
             let msg = err.to_string();
+            eprintln!("{file}: {msg}");
             assert!(
                 !msg.contains('\n') && msg.contains("byte "),
                 "{file}: {msg}"
@@ -1490,9 +1641,9 @@ mod tests {
 
     #[test]
     fn header_errors_are_clear() {
-        let err = counts(b"REDIS0012\xff", DEEP).unwrap_err().to_string();
+        let err = counts(b"REDIS0013\xff", DEEP).unwrap_err().to_string();
         assert!(
-            err.contains("RDB version 12 is newer than supported"),
+            err.contains("RDB version 13 is newer than supported"),
             "{err}"
         );
         let err = counts(b"MONGO0009\xff", DEEP).unwrap_err().to_string();
@@ -1587,6 +1738,372 @@ mod tests {
         );
     }
 
+    /// Redis 7.2's formats (not writable by the 7.0 test server): set listpack and stream v3,
+    /// whose consumers carry an active time after their seen time.
+    #[test]
+    fn redis_7_2_set_listpack_and_stream_v3() {
+        let lp = [13, 0, 0, 0, 2, 0, 0x81, b'a', 2, 0x81, b'b', 2, 0xFF];
+        let mut body = vec![ty::SET_LISTPACK, 1, b's', lp.len() as u8];
+        body.extend_from_slice(&lp);
+        let stream = |t: u8| {
+            let mut v = vec![t, 1, b'x', 0, 0, 0, 0];
+            v.extend_from_slice(&[0, 0, 0, 0, 0]); // first id, max deleted id, entries added
+            v.extend_from_slice(&[1, 1, b'g', 0, 0, 0, 0, 1, 1, b'c']); // group, no PEL, consumer
+            v.extend_from_slice(&1_700_000_000_000i64.to_le_bytes()); // seen
+            v.extend_from_slice(&1_700_000_000_000i64.to_le_bytes()); // active
+            v.push(0); // consumer PEL
+            v
+        };
+        body.extend_from_slice(&stream(ty::STREAM_LISTPACKS_3));
+        let s = counts(&rdb9(&body), DEEP).unwrap();
+        assert_eq!(s.keys_per_db, [(0, 2)].into());
+        // The same bytes read as a v2 stream leave the active time unread: not an RDB.
+        let mut body = stream(ty::STREAM_LISTPACKS_2);
+        body.extend_from_slice(&[ty::STRING, 1, b'k', 1, b'v']);
+        assert!(counts(&rdb9(&body), DEEP).is_err());
+        // A packed set with a duplicate member.
+        let dup = [13, 0, 0, 0, 2, 0, 0x81, b'a', 2, 0x81, b'a', 2, 0xFF];
+        let mut body = vec![ty::SET_LISTPACK, 1, b's', dup.len() as u8];
+        body.extend_from_slice(&dup);
+        let err = counts(&rdb9(&body), DEEP).unwrap_err().to_string();
+        assert!(
+            err.contains("duplicate") && err.contains("key \"s\""),
+            "{err}"
+        );
+        assert!(counts(&rdb9(&body), SHALLOW).is_ok());
+    }
+
+    /// Writes RDBs by hand, for formats the test server cannot produce.
+    struct Writer(Vec<u8>);
+
+    impl Writer {
+        fn new(version: u32) -> Writer {
+            Writer(format!("REDIS{version:04}").into_bytes())
+        }
+
+        fn byte(&mut self, b: u8) -> &mut Self {
+            self.0.push(b);
+            self
+        }
+
+        fn raw(&mut self, b: &[u8]) -> &mut Self {
+            self.0.extend_from_slice(b);
+            self
+        }
+
+        /// An RDB length in its shortest form.
+        fn len(&mut self, n: u64) -> &mut Self {
+            match n {
+                0..64 => self.byte(n as u8),
+                64..16384 => self.raw(&[0x40 | (n >> 8) as u8, n as u8]),
+                16384..=0xFFFF_FFFF => self.byte(0x80).raw(&(n as u32).to_be_bytes()),
+                _ => self.byte(0x81).raw(&n.to_be_bytes()),
+            }
+        }
+
+        fn str(&mut self, s: &[u8]) -> &mut Self {
+            self.len(s.len() as u64).raw(s)
+        }
+
+        fn aux(&mut self, k: &str, v: &str) -> &mut Self {
+            self.byte(op::AUX).str(k.as_bytes()).str(v.as_bytes())
+        }
+
+        fn slot_info(&mut self, slot: u64, keys: u64, expires: u64) -> &mut Self {
+            self.byte(op::SLOT_INFO).len(slot).len(keys).len(expires)
+        }
+
+        /// A key whose value bytes (after the type) are `value`; returns its DUMP payload.
+        fn key(&mut self, t: u8, key: &[u8], value: &[u8]) -> Vec<u8> {
+            self.byte(t).str(key).raw(value);
+            let mut payload = vec![t];
+            payload.extend_from_slice(value);
+            payload
+        }
+
+        fn finish(&mut self) -> Vec<u8> {
+            self.byte(op::EOF);
+            let crc = CRC.checksum(&self.0);
+            self.raw(&crc.to_le_bytes());
+            std::mem::take(&mut self.0)
+        }
+    }
+
+    enum Lp<'a> {
+        S(&'a [u8]),
+        I(i64),
+    }
+
+    /// A listpack of short strings (< 64 bytes) and integers.
+    fn lp(entries: &[Lp<'_>]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for e in entries {
+            let start = body.len();
+            match e {
+                Lp::S(s) => {
+                    assert!(s.len() < 64);
+                    body.push(0x80 | s.len() as u8);
+                    body.extend_from_slice(s);
+                }
+                Lp::I(v @ 0..128) => body.push(*v as u8),
+                Lp::I(v) => {
+                    body.push(0xF4);
+                    body.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            body.push((body.len() - start) as u8);
+        }
+        let total = 6 + body.len() + 1;
+        let mut v = (total as u32).to_le_bytes().to_vec();
+        v.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+        v.extend_from_slice(&body);
+        v.push(0xFF);
+        v
+    }
+
+    /// A length-prefixed string value holding `b`.
+    fn blob_value(b: &[u8]) -> Vec<u8> {
+        let mut w = Writer(Vec::new());
+        w.str(b);
+        w.0
+    }
+
+    const T0: u64 = 1_800_000_000_000;
+
+    /// The value of a GA table-encoded hash with field TTLs: minExpire, then ttl/field/value
+    /// (ttl 0 = none, otherwise expiry - minExpire + 1).
+    fn hash_metadata(min: u64, fields: &[(u64, &[u8], &[u8])]) -> Vec<u8> {
+        let mut w = Writer(min.to_le_bytes().to_vec());
+        w.len(fields.len() as u64);
+        for (ttl, f, v) in fields {
+            w.len(*ttl).str(f).str(v);
+        }
+        w.0
+    }
+
+    /// (db, key, payload) per key.
+    type Expected = Vec<(u64, Vec<u8>, Vec<u8>)>;
+
+    /// A Redis 7.4+ snapshot: every hash-with-field-TTL encoding, slot info, two dbs. Returns
+    /// the RDB and the expected (db, key, payload) list.
+    fn rdb12() -> (Vec<u8>, Expected) {
+        let mut w = Writer::new(12);
+        w.aux("redis-ver", "8.2.1").aux("redis-bits", "64");
+        w.byte(op::SELECTDB).len(0).byte(op::RESIZEDB).len(5).len(0);
+        w.slot_info(866, 4, 0);
+        let mut keys = Vec::new();
+        let v = hash_metadata(
+            T0,
+            &[
+                (1, b"soon", b"1"),
+                (0, b"kept", b"2"),
+                (501, b"later", b"3"),
+            ],
+        );
+        keys.push((0, b"hm".to_vec(), w.key(ty::HASH_METADATA, b"hm", &v)));
+        let mut v = T0.to_le_bytes().to_vec();
+        v.extend_from_slice(&blob_value(&lp(&[
+            Lp::S(b"f1"),
+            Lp::S(b"v1"),
+            Lp::I(T0 as i64),
+            Lp::S(b"f2"),
+            Lp::I(7),
+            Lp::I(T0 as i64 + 9),
+            Lp::S(b"f3"),
+            Lp::S(b"v3"),
+            Lp::I(0),
+        ])));
+        keys.push((0, b"hl".to_vec(), w.key(ty::HASH_LISTPACK_EX, b"hl", &v)));
+        // The 7.4 release candidates' formats: no minExpire, absolute TTLs.
+        let mut w2 = Writer(Vec::new());
+        w2.len(2)
+            .len(T0)
+            .str(b"a")
+            .str(b"x")
+            .len(0)
+            .str(b"b")
+            .str(b"y");
+        keys.push((
+            0,
+            b"hm-rc".to_vec(),
+            w.key(ty::HASH_METADATA_PRE_GA, b"hm-rc", &w2.0),
+        ));
+        let v = blob_value(&lp(&[Lp::S(b"f"), Lp::S(b"v"), Lp::I(T0 as i64)]));
+        keys.push((
+            0,
+            b"hl-rc".to_vec(),
+            w.key(ty::HASH_LISTPACK_EX_PRE_GA, b"hl-rc", &v),
+        ));
+        w.byte(op::SELECTDB).len(3).slot_info(16383, 1, 1);
+        w.byte(op::EXPIRETIME_MS).raw(&(T0 as i64).to_le_bytes());
+        keys.push((3, b"s".to_vec(), w.key(ty::STRING, b"s", &[1, b'v'])));
+        (w.finish(), keys)
+    }
+
+    #[test]
+    fn v12_hashes_with_field_ttls_and_slot_info() {
+        let (rdb, expect) = rdb12();
+        for opts in [DEEP, SHALLOW, CAPTURE] {
+            let mut seen = Collect::default();
+            let s = read(&rdb[..], &opts, &mut seen, false).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(s.version, 12);
+            assert_eq!(s.keys_per_db, [(0, 4), (3, 1)].into(), "{opts:?}");
+            assert_eq!(s.redis_ver.as_deref(), Some("8.2.1"));
+            assert!(s.checksum_verified);
+            let got: Vec<_> = seen
+                .0
+                .into_iter()
+                .map(|(db, k, _, p)| (db, k, if opts.capture_payload { p } else { vec![] }))
+                .collect();
+            let want: Vec<_> = expect
+                .iter()
+                .map(|(db, k, p)| {
+                    let p = if opts.capture_payload {
+                        p.clone()
+                    } else {
+                        vec![]
+                    };
+                    (*db, k.clone(), p)
+                })
+                .collect();
+            assert_eq!(got, want, "{opts:?}");
+        }
+        fuzz(&rdb, 1500, 0x5851_F42D_4C95_7F2D);
+    }
+
+    /// Replaces one key's value in an otherwise valid v12 RDB.
+    fn rdb12_with(t: u8, value: &[u8]) -> Vec<u8> {
+        let mut w = Writer::new(12);
+        w.byte(op::SELECTDB).len(0);
+        w.key(t, b"h", value);
+        w.key(ty::STRING, b"next", &[1, b'v']);
+        w.finish()
+    }
+
+    #[test]
+    fn v12_corrupt_hashes_with_field_ttls() {
+        let deep_err = |rdb: &[u8]| {
+            let err = counts(rdb, DEEP).unwrap_err();
+            assert!(err.is_corruption(), "{err}");
+            let msg = err.to_string();
+            assert!(!msg.contains('\n') && msg.contains("byte "), "{msg}");
+            msg
+        };
+        // The table form declares 3 fields and holds 2: the EOF opcode is read as a TTL.
+        let mut v = hash_metadata(T0, &[(1, b"a", b"1"), (0, b"b", b"2")]);
+        v[8] = 3;
+        let mut w = Writer::new(12);
+        w.byte(op::SELECTDB).len(0).key(ty::HASH_METADATA, b"h", &v);
+        let rdb = w.finish();
+        for opts in [DEEP, SHALLOW, CAPTURE] {
+            let err = counts(&rdb, opts).unwrap_err();
+            assert!(err.is_corruption(), "{err}");
+            assert!(err.to_string().contains("key \"h\""), "{err}");
+        }
+        // It declares 1 and holds 2: the second field's TTL is read as a record type.
+        let mut v = hash_metadata(T0, &[(1, b"a", b"1"), (501, b"b", b"2")]);
+        v[8] = 1;
+        let msg = deep_err(&rdb12_with(ty::HASH_METADATA, &v));
+        assert!(msg.contains("unknown record type"), "{msg}");
+        // Zero fields, which the server never writes.
+        let v = hash_metadata(T0, &[]);
+        let msg = deep_err(&rdb12_with(ty::HASH_METADATA, &v));
+        assert!(msg.contains("empty") && msg.contains("key \"h\""), "{msg}");
+        // A TTL that ends the data: a 32-bit length with two of its four bytes.
+        let mut w = Writer::new(12);
+        w.byte(op::SELECTDB)
+            .len(0)
+            .byte(ty::HASH_METADATA)
+            .str(b"h");
+        w.raw(&T0.to_le_bytes()).len(1).raw(&[0x80, 0, 1]);
+        for opts in [DEEP, SHALLOW, CAPTURE] {
+            let err = counts(&w.0, opts).unwrap_err();
+            assert!(err.to_string().contains("truncated"), "{err}");
+        }
+        // A minExpire cut short.
+        let mut w = Writer::new(12);
+        w.byte(op::SELECTDB)
+            .len(0)
+            .byte(ty::HASH_LISTPACK_EX)
+            .str(b"h");
+        w.raw(&T0.to_le_bytes()[..5]);
+        assert!(counts(&w.0, SHALLOW).unwrap_err().is_corruption());
+        // A TTL past the 48-bit expiry range.
+        let v = hash_metadata(T0, &[(1 << 48, b"a", b"1")]);
+        let msg = deep_err(&rdb12_with(ty::HASH_METADATA, &v));
+        assert!(msg.contains("out of range"), "{msg}");
+        assert!(counts(&rdb12_with(ty::HASH_METADATA, &v), SHALLOW).is_ok());
+
+        let lpex = |entries: &[Lp<'_>]| {
+            let mut v = T0.to_le_bytes().to_vec();
+            v.extend_from_slice(&blob_value(&lp(entries)));
+            rdb12_with(ty::HASH_LISTPACK_EX, &v)
+        };
+        let good = [Lp::S(b"f"), Lp::S(b"v"), Lp::I(T0 as i64)];
+        assert!(counts(&lpex(&good), DEEP).is_ok());
+        // A listpack without its 0xFF terminator (the size header still matches).
+        let mut b = lp(&good);
+        let n = b.len();
+        b[n - 1] = 0x01;
+        let mut v = T0.to_le_bytes().to_vec();
+        v.extend_from_slice(&blob_value(&b));
+        let rdb = rdb12_with(ty::HASH_LISTPACK_EX, &v);
+        assert!(deep_err(&rdb).contains("0xFF marker"));
+        assert!(counts(&rdb, SHALLOW).is_ok());
+        // Entry counts that are not field/value/TTL triplets.
+        let msg = deep_err(&lpex(&[Lp::S(b"f"), Lp::S(b"v")]));
+        assert!(msg.contains("multiple of 3"), "{msg}");
+        // Duplicate fields, non-integer, negative and unordered TTLs.
+        for (bad, what) in [
+            (
+                vec![
+                    Lp::S(b"f"),
+                    Lp::S(b"1"),
+                    Lp::I(0),
+                    Lp::S(b"f"),
+                    Lp::S(b"2"),
+                    Lp::I(0),
+                ],
+                "duplicate",
+            ),
+            (vec![Lp::S(b"f"), Lp::S(b"v"), Lp::S(b"soon")], "integer"),
+            (vec![Lp::S(b"f"), Lp::S(b"v"), Lp::I(-5)], "out of range"),
+            (
+                vec![
+                    Lp::S(b"a"),
+                    Lp::S(b"v"),
+                    Lp::I(0),
+                    Lp::S(b"b"),
+                    Lp::S(b"v"),
+                    Lp::I(T0 as i64),
+                ],
+                "out of order",
+            ),
+            (
+                vec![
+                    Lp::S(b"a"),
+                    Lp::S(b"v"),
+                    Lp::I(T0 as i64 + 1),
+                    Lp::S(b"b"),
+                    Lp::S(b"v"),
+                    Lp::I(T0 as i64),
+                ],
+                "out of order",
+            ),
+        ] {
+            let msg = deep_err(&lpex(&bad));
+            assert!(msg.contains(what), "{what}: {msg}");
+        }
+        // Slot info past the last slot.
+        let mut w = Writer::new(12);
+        w.slot_info(16384, 1, 0);
+        let rdb = w.finish();
+        assert!(deep_err(&rdb).contains("slot 16384"));
+        // Type 26 (a stream format of version 13) is not one this reader knows.
+        let msg = deep_err(&rdb12_with(26, &[0]));
+        assert!(msg.contains("unknown record type 26"), "{msg}");
+    }
+
     #[test]
     fn checksum_mismatch_and_disabled_checksum() {
         let mut v = rdb9(&[ty::STRING, 1, b'k', 1, b'v']);
@@ -1612,6 +2129,21 @@ mod tests {
         bad[8] = 3;
         assert!(listpack(&bad, &mut |_| Ok(())).is_err());
         assert!(listpack(&good[..11], &mut |_| Ok(())).is_err());
+        // Packed sets, hashes and sorted sets: no duplicate members, numeric scores.
+        let dup = [13, 0, 0, 0, 2, 0, 0x81, b'a', 2, 0x81, b'a', 2, 0xFF];
+        assert_eq!(listpack(&dup, &mut |_| Ok(())), Ok(2));
+        assert!(
+            keyed(&dup, listpack, Keyed::Set)
+                .unwrap_err()
+                .contains("duplicate")
+        );
+        assert!(keyed(&dup, listpack, Keyed::Hash).is_ok());
+        assert!(
+            keyed(&dup, listpack, Keyed::Zset)
+                .unwrap_err()
+                .contains("score")
+        );
+        assert!(keyed(&good, listpack, Keyed::Zset).is_ok());
         // Intsets must be ascending and sized by their header.
         let mut is = vec![2, 0, 0, 0, 2, 0, 0, 0, 1, 0, 2, 0];
         assert_eq!(intset(&is), Ok(2));
@@ -1707,6 +2239,35 @@ mod tests {
         let Some(dir) = fixtures() else { return };
         let bytes = std::fs::read(dir.join("encodings.rdb")).unwrap();
         fuzz(&bytes, 2000, 0x9E37_79B9_7F4A_7C15);
+    }
+
+    /// Throughput on a large RDB named by DBKEEPER_RDB_BENCH (run in release, by hand):
+    /// `DBKEEPER_RDB_BENCH=dump.rdb cargo test --release --lib rdb_throughput -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, run by hand on a large RDB"]
+    fn rdb_throughput() {
+        let Some(path) = std::env::var_os("DBKEEPER_RDB_BENCH") else {
+            eprintln!("skipped: DBKEEPER_RDB_BENCH names no RDB");
+            return;
+        };
+        let size = std::fs::metadata(&path).unwrap().len() as f64 / 1e6;
+        let t = Instant::now();
+        io::copy(&mut std::fs::File::open(&path).unwrap(), &mut io::sink()).unwrap();
+        let raw = size / t.elapsed().as_secs_f64();
+        eprintln!("{size:.0} MB: plain read {raw:.0} MB/s");
+        for (name, opts) in [("shallow", SHALLOW), ("deep", DEEP), ("capture", CAPTURE)] {
+            let t = Instant::now();
+            let s = read(
+                std::fs::File::open(&path).unwrap(),
+                &opts,
+                &mut CountOnly,
+                false,
+            )
+            .unwrap();
+            let rate = size / t.elapsed().as_secs_f64();
+            let keys: u64 = s.keys_per_db.values().sum();
+            eprintln!("{name}: {keys} keys, {rate:.0} MB/s");
+        }
     }
 
     // ---- against a real server ----
@@ -1850,6 +2411,17 @@ mod tests {
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
         c.cmd(&[b"SET", b"bin\x00\xff\r\nkey", &noise]);
+        // Larger than the read buffer, so a value spans refills.
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let huge: Vec<u8> = (0..3 * BUF_SIZE + 12345)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        c.cmd(&[b"SET", b"str:huge", &huge]);
         c.run("SET ttl:px v PX 3600000");
         c.run("SET ttl:ex v EX 7200");
         c.run("PEXPIREAT str:small 4102444800123");
@@ -2026,12 +2598,35 @@ mod tests {
                 show_key(key)
             );
         }
+        // list:plain is three quicklist nodes: plain, packed, plain.
+        let plain = &by_key[&b"list:plain".to_vec()].1;
+        assert_eq!(
+            &plain[..3],
+            &[ty::LIST_QUICKLIST_2, 3, QUICKLIST_NODE_PLAIN as u8]
+        );
         assert_eq!(by_key[&b"str:small".to_vec()].0, Some(4102444800123));
         assert_eq!(by_key[&b"list:small".to_vec()].0, None);
         let Reply::Int(pexp) = c.run("PEXPIRETIME ttl:px") else {
             panic!()
         };
         assert_eq!(by_key[&b"ttl:px".to_vec()].0, Some(pexp));
+
+        // Reads of any size give the same keys and payloads (a socket hands out small pieces).
+        struct Trickle<'a>(&'a [u8], usize);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = self.1.min(buf.len()).min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        for piece in [1, 7, 4093] {
+            let mut again = Collect::default();
+            let s2 = read(Trickle(&rdb, piece), &CAPTURE, &mut again, false).unwrap();
+            assert_eq!(s2, s);
+            assert!(again.0 == seen.0, "reading {piece} bytes at a time");
+        }
 
         // Damage: a flipped byte, truncation, garbage after the end.
         let mid = rdb.len() / 2;

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The two Redis figures the project publishes, against the stock tools on the same server:
+#   1. `dbkeeper-health` vs `redis-cli ping`: wall time of N sequential probes, max RSS of one.
+#   2. backup throughput of a ~1 GB dataset: `dbkeeper backup` vs `redis-cli --rdb FILE`.
+# Usage: benches/redis.sh [PROBES=200] [KEYS=1000000] [VALUE_BYTES=1000]
+# Needs redis-server, redis-cli, python3 and GNU time (/usr/bin/time). Uses the release binary.
+set -euo pipefail
+
+probes=${1:-200}
+keys=${2:-1000000}
+value_bytes=${3:-1000}
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+cargo build --release --quiet
+bin=$root/target/x86_64-unknown-linux-gnu/release/dbkeeper
+
+work=$(mktemp -d)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cleanup() {
+    redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+redis-server --port "$port" --bind 127.0.0.1 --dir "$work" --save '' --appendonly no \
+    --repl-diskless-sync-delay 0 --daemonize no >"$work/server.log" 2>&1 &
+for _ in $(seq 100); do
+    [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ] && break
+    sleep 0.1
+done
+url=redis://127.0.0.1:$port
+ln -s "$bin" "$work/dbkeeper-health"
+
+now() { date +%s.%N; }
+ratio() { python3 -c "import sys; a,b=map(float,sys.argv[1:]); print(f'{a/b:.2f}')" "$1" "$2"; }
+max_rss_kb() { /usr/bin/time -f %M "$@" 2>&1 >/dev/null | tail -1; }
+
+echo "== health: $probes sequential probes (load: $(cut -d' ' -f1-3 /proc/loadavg))"
+"$work/dbkeeper-health" "$url" >/dev/null
+t0=$(now)
+for _ in $(seq "$probes"); do "$work/dbkeeper-health" "$url" >/dev/null; done
+t1=$(now)
+for _ in $(seq "$probes"); do redis-cli -p "$port" ping >/dev/null; done
+t2=$(now)
+ours=$(python3 -c "print($t1-$t0)")
+theirs=$(python3 -c "print($t2-$t1)")
+ours_rss=$(max_rss_kb "$work/dbkeeper-health" "$url")
+theirs_rss=$(max_rss_kb redis-cli -p "$port" ping)
+printf 'dbkeeper-health: %.3f s total, %.2f ms/probe, max RSS %s KiB\n' "$ours" \
+    "$(python3 -c "print($ours*1000/$probes)")" "$ours_rss"
+printf 'redis-cli ping:  %.3f s total, %.2f ms/probe, max RSS %s KiB\n' "$theirs" \
+    "$(python3 -c "print($theirs*1000/$probes)")" "$theirs_rss"
+echo "wall ratio dbkeeper/redis-cli: $(ratio "$ours" "$theirs")   RSS ratio: $(ratio "$ours_rss" "$theirs_rss")"
+
+echo "== backup: loading $keys keys of $value_bytes bytes (base64 of random bytes)"
+python3 - "$keys" "$value_bytes" <<'EOF' | redis-cli -p "$port" --pipe >/dev/null
+import base64, os, sys
+n, size = int(sys.argv[1]), int(sys.argv[2])
+raw = size * 3 // 4
+out = sys.stdout.buffer
+batch = []
+for i in range(n):
+    k = b"key:%d" % i
+    v = base64.b64encode(os.urandom(raw))[:size]
+    batch.append(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(k), k, len(v), v))
+    if len(batch) == 10000:
+        out.write(b"".join(batch)); batch = []
+out.write(b"".join(batch))
+EOF
+echo "used_memory: $(redis-cli -p "$port" info memory | grep '^used_memory_human' | cut -d: -f2 | tr -d '\r')"
+
+repo=$work/repo
+mkdir -p "$repo"
+for round in 1 2 3; do
+    rm -f "$work/cli.rdb"
+    t0=$(now)
+    redis-cli -p "$port" --rdb "$work/cli.rdb" >/dev/null 2>&1
+    t1=$(now)
+    DBKEEPER_REPO=$repo DBKEEPER_REDIS_URL=$url DBKEEPER_LOG=warn \
+        /usr/bin/time -o "$work/rss" -f %M "$bin" backup >/dev/null
+    t2=$(now)
+    # What the stock tools need to store the same compressed artifact.
+    zstd -q -3 -T2 -f "$work/cli.rdb" -o "$work/cli.rdb.zst"
+    t3=$(now)
+    bytes=$(stat -c %s "$work/cli.rdb")
+    cli_zstd_s=$(python3 -c "print($t1-$t0+$t3-$t2)")
+    cli_s=$(python3 -c "print($t1-$t0)")
+    ours_s=$(python3 -c "print($t2-$t1)")
+    stored=$(du -sb "$repo" | cut -f1)
+    printf 'round %d: RDB %.0f MB | redis-cli --rdb %.2f s (%.0f MB/s) | dbkeeper backup %.2f s (%.0f MB/s, %.0f MB stored) max RSS %s KiB | speed ratio dbkeeper/redis-cli %s\n' \
+        "$round" "$(python3 -c "print($bytes/1e6)")" "$cli_s" "$(python3 -c "print($bytes/1e6/$cli_s)")" \
+        "$ours_s" "$(python3 -c "print($bytes/1e6/$ours_s)")" "$(python3 -c "print($stored/1e6)")" \
+        "$(cat "$work/rss")" "$(ratio "$cli_s" "$ours_s")"
+    printf '         redis-cli --rdb then zstd -3 -T2: %.2f s | speed ratio dbkeeper/(redis-cli+zstd) %s\n' \
+        "$cli_zstd_s" "$(ratio "$cli_zstd_s" "$ours_s")"
+    rm -rf "${repo:?}"/* "$work/cli.rdb.zst"
+done
