@@ -13,8 +13,8 @@ use chrono::Utc;
 use serde_json::{Value, json};
 use tracing::info;
 
-use super::Sidecar;
 use super::state::{JobKind, Trigger};
+use super::{NotStarted, Sidecar};
 use crate::repo::Repo;
 
 type App = Arc<Sidecar>;
@@ -255,10 +255,10 @@ fn start_job(app: &App, headers: &HeaderMap, kind: JobKind) -> Response {
             StatusCode::ACCEPTED,
             json!({ "job": id, "status_url": format!("/jobs/{id}") }),
         ),
-        Err(running) if running == "shutting down" => {
+        Err(NotStarted::Stopping) => {
             error(StatusCode::SERVICE_UNAVAILABLE, "the sidecar is stopping")
         }
-        Err(running) => ok(
+        Err(NotStarted::Busy(running)) => ok(
             StatusCode::CONFLICT,
             json!({ "error": format!("job {running} is still running"), "job": running }),
         ),

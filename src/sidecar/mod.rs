@@ -181,16 +181,25 @@ pub fn temp_bytes(root: &Path) -> u64 {
         .sum()
 }
 
+/// Why a job did not start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotStarted {
+    /// This job is still running.
+    Busy(String),
+    /// The sidecar is stopping.
+    Stopping,
+}
+
 impl Sidecar {
-    /// Starts a job unless one is running. Returns its id, or the id of the one running.
+    /// Starts a job unless one is running or the sidecar is stopping. Returns its id.
     pub fn start(
         self: &Arc<Self>,
         kind: JobKind,
         trigger: Trigger,
         due: DateTime<Utc>,
-    ) -> std::result::Result<String, String> {
+    ) -> std::result::Result<String, NotStarted> {
         if self.root.is_cancelled() {
-            return Err("shutting down".into());
+            return Err(NotStarted::Stopping);
         }
         match self.state.try_begin(kind, trigger, &self.root) {
             Ok((id, cancel)) => {
@@ -209,7 +218,7 @@ impl Sidecar {
                 if trigger == Trigger::Schedule {
                     warn!(kind = kind.name(), running = %busy.running, "scheduled run skipped: a job is still running");
                 }
-                Err(busy.running)
+                Err(NotStarted::Busy(busy.running))
             }
         }
     }
