@@ -833,3 +833,56 @@ fn a_scheduled_run_fires_on_the_minute() {
     assert_eq!(sets(repo.path()).len(), 1);
     assert!(sc.log().contains("\"schedule\""), "{}", sc.log());
 }
+
+/// Retention runs only after a run whose set verified: a failed run deletes nothing, even
+/// when the policy would.
+#[test]
+fn a_failed_run_never_applies_retention_and_a_verified_one_does() {
+    let repo = tempfile::tempdir().unwrap();
+    let r = RedisServer::start();
+    r.cli(&["SET", "k", "v"]);
+    for _ in 0..2 {
+        assert_code(
+            &run(dbkeeper(repo.path())
+                .env("DBKEEPER_REDIS_URL", r.url())
+                .arg("backup")),
+            0,
+        );
+    }
+    let before = sets(repo.path());
+    assert_eq!(before.len(), 2);
+    let (k, url) = redis_env(&r);
+    let sc = Sidecar::start(
+        repo.path(),
+        &[
+            (k, &url),
+            ("DBKEEPER_KEEP_LAST", "1"),
+            ("DBKEEPER_KEEP_DAILY", "0"),
+        ],
+    );
+
+    // The server now wants a password the sidecar does not have: the run fails.
+    r.cli(&["CONFIG", "SET", "requirepass", "locked-out"]);
+    let job = backup_via_api(&sc, None);
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(
+        sets(repo.path()),
+        before,
+        "a failed run changed the repository"
+    );
+
+    let o = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &r.port.to_string()])
+        .env("REDISCLI_AUTH", "locked-out")
+        .args(["CONFIG", "SET", "requirepass", ""])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let job = backup_via_api(&sc, None);
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        sets(repo.path()),
+        vec![job["set"].as_str().unwrap().to_owned()],
+        "retention (keep last 1) did not run after the verified run"
+    );
+}
