@@ -6,3 +6,4 @@ mod chroma;
 mod cli;
 mod mongodb;
 mod redis;
+mod sidecar;

@@ -103,7 +103,10 @@ pub(super) async fn dump(
     // Largest first, so the longest collection does not start last. Only worth asking when
     // there is an order to choose.
     if items.iter().filter(|it| it.meta.kind != Kind::View).count() > 1 {
-        let sizes: Vec<u64> = stream::iter(items.iter())
+        // Futures collected before they become a stream: a stream over a borrowing closure is
+        // not provably `Send` for every lifetime, which a spawned caller (the sidecar) needs.
+        let futs: Vec<_> = items
+            .iter()
             .map(|it| {
                 let client = client.clone();
                 async move {
@@ -113,6 +116,8 @@ pub(super) async fn dump(
                     estimated_count(&client, &it.db, &it.source).await * it.avg_obj_size.max(1)
                 }
             })
+            .collect();
+        let sizes: Vec<u64> = stream::iter(futs)
             .buffered(engine.cfg.parallel)
             .collect()
             .await;
@@ -153,26 +158,26 @@ pub(super) async fn dump(
     let progress = Progress::new("dump");
     let stop = cancel.child_token();
     progress.spawn_ticker(stop.clone());
-    let results: Vec<(usize, FileEntry, u64)> = stream::iter(
-        items
-            .iter()
-            .enumerate()
-            .filter(|(_, it)| it.meta.kind != Kind::View),
-    )
-    .map(|(i, it)| {
-        let client = client.clone();
-        let out = out.clone();
-        let progress = Arc::clone(&progress);
-        async move {
-            dump_collection(engine, &client, &out, it, &progress, cancel)
-                .await
-                .map(|(f, n)| (i, f, n))
-        }
-    })
-    .buffer_unordered(engine.cfg.parallel)
-    .try_collect()
-    .await
-    .inspect_err(|_| stop.cancel())?;
+    let futs: Vec<_> = items
+        .iter()
+        .enumerate()
+        .filter(|(_, it)| it.meta.kind != Kind::View)
+        .map(|(i, it)| {
+            let client = client.clone();
+            let out = out.clone();
+            let progress = Arc::clone(&progress);
+            async move {
+                dump_collection(engine, &client, &out, it, &progress, cancel)
+                    .await
+                    .map(|(f, n)| (i, f, n))
+            }
+        })
+        .collect();
+    let results: Vec<(usize, FileEntry, u64)> = stream::iter(futs)
+        .buffer_unordered(engine.cfg.parallel)
+        .try_collect()
+        .await
+        .inspect_err(|_| stop.cancel())?;
     stop.cancel();
 
     let mut counts = Counts::new();

@@ -188,76 +188,82 @@ pub(super) async fn restore(
         .collect();
 
     let reader_stop = stop.clone();
-    let readers = stream::iter(data.iter().map(move |(slot, p)| {
-        let tx = tx.clone();
-        let set = set.clone();
-        let f = p.entry.data.as_deref().and_then(|d| entry.file(d)).cloned();
-        let stop = reader_stop.clone();
-        let slot = *slot;
-        let capped = p.meta.options.get_bool("capped").unwrap_or(false);
-        async move {
-            let f = f.ok_or_else(|| {
-                Error::corrupt(set.id(), "a data file is not in the manifest".to_owned())
-            })?;
-            tokio::task::spawn_blocking(move || -> Result<u64> {
-                let r = set.open_file(&f)?;
-                let mut docs = DocReader::new(r);
-                let mut batch = Vec::new();
-                let mut bytes = 0usize;
-                loop {
-                    let doc = docs
-                        .next_doc()
-                        .map_err(|e| Error::corrupt(set.id(), format!("{}: {e}", f.path)))?;
-                    let full = match &doc {
-                        Some(d) => {
-                            !batch.is_empty()
-                                && (batch.len() >= max_batch
-                                    || bytes + d.as_bytes().len() > batch_bytes)
-                        }
-                        None => !batch.is_empty(),
-                    };
-                    if full {
-                        let (done, inserted) = if capped {
-                            let (t, r) = tokio::sync::oneshot::channel();
-                            (Some(t), Some(r))
-                        } else {
-                            (None, None)
+    // Collected first: a stream over a borrowing closure is not provably `Send` for every
+    // lifetime, which a spawned caller (the sidecar) needs.
+    let reader_futs: Vec<_> = data
+        .iter()
+        .map(move |(slot, p)| {
+            let tx = tx.clone();
+            let set = set.clone();
+            let f = p.entry.data.as_deref().and_then(|d| entry.file(d)).cloned();
+            let stop = reader_stop.clone();
+            let slot = *slot;
+            let capped = p.meta.options.get_bool("capped").unwrap_or(false);
+            async move {
+                let f = f.ok_or_else(|| {
+                    Error::corrupt(set.id(), "a data file is not in the manifest".to_owned())
+                })?;
+                tokio::task::spawn_blocking(move || -> Result<u64> {
+                    let r = set.open_file(&f)?;
+                    let mut docs = DocReader::new(r);
+                    let mut batch = Vec::new();
+                    let mut bytes = 0usize;
+                    loop {
+                        let doc = docs
+                            .next_doc()
+                            .map_err(|e| Error::corrupt(set.id(), format!("{}: {e}", f.path)))?;
+                        let full = match &doc {
+                            Some(d) => {
+                                !batch.is_empty()
+                                    && (batch.len() >= max_batch
+                                        || bytes + d.as_bytes().len() > batch_bytes)
+                            }
+                            None => !batch.is_empty(),
                         };
-                        let b = Batch {
-                            slot,
-                            docs: std::mem::take(&mut batch),
-                            bytes: bytes as u64,
-                            done,
-                        };
-                        bytes = 0;
-                        if stop.is_cancelled() || tx.blocking_send(b).is_err() {
-                            return Err(Error::Interrupted(0));
+                        if full {
+                            let (done, inserted) = if capped {
+                                let (t, r) = tokio::sync::oneshot::channel();
+                                (Some(t), Some(r))
+                            } else {
+                                (None, None)
+                            };
+                            let b = Batch {
+                                slot,
+                                docs: std::mem::take(&mut batch),
+                                bytes: bytes as u64,
+                                done,
+                            };
+                            bytes = 0;
+                            if stop.is_cancelled() || tx.blocking_send(b).is_err() {
+                                return Err(Error::Interrupted(0));
+                            }
+                            // A failed insert drops the sender; the worker's error says why.
+                            if let Some(r) = inserted
+                                && r.blocking_recv().is_err()
+                            {
+                                return Err(Error::Interrupted(0));
+                            }
                         }
-                        // A failed insert drops the sender; the worker's error says why.
-                        if let Some(r) = inserted
-                            && r.blocking_recv().is_err()
-                        {
-                            return Err(Error::Interrupted(0));
+                        match doc {
+                            Some(d) => {
+                                bytes += d.as_bytes().len();
+                                batch.push(d);
+                            }
+                            None => break,
                         }
                     }
-                    match doc {
-                        Some(d) => {
-                            bytes += d.as_bytes().len();
-                            batch.push(d);
-                        }
-                        None => break,
-                    }
-                }
-                let n = docs.count();
-                docs.into_inner().finish()?;
-                Ok(n)
-            })
-            .await
-            .map_err(|e| Error::engine(ENGINE, format!("reader task failed: {e}")))?
-        }
-    }))
-    .buffer_unordered(engine.cfg.parallel)
-    .try_collect::<Vec<u64>>();
+                    let n = docs.count();
+                    docs.into_inner().finish()?;
+                    Ok(n)
+                })
+                .await
+                .map_err(|e| Error::engine(ENGINE, format!("reader task failed: {e}")))?
+            }
+        })
+        .collect();
+    let readers = stream::iter(reader_futs)
+        .buffer_unordered(engine.cfg.parallel)
+        .try_collect::<Vec<u64>>();
 
     let read = tokio::select! {
         r = readers => r,
