@@ -886,3 +886,104 @@ fn a_failed_run_never_applies_retention_and_a_verified_one_does() {
         "retention (keep last 1) did not run after the verified run"
     );
 }
+
+/// The whole product without Docker: one sidecar guarding all three engines takes one set
+/// that covers them all and verifies; then `init` against three fresh, empty servers (the
+/// `down -v` case) brings every engine's data back.
+#[test]
+fn one_run_covers_all_three_engines_and_init_brings_them_back() {
+    use crate::common::chroma::{ChromaServer, py};
+    use crate::common::mongodb::Mongo;
+    use mongodb::bson::{RawDocumentBuf, doc};
+
+    let count_chroma = |port: u16| -> u64 {
+        py(
+            r#"
+import sys, chromadb
+c = chromadb.HttpClient(host="127.0.0.1", port=int(sys.argv[1]))
+print(c.get_collection("notes").count())
+"#,
+            &[&port.to_string()],
+        )
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    let raw = |d: mongodb::bson::Document| RawDocumentBuf::from_document(&d).unwrap();
+
+    let repo = tempfile::tempdir().unwrap();
+    let r = RedisServer::start();
+    r.cli(&["DEBUG", "POPULATE", "3000", "key", "20"]);
+    let m = Mongo::start(false, true);
+    m.insert(
+        "shop",
+        "orders",
+        (0..500)
+            .map(|i| raw(doc! {"_id": i, "total": i * 3}))
+            .collect(),
+    );
+    let c = ChromaServer::start();
+    py(
+        r#"
+import sys, chromadb
+c = chromadb.HttpClient(host="127.0.0.1", port=int(sys.argv[1]))
+col = c.create_collection("notes", metadata={"hnsw:space": "l2"})
+col.add(ids=[f"n{i}" for i in range(200)], embeddings=[[float(i), 1.0, 2.0, 3.0] for i in range(200)],
+        documents=[f"note {i}" for i in range(200)])
+"#,
+        &[&c.port.to_string()],
+    );
+
+    let env = [
+        ("DBKEEPER_REDIS_URL", r.url()),
+        ("DBKEEPER_MONGODB_URI", m.uri()),
+        ("DBKEEPER_CHROMA_URL", c.url()),
+    ];
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let sc = Sidecar::start(repo.path(), &env_ref);
+    let job = backup_via_api(&sc, None);
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", sc.log());
+    assert_eq!(job["engines"]["redis"]["records"], 3000, "{job}");
+    assert_eq!(job["engines"]["mongodb"]["records"], 500, "{job}");
+    assert_eq!(job["engines"]["chroma"]["records"], 200, "{job}");
+    let set = job["set"].as_str().unwrap().to_owned();
+    assert_eq!(
+        sets(repo.path()),
+        vec![set.clone()],
+        "one set for all engines"
+    );
+    let o = run(dbkeeper(repo.path()).args(["verify", &set, "--deep"]));
+    assert_code(&o, 0);
+    drop(sc);
+
+    // Fresh, empty servers: init waits for all three and preseeds each one.
+    let r2 = RedisServer::start();
+    let m2 = Mongo::start(false, true);
+    let c2 = ChromaServer::start();
+    let o = run(dbkeeper(repo.path())
+        .args(["init", "--timeout", "60s"])
+        .env("DBKEEPER_REDIS_URL", r2.url())
+        .env("DBKEEPER_MONGODB_URI", m2.uri())
+        .env("DBKEEPER_CHROMA_URL", c2.url()));
+    assert_code(&o, 0);
+    assert_eq!(r2.digest(), r.digest());
+    assert_eq!(
+        m2.sorted_docs("shop", "orders"),
+        m.sorted_docs("shop", "orders")
+    );
+    assert_eq!(count_chroma(c2.port), 200);
+
+    // Run again: every target now holds data, so init skips all three and still exits 0.
+    let o = run(dbkeeper(repo.path())
+        .args(["init", "--timeout", "60s"])
+        .env("DBKEEPER_REDIS_URL", r2.url())
+        .env("DBKEEPER_MONGODB_URI", m2.uri())
+        .env("DBKEEPER_CHROMA_URL", c2.url()));
+    assert_code(&o, 0);
+    assert_eq!(
+        stderr(&o).matches("preseed skipped").count(),
+        3,
+        "{}",
+        stderr(&o)
+    );
+}
