@@ -206,6 +206,11 @@ pub enum Command {
         #[arg(long, env = "DBKEEPER_PRUNE_DRY_RUN")]
         dry_run: bool,
     },
+    /// Copy this binary and its role names (dbkeeper-health, dbkeeper-init) into DIR
+    Install {
+        /// Target directory, usually a volume shared with the database containers
+        dir: std::path::PathBuf,
+    },
     /// The compose init role: wait for every engine, then preseed the empty ones
     Init {
         /// Overall deadline for the engines to become ready

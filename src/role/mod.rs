@@ -2,6 +2,7 @@
 
 pub mod backup;
 pub mod health;
+pub mod install;
 pub mod list;
 pub mod prune;
 pub mod restore;
@@ -24,6 +25,11 @@ const CLEANUP_GRACE: Duration = Duration::from_secs(5);
 /// Runs the verb. On a signal the role is cancelled, given [`CLEANUP_GRACE`] to clean up,
 /// and the result is `Interrupted(signal)` whatever the role returned.
 pub async fn run(cli: Cli, shutdown: &Shutdown) -> Result<()> {
+    // Install needs no engine or repository settings: it runs in an init container that
+    // is given none.
+    if let Command::Install { dir } = &cli.command {
+        return install::install(dir);
+    }
     let cfg = Config::from_args(&cli.global, &process_env)?;
     let token = shutdown.token().clone();
     let work = dispatch(cli.command, &cfg, &token);
@@ -114,6 +120,7 @@ async fn dispatch(
             restore::preseed(cfg, &engines, cancel).await.map(|_| ())
         }
         Command::Prune { dry_run } => prune::prune(cfg, dry_run, cancel).await.map(|_| ()),
+        Command::Install { dir } => install::install(&dir),
         Command::Init { timeout } => {
             info!(config = %cfg.describe(), "dbkeeper init");
             let engines = cfg.engines_required(&[])?;

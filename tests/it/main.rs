@@ -4,5 +4,6 @@ mod common;
 
 mod chroma;
 mod cli;
+mod install;
 mod mongodb;
 mod redis;
