@@ -29,6 +29,12 @@ pub fn install(dir: &Path) -> Result<()> {
 
 /// [`install`] from an explicit source binary.
 pub fn install_from(exe: &Path, dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::io(
+            dir,
+            io::Error::new(io::ErrorKind::NotADirectory, "exists and is not a directory"),
+        ));
+    }
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let target = dir.join(BINARY);
     let tmp = temp_name(dir, BINARY);
