@@ -211,10 +211,58 @@ pub enum Command {
         /// Target directory, usually a volume shared with the database containers
         dir: std::path::PathBuf,
     },
+    /// The resident role: scheduled backups, verify, retention, health loop, HTTP API
+    Sidecar(SidecarArgs),
+    /// Restore a set into scratch servers, compare counts with the manifest, wipe them again
+    TestRestore {
+        /// Set id, or `latest` (the newest set that verifies)
+        #[arg(default_value = "latest")]
+        id: String,
+        /// Scratch engine URLs (wiped before and after) [env: DBKEEPER_TEST_RESTORE_MONGODB_URI,
+        /// DBKEEPER_TEST_RESTORE_REDIS_URL, DBKEEPER_TEST_RESTORE_CHROMA_URL, each with _FILE]
+        #[arg(long, value_delimiter = ',', value_name = "URL")]
+        into: Vec<String>,
+    },
     /// The compose init role: wait for every engine, then preseed the empty ones
     Init {
         /// Overall deadline for the engines to become ready
         #[arg(long, env = "DBKEEPER_WAIT_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
         timeout: Duration,
     },
+}
+
+/// The sidecar's own settings. Secrets (the API token, scratch URLs) are read by `config`
+/// without clap's `env`, so `--help` never shows them.
+#[derive(Debug, Args, Clone)]
+pub struct SidecarArgs {
+    /// When to take a backup: 5-field cron, in UTC unless TZ names a zone
+    #[arg(long, env = "DBKEEPER_SCHEDULE", default_value = "0 2 * * *")]
+    pub schedule: String,
+    /// HTTP API and metrics address
+    #[arg(long, env = "DBKEEPER_LISTEN", default_value = "0.0.0.0:9216")]
+    pub listen: String,
+    /// How often every engine is probed
+    #[arg(long, env = "DBKEEPER_HEALTH_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+    /// Newest verified set older than this makes /health 503 (default: 2× the schedule interval)
+    #[arg(long, env = "DBKEEPER_MAX_BACKUP_AGE", value_parser = parse_duration)]
+    pub max_backup_age: Option<Duration>,
+    /// Repository free space below this raises an alert (`10%`, or bytes such as `5GiB`)
+    #[arg(long, env = "DBKEEPER_MIN_FREE", default_value = "10%")]
+    pub min_free: String,
+    /// Bearer token for POST/DELETE [env: DBKEEPER_API_TOKEN, DBKEEPER_API_TOKEN_FILE]
+    #[arg(long, value_name = "TOKEN")]
+    pub api_token: Option<String>,
+    /// Webhook receiving a JSON POST after a failed run [env: DBKEEPER_NOTIFY_URL, _FILE]
+    #[arg(long, value_name = "URL")]
+    pub notify_url: Option<String>,
+    /// Which runs notify
+    #[arg(long, env = "DBKEEPER_NOTIFY_ON", default_value = "failure", value_parser = ["failure", "always"])]
+    pub notify_on: String,
+    /// How long a running job may take to stop after SIGTERM
+    #[arg(long, env = "DBKEEPER_STOP_TIMEOUT", default_value = "8s", value_parser = parse_duration)]
+    pub stop_timeout: Duration,
+    /// When to run test-restore into the scratch servers (5-field cron; off when unset)
+    #[arg(long, env = "DBKEEPER_TEST_RESTORE_SCHEDULE")]
+    pub test_restore_schedule: Option<String>,
 }

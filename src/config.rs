@@ -3,11 +3,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cli::GlobalArgs;
+use crate::cli::{GlobalArgs, SidecarArgs};
 use crate::engine::{Engine, EngineKind, EngineOps, EngineOptions};
 use crate::error::{Error, Result};
 use crate::repo::retention::Policy;
 use crate::secret::{self, Secret};
+use crate::sidecar::schedule::Schedule;
 
 pub struct Config {
     pub repo: PathBuf,
@@ -129,5 +130,273 @@ impl Config {
             self.retention.keep_weekly,
             self.retention.keep_monthly
         )
+    }
+}
+
+/// Where the repository's free-space alert starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MinFree {
+    /// Percent of the filesystem's size.
+    Percent(f64),
+    Bytes(u64),
+}
+
+impl MinFree {
+    pub fn parse(s: &str) -> Result<MinFree> {
+        let t = s.trim();
+        let bad = || {
+            Error::config(format!(
+                "DBKEEPER_MIN_FREE={s:?}: expected a percentage such as 10% or a size such as 5GiB"
+            ))
+        };
+        if let Some(p) = t.strip_suffix('%') {
+            let v: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(0.0..=100.0).contains(&v) {
+                return Err(bad());
+            }
+            return Ok(MinFree::Percent(v));
+        }
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "TiB" | "T" => 1 << 40,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(mult).map(MinFree::Bytes).ok_or_else(bad)
+    }
+
+    /// Whether `free` of `total` bytes is below the threshold.
+    pub fn is_low(&self, free: u64, total: u64) -> bool {
+        match *self {
+            MinFree::Percent(p) => total > 0 && (free as f64) * 100.0 < p * total as f64,
+            MinFree::Bytes(b) => free < b,
+        }
+    }
+}
+
+/// The scratch servers test-restore may wipe: `--into` URLs, else the
+/// `DBKEEPER_TEST_RESTORE_*` variables. A scratch URL that is also a configured engine URL is
+/// refused: wiping it would destroy the data the backups protect.
+pub fn scratch_urls(cfg: &Config, into: &[String], env: EnvLookup<'_>) -> Result<Vec<Secret>> {
+    let mut urls: Vec<Secret> = into
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| Secret::new(s.trim().to_owned()))
+        .collect();
+    if urls.is_empty() {
+        for name in [
+            "DBKEEPER_TEST_RESTORE_MONGODB_URI",
+            "DBKEEPER_TEST_RESTORE_REDIS_URL",
+            "DBKEEPER_TEST_RESTORE_CHROMA_URL",
+        ] {
+            if let Some(u) = secret::resolve(name, None, env)? {
+                urls.push(u);
+            }
+        }
+    }
+    let mut kinds = Vec::new();
+    for u in &urls {
+        let kind = EngineKind::from_url(u.expose())?;
+        if kinds.contains(&kind) {
+            return Err(Error::config(format!(
+                "two scratch {kind} URLs given; test-restore takes one per engine"
+            )));
+        }
+        kinds.push(kind);
+        if cfg
+            .urls
+            .iter()
+            .any(|(_, p)| same_server(p.expose(), u.expose()))
+        {
+            return Err(Error::config(format!(
+                "scratch URL {} is also a configured engine; test-restore wipes its target, so it must be a separate scratch server",
+                secret::redact_url(u.expose())
+            )));
+        }
+    }
+    Ok(urls)
+}
+
+/// Whether two engine URLs point at the same server (scheme, host and port; the database
+/// number or path does not make a Redis or MongoDB server a different one).
+fn same_server(a: &str, b: &str) -> bool {
+    fn key(raw: &str) -> Option<(EngineKind, String, u16)> {
+        let u = url::Url::parse(raw).ok()?;
+        let kind = EngineKind::from_url(raw).ok()?;
+        let host = u.host_str()?.trim_matches(['[', ']']).to_ascii_lowercase();
+        let host = match host.as_str() {
+            "localhost" | "::1" => "127.0.0.1".to_owned(),
+            _ => host,
+        };
+        let port = u.port_or_known_default().or(match kind {
+            EngineKind::Redis => Some(6379),
+            EngineKind::Mongodb => Some(27017),
+            EngineKind::Chroma => None,
+        })?;
+        Some((kind, host, port))
+    }
+    match (key(a), key(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// The sidecar's settings, validated.
+pub struct SidecarConfig {
+    pub schedule: Schedule,
+    pub listen: std::net::SocketAddr,
+    pub health_interval: Duration,
+    pub max_backup_age: Duration,
+    pub min_free: MinFree,
+    pub api_token: Option<Secret>,
+    pub notify_url: Option<Secret>,
+    pub notify_always: bool,
+    pub stop_timeout: Duration,
+    pub test_restore: Option<Schedule>,
+    pub scratch: Vec<Secret>,
+}
+
+impl SidecarConfig {
+    pub fn from_args(cfg: &Config, a: &SidecarArgs, env: EnvLookup<'_>) -> Result<SidecarConfig> {
+        let tz = env("TZ");
+        let schedule = Schedule::parse("DBKEEPER_SCHEDULE", &a.schedule, tz.as_deref())?;
+        let listen = a.listen.parse().map_err(|_| {
+            Error::config(format!(
+                "DBKEEPER_LISTEN={:?}: expected an address such as 0.0.0.0:9216",
+                a.listen
+            ))
+        })?;
+        if a.health_interval.is_zero() {
+            return Err(Error::config("DBKEEPER_HEALTH_INTERVAL must be above 0s"));
+        }
+        let max_backup_age = match a.max_backup_age {
+            Some(d) if d.is_zero() => {
+                return Err(Error::config("DBKEEPER_MAX_BACKUP_AGE must be above 0s"));
+            }
+            Some(d) => d,
+            None => schedule.interval(chrono::Utc::now()) * 2,
+        };
+        let test_restore = a
+            .test_restore_schedule
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| Schedule::parse("DBKEEPER_TEST_RESTORE_SCHEDULE", s, tz.as_deref()))
+            .transpose()?;
+        let scratch = scratch_urls(cfg, &[], env)?;
+        if test_restore.is_some() && scratch.is_empty() {
+            return Err(Error::config(
+                "DBKEEPER_TEST_RESTORE_SCHEDULE is set but no scratch server is: set DBKEEPER_TEST_RESTORE_REDIS_URL (or _MONGODB_URI, _CHROMA_URL)",
+            ));
+        }
+        let notify_url = secret::resolve("DBKEEPER_NOTIFY_URL", a.notify_url.clone(), env)?;
+        if let Some(u) = &notify_url {
+            match url::Url::parse(u.expose()) {
+                Ok(p) if p.scheme() == "http" || p.scheme() == "https" => {}
+                _ => {
+                    return Err(Error::config(format!(
+                        "DBKEEPER_NOTIFY_URL={}: expected an http:// or https:// URL",
+                        secret::redact_url(u.expose())
+                    )));
+                }
+            }
+        }
+        Ok(SidecarConfig {
+            schedule,
+            listen,
+            health_interval: a.health_interval,
+            max_backup_age,
+            min_free: MinFree::parse(&a.min_free)?,
+            api_token: secret::resolve("DBKEEPER_API_TOKEN", a.api_token.clone(), env)?,
+            notify_url,
+            notify_always: a.notify_on == "always",
+            stop_timeout: a.stop_timeout,
+            test_restore,
+            scratch,
+        })
+    }
+
+    /// One line for the start-up banner; secrets are only said to be set.
+    pub fn describe(&self) -> String {
+        format!(
+            "schedule={:?} tz={} listen={} health_interval={} max_backup_age={} min_free={:?} api_token={} notify={} stop_timeout={} test_restore={}",
+            self.schedule.expr(),
+            self.schedule.tz(),
+            self.listen,
+            humantime::format_duration(self.health_interval),
+            humantime::format_duration(self.max_backup_age),
+            self.min_free,
+            if self.api_token.is_some() {
+                "set"
+            } else {
+                "none"
+            },
+            match &self.notify_url {
+                Some(u) => format!(
+                    "{}({})",
+                    secret::redact_url(u.expose()),
+                    if self.notify_always {
+                        "always"
+                    } else {
+                        "failure"
+                    }
+                ),
+                None => "none".into(),
+            },
+            humantime::format_duration(self.stop_timeout),
+            match &self.test_restore {
+                Some(s) => format!(
+                    "{:?}->[{}]",
+                    s.expr(),
+                    self.scratch
+                        .iter()
+                        .map(|u| secret::redact_url(u.expose()))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+                None => "off".into(),
+            }
+        )
+    }
+}
+
+#[cfg(test)]
+mod sidecar_tests {
+    use super::*;
+
+    #[test]
+    fn min_free_parses_percent_and_sizes() {
+        assert_eq!(MinFree::parse("10%").unwrap(), MinFree::Percent(10.0));
+        assert_eq!(MinFree::parse("5GiB").unwrap(), MinFree::Bytes(5 << 30));
+        assert_eq!(MinFree::parse("100").unwrap(), MinFree::Bytes(100));
+        for bad in ["", "ten", "110%", "-1%", "5XB", "%"] {
+            assert!(MinFree::parse(bad).is_err(), "{bad}");
+        }
+        assert!(MinFree::Percent(10.0).is_low(9, 100));
+        assert!(!MinFree::Percent(10.0).is_low(10, 100));
+        assert!(MinFree::Bytes(10).is_low(9, 1000));
+    }
+
+    #[test]
+    fn same_server_ignores_db_and_credentials() {
+        assert!(same_server(
+            "redis://:pw@127.0.0.1:6379/0",
+            "redis://127.0.0.1/3"
+        ));
+        assert!(!same_server(
+            "redis://127.0.0.1:6379",
+            "redis://127.0.0.1:6380"
+        ));
+        assert!(!same_server("redis://a:6379", "redis://b:6379"));
+        assert!(same_server("redis://localhost", "rediss://127.0.0.1:6379"));
+        assert!(same_server("mongodb://m/db", "mongodb://u:p@m:27017/"));
     }
 }

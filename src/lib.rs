@@ -9,7 +9,9 @@
 //! - `logging`, `shutdown`: tracing set-up; signals → cancellation.
 //! - `engine`: the engine contract and its MongoDB, Redis and Chroma implementations.
 //! - `repo`: sets on disk — manifest, atomic publish, lock, verification, retention.
-//! - `role`: one module per verb (wait, health, backup, list, verify, restore/preseed, prune).
+//! - `role`: one module per verb (wait, health, backup, list, verify, restore/preseed, prune,
+//!   init, test-restore).
+//! - `sidecar`: the resident role — schedule, jobs, health loop, HTTP API, metrics, webhooks.
 
 pub mod cli;
 pub mod config;
@@ -21,6 +23,7 @@ pub mod repo;
 pub mod role;
 pub mod secret;
 pub mod shutdown;
+pub mod sidecar;
 
 pub use error::{Error, Result};
 pub use exit::ExitCode;

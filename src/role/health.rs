@@ -1,6 +1,10 @@
 //! `dbkeeper health URL` and `dbkeeper-health`: one protocol-level probe, one line, exit 0 or 1.
 //! This path runs every few seconds in every database container, so it sets up nothing it
 //! does not need: no logging, and an async runtime only for engines whose client needs one.
+//!
+//! The sidecar's own healthcheck reads its `GET /health`: the target `self` means
+//! `http://127.0.0.1:<port of DBKEEPER_LISTEN>/health`, and any `http(s)://…/health` URL is
+//! read as a sidecar's (a bare `http://host:port` stays a Chroma server).
 
 use std::ffi::OsString;
 use std::time::{Duration, Instant};
@@ -16,6 +20,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Probes one URL once. Redis is probed on the calling thread; the others on a
 /// current-thread runtime built for this call.
 pub fn probe_url(url: &Secret, opts: &EngineOptions, timeout: Duration) -> Result<Probe> {
+    if is_sidecar_url(url.expose()) {
+        return probe_sidecar(url.expose(), timeout);
+    }
     if EngineKind::from_url(url.expose())? == EngineKind::Redis {
         return crate::engine::redis::probe_blocking(url, timeout);
     }
@@ -57,6 +64,115 @@ pub fn check(urls: &[Secret], opts: &EngineOptions, timeout: Duration) -> bool {
         }
     }
     healthy
+}
+
+/// `self` → the local sidecar's `/health`, from `DBKEEPER_LISTEN` (default `0.0.0.0:9216`;
+/// an unspecified address is reached on loopback). Other targets are returned unchanged.
+pub fn resolve_self(target: &str, env: EnvLookup<'_>) -> Result<String> {
+    if target != "self" {
+        return Ok(target.to_owned());
+    }
+    let listen = env("DBKEEPER_LISTEN").unwrap_or_else(|| "0.0.0.0:9216".into());
+    let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+        Error::config(format!(
+            "DBKEEPER_LISTEN={listen:?}: expected an address such as 0.0.0.0:9216"
+        ))
+    })?;
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v) if v.is_unspecified() => "127.0.0.1".to_owned(),
+        std::net::IpAddr::V6(v) if v.is_unspecified() => "[::1]".to_owned(),
+        std::net::IpAddr::V4(v) => v.to_string(),
+        std::net::IpAddr::V6(v) => format!("[{v}]"),
+    };
+    Ok(format!("http://{ip}:{}/health", addr.port()))
+}
+
+/// Whether a URL names a dbkeeper sidecar's health endpoint rather than a Chroma server.
+pub fn is_sidecar_url(url: &str) -> bool {
+    match url::Url::parse(url) {
+        Ok(u) => {
+            matches!(u.scheme(), "http" | "https") && u.path().trim_end_matches('/') == "/health"
+        }
+        Err(_) => false,
+    }
+}
+
+/// One `GET /health` over plain HTTP/1.0 on the calling thread. Written by hand: on this path
+/// an HTTP client and a runtime would cost more than the request itself.
+fn probe_sidecar(url: &str, timeout: Duration) -> Result<Probe> {
+    use std::io::{Read, Write};
+    use std::net::{TcpStream, ToSocketAddrs};
+    let shown = redact_url(url);
+    let unreachable = |message: String| Error::Unreachable {
+        engine: "sidecar",
+        url: shown.clone(),
+        message,
+    };
+    let u = url::Url::parse(url).map_err(|e| Error::config(format!("{shown}: {e}")))?;
+    if u.scheme() != "http" {
+        return Err(Error::config(format!(
+            "{shown}: the sidecar serves plain http only"
+        )));
+    }
+    let host = u
+        .host_str()
+        .ok_or_else(|| Error::config(format!("{shown}: no host")))?;
+    let port = u.port().unwrap_or(80);
+    let addr = (host.trim_matches(['[', ']']), port)
+        .to_socket_addrs()
+        .map_err(|e| unreachable(format!("cannot resolve: {e}")))?
+        .next()
+        .ok_or_else(|| unreachable("no address".into()))?;
+    let mut stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| unreachable(e.to_string()))?;
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
+    write!(
+        stream,
+        "GET {} HTTP/1.0\r\nHost: {host}:{port}\r\nAccept: application/json\r\n\r\n",
+        u.path()
+    )
+    .map_err(|e| unreachable(e.to_string()))?;
+    let mut buf = Vec::new();
+    stream
+        .take(256 * 1024)
+        .read_to_end(&mut buf)
+        .map_err(|e| unreachable(e.to_string()))?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| unreachable("not an HTTP answer".into()))?;
+    let json: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    match code {
+        200 => Ok(Probe {
+            version: None,
+            detail: format!(
+                "sidecar newest_verified={}",
+                json["backup"]["newest_verified"].as_str().unwrap_or("none")
+            ),
+        }),
+        503 => {
+            let reasons: Vec<String> = json["reasons"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|r| r.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Err(Error::engine(
+                "sidecar",
+                format!("unhealthy at {shown}: {}", reasons.join("; ")),
+            ))
+        }
+        other => Err(Error::engine(
+            "sidecar",
+            format!("{shown} answered HTTP {other}; is this a dbkeeper sidecar?"),
+        )),
+    }
 }
 
 /// The configured URLs (`DBKEEPER_*_URL(_FILE)`), for a probe given no URL.
@@ -111,7 +227,7 @@ fn parse_and_check(args: &[OsString], env: EnvLookup<'_>) -> Result<bool> {
         } else if arg.starts_with('-') {
             return Err(Error::config(format!("unknown flag {arg}")));
         } else {
-            urls.push(Secret::new(arg));
+            urls.push(Secret::new(resolve_self(&arg, env)?));
         }
     }
     if urls.is_empty() {
@@ -130,4 +246,32 @@ fn parse_and_check(args: &[OsString], env: EnvLookup<'_>) -> Result<bool> {
         ..EngineOptions::default()
     };
     Ok(check(&urls, &opts, timeout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_names_the_local_sidecar() {
+        let none = |_: &str| None;
+        assert_eq!(
+            resolve_self("self", &none).unwrap(),
+            "http://127.0.0.1:9216/health"
+        );
+        let listen = |k: &str| (k == "DBKEEPER_LISTEN").then(|| "10.1.2.3:8080".to_owned());
+        assert_eq!(
+            resolve_self("self", &listen).unwrap(),
+            "http://10.1.2.3:8080/health"
+        );
+        let v6 = |k: &str| (k == "DBKEEPER_LISTEN").then(|| "[::]:9216".to_owned());
+        assert_eq!(
+            resolve_self("self", &v6).unwrap(),
+            "http://[::1]:9216/health"
+        );
+        assert_eq!(resolve_self("redis://h", &none).unwrap(), "redis://h");
+        assert!(is_sidecar_url("http://sidecar:9216/health"));
+        assert!(!is_sidecar_url("http://chroma:8000"));
+        assert!(!is_sidecar_url("redis://h/health"));
+    }
 }

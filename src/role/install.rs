@@ -32,7 +32,10 @@ pub fn install_from(exe: &Path, dir: &Path) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
         return Err(Error::io(
             dir,
-            io::Error::new(io::ErrorKind::NotADirectory, "exists and is not a directory"),
+            io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "exists and is not a directory",
+            ),
         ));
     }
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

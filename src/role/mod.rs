@@ -2,19 +2,19 @@
 
 pub mod backup;
 pub mod health;
+pub mod init;
 pub mod install;
 pub mod list;
 pub mod prune;
 pub mod restore;
+pub mod test_restore;
 pub mod verify;
 pub mod wait;
 
 use std::time::Duration;
 
-use tracing::info;
-
 use crate::cli::{Cli, Command};
-use crate::config::{Config, process_env};
+use crate::config::{Config, SidecarConfig, process_env};
 use crate::error::{Error, Result};
 use crate::repo::Repo;
 use crate::shutdown::Shutdown;
@@ -23,7 +23,8 @@ use crate::shutdown::Shutdown;
 const CLEANUP_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the verb. On a signal the role is cancelled, given [`CLEANUP_GRACE`] to clean up,
-/// and the result is `Interrupted(signal)` whatever the role returned.
+/// and the result is `Interrupted(signal)` whatever the role returned. The sidecar is the
+/// exception: it is a service, it has its own stop timeout, and a clean stop is success.
 pub async fn run(cli: Cli, shutdown: &Shutdown) -> Result<()> {
     // Install needs no engine or repository settings: it runs in an init container that
     // is given none.
@@ -32,6 +33,10 @@ pub async fn run(cli: Cli, shutdown: &Shutdown) -> Result<()> {
     }
     let cfg = Config::from_args(&cli.global, &process_env)?;
     let token = shutdown.token().clone();
+    if let Command::Sidecar(args) = &cli.command {
+        let sc = SidecarConfig::from_args(&cfg, args, &process_env)?;
+        return crate::sidecar::run(cfg, sc, token).await;
+    }
     let work = dispatch(cli.command, &cfg, &token);
     tokio::pin!(work);
     let result = tokio::select! {
@@ -80,7 +85,10 @@ async fn dispatch(
         }
         Command::Health { url, timeout } => {
             let urls = match url {
-                Some(u) => vec![crate::secret::Secret::new(u)],
+                Some(u) => vec![crate::secret::Secret::new(health::resolve_self(
+                    &u,
+                    &process_env,
+                )?)],
                 None => cfg.urls.iter().map(|(_, u)| u.clone()).collect(),
             };
             if urls.is_empty() {
@@ -121,20 +129,19 @@ async fn dispatch(
         }
         Command::Prune { dry_run } => prune::prune(cfg, dry_run, cancel).await.map(|_| ()),
         Command::Install { dir } => install::install(&dir),
-        Command::Init { timeout } => {
-            info!(config = %cfg.describe(), "dbkeeper init");
-            let engines = cfg.engines_required(&[])?;
-            // A Redis preseeded through its data directory is not running yet: don't wait.
-            let live: Vec<_> = engines
-                .into_iter()
-                .filter(|e| {
-                    !(cfg.redis_data_dir.is_some()
-                        && crate::engine::EngineOps::kind(e) == crate::engine::EngineKind::Redis)
-                })
-                .collect();
-            wait::wait_all(&live, timeout, cancel).await?;
-            let all = cfg.engines(&[])?;
-            restore::preseed(cfg, &all, cancel).await.map(|_| ())
+        Command::Init { timeout } => init::init(cfg, timeout, cancel).await,
+        // `run` starts the sidecar itself, with its own stop rules.
+        Command::Sidecar(_) => Err(Error::config("the sidecar cannot be dispatched as a verb")),
+        Command::TestRestore { id, into } => {
+            if id != "latest" && crate::repo::parse_set_name(&id).is_none() {
+                return Err(Error::config(format!(
+                    "{id:?} is not a set id (YYYY-MM-DD_HH-MM-SS) or `latest`"
+                )));
+            }
+            let scratch = crate::config::scratch_urls(cfg, &into, &process_env)?;
+            test_restore::test_restore(cfg, &id, &scratch, cancel)
+                .await
+                .map(|_| ())
         }
     }
 }

@@ -7,3 +7,4 @@ mod cli;
 mod install;
 mod mongodb;
 mod redis;
+mod sidecar;

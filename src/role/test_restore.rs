@@ -1,0 +1,151 @@
+//! `dbkeeper test-restore`: proves a set restores. Loads it into scratch servers (wiped
+//! first: they are scratch by definition), compares the restored counts with the manifest,
+//! and wipes the scratch servers again whatever the outcome.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::engine::{Engine, EngineKind, EngineOps, RestoreOptions};
+use crate::error::{Error, Result};
+use crate::repo::Repo;
+use crate::secret::Secret;
+use crate::sidecar::state::{EngineResult, JobStatus};
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub set: String,
+    pub engines: BTreeMap<EngineKind, EngineResult>,
+}
+
+/// Restores `id` (or `latest`) into each scratch URL. Fails (after cleaning every target)
+/// when a restore fails or its counts differ from the manifest.
+pub async fn test_restore(
+    cfg: &Config,
+    id: &str,
+    scratch: &[Secret],
+    cancel: &CancellationToken,
+) -> Result<Report> {
+    if scratch.is_empty() {
+        return Err(Error::config(
+            "test-restore needs scratch servers: --into URL[,URL] or DBKEEPER_TEST_RESTORE_REDIS_URL / _MONGODB_URI / _CHROMA_URL",
+        ));
+    }
+    let targets: Vec<Engine> = scratch
+        .iter()
+        .map(|u| Engine::from_url(u, &cfg.engine_options))
+        .collect::<Result<_>>()?;
+    let kinds: Vec<EngineKind> = targets.iter().map(|t| t.kind()).collect();
+    let root = cfg.repo.clone();
+    let wanted = id.to_owned();
+    let only = (kinds.len() == 1).then(|| kinds[0]);
+    let set = tokio::task::spawn_blocking(move || Repo::open(&root)?.resolve(&wanted, only))
+        .await
+        .map_err(|e| Error::engine("repo", format!("task failed: {e}")))??;
+    for k in &kinds {
+        if !set.manifest.engines.contains_key(k) {
+            return Err(Error::repo(
+                &set.dir,
+                format!("set {} holds no {k} backup to test", set.id()),
+            ));
+        }
+    }
+    // Every target must answer before any is wiped.
+    for t in &targets {
+        t.probe(PROBE_TIMEOUT).await?;
+    }
+    info!(
+        set = set.id(),
+        targets = targets.len(),
+        "test-restore started"
+    );
+    let mut engines = BTreeMap::new();
+    let mut first_error = None;
+    for t in &targets {
+        let entry = &set.manifest.engines[&t.kind()];
+        let start = Instant::now();
+        let outcome = async {
+            t.wipe().await?;
+            let counts = t
+                .restore(&set, entry, &RestoreOptions { force: true }, cancel)
+                .await?;
+            if counts != entry.counts {
+                return Err(Error::corrupt(
+                    set.id(),
+                    format!(
+                        "{}: restored counts {:?} differ from the manifest's {:?}",
+                        t.kind(),
+                        counts,
+                        entry.counts
+                    ),
+                ));
+            }
+            Ok(counts.values().sum::<u64>())
+        }
+        .await;
+        // The scratch server is cleaned whatever happened.
+        if let Err(e) = t.wipe().await {
+            warn!(engine = %t.kind(), url = t.display_url(), error = %e, "cannot wipe the scratch server after the test");
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        match outcome {
+            Ok(records) => {
+                info!(engine = %t.kind(), set = set.id(), records, elapsed_ms = (elapsed * 1000.0) as u64, "test-restore ok");
+                println!(
+                    "ok: {} from set {} restored into {}: {records} records match the manifest",
+                    t.kind(),
+                    set.id(),
+                    t.display_url()
+                );
+                engines.insert(
+                    t.kind(),
+                    EngineResult {
+                        status: JobStatus::Succeeded,
+                        records: Some(records),
+                        bytes: Some(entry.stored_bytes()),
+                        duration_seconds: Some(elapsed),
+                        error: None,
+                    },
+                );
+            }
+            Err(e) => {
+                let interrupted = matches!(e, Error::Interrupted(_));
+                if !interrupted {
+                    println!("failed: {} from set {}: {e:#}", t.kind(), set.id());
+                }
+                engines.insert(
+                    t.kind(),
+                    EngineResult {
+                        status: if interrupted {
+                            JobStatus::Cancelled
+                        } else {
+                            JobStatus::Failed
+                        },
+                        records: None,
+                        bytes: Some(entry.stored_bytes()),
+                        duration_seconds: Some(elapsed),
+                        error: Some(format!("{e:#}")),
+                    },
+                );
+                if first_error.is_none() {
+                    first_error = Some(e);
+                }
+                if interrupted {
+                    break;
+                }
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(Report {
+            set: set.id().to_owned(),
+            engines,
+        }),
+    }
+}

@@ -1,0 +1,677 @@
+//! The resident role: the backup schedule, deep verify and retention after each run, the
+//! health loop, the HTTP API, notifications, and a clean stop on SIGTERM.
+//!
+//! The process starts no child processes, so as PID 1 it has no zombies to reap.
+
+pub mod http;
+pub mod metrics;
+pub mod notify;
+pub mod schedule;
+pub mod state;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures_util::future::join_all;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{Config, SidecarConfig};
+use crate::engine::{Engine, EngineKind, EngineOps};
+use crate::error::{Error, Result};
+use crate::repo::manifest::Manifest;
+use crate::repo::{self, Repo, TMP_PREFIX, VerifyLevel};
+use crate::role;
+use state::{EngineHealth, EngineResult, JobKind, JobStatus, RunRecord, State, Trigger};
+
+/// A probe that takes longer than this counts as down.
+const MAX_PROBE: Duration = Duration::from_secs(5);
+/// Progress of a running job is logged this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// Suffix given to a freshly written set that fails its deep verification: no longer a set
+/// name, so list, restore, preseed and retention never see it; kept for the operator.
+pub const FAILED_VERIFY_SUFFIX: &str = ".failed-verify";
+
+pub struct Sidecar {
+    pub cfg: Config,
+    pub sc: SidecarConfig,
+    pub engines: Vec<Engine>,
+    pub state: State,
+    /// Cancelled by SIGTERM/SIGINT; every job's token is a child of it.
+    pub root: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Runs the sidecar until `root` is cancelled, then stops within the stop timeout. A clean
+/// stop is success: the sidecar is a service, not a one-shot job.
+pub async fn run(cfg: Config, sc: SidecarConfig, root: CancellationToken) -> Result<()> {
+    let engines = cfg.engines_required(&[])?;
+    Repo::open(&cfg.repo)?;
+    info!(config = %cfg.describe(), sidecar = %sc.describe(), "dbkeeper sidecar starting");
+    let listener = tokio::net::TcpListener::bind(sc.listen)
+        .await
+        .map_err(|e| Error::config(format!("DBKEEPER_LISTEN={}: cannot listen: {e}", sc.listen)))?;
+    let app = Arc::new(Sidecar {
+        cfg,
+        sc,
+        engines,
+        state: State::new(Utc::now()),
+        root: root.clone(),
+        tracker: TaskTracker::new(),
+    });
+    info!(
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        next_backup = %next_label(&app.sc.schedule),
+        "sidecar ready"
+    );
+
+    app.tracker.spawn(app.clone().find_newest_verified());
+    app.tracker.spawn(app.clone().health_loop());
+    {
+        let app2 = app.clone();
+        app.tracker.spawn(async move {
+            let a = app2.clone();
+            schedule::run(
+                &app2.sc.schedule,
+                &schedule::SystemClock,
+                &app2.root,
+                move |due| {
+                    // A skip is counted and logged by `start`.
+                    let _ = a.start(JobKind::Backup, Trigger::Schedule, due);
+                },
+            )
+            .await;
+        });
+    }
+    if let Some(tr) = app.sc.test_restore.clone() {
+        let app2 = app.clone();
+        app.tracker.spawn(async move {
+            let a = app2.clone();
+            schedule::run(&tr, &schedule::SystemClock, &app2.root, move |due| {
+                // A skip is counted and logged by `start`.
+                let _ = a.start(JobKind::TestRestore, Trigger::Schedule, due);
+            })
+            .await;
+        });
+    }
+    {
+        let router = http::router(app.clone());
+        let stop = root.clone();
+        app.tracker.spawn(async move {
+            let r = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = r {
+                warn!(error = %e, "HTTP server stopped");
+            }
+        });
+    }
+
+    root.cancelled().await;
+    // Every job's token is a child of `root`: a running job is already being cancelled.
+    info!(
+        stop_timeout_ms = app.sc.stop_timeout.as_millis() as u64,
+        "stopping: no new connections, no new jobs; waiting for tasks to end"
+    );
+    app.tracker.close();
+    match tokio::time::timeout(app.sc.stop_timeout, app.tracker.wait()).await {
+        Ok(()) => {
+            info!("sidecar stopped");
+            Ok(())
+        }
+        Err(_) => Err(Error::engine(
+            "sidecar",
+            format!(
+                "the running job did not stop within {}; an incomplete set it left is removed on the next start",
+                humantime::format_duration(app.sc.stop_timeout)
+            ),
+        )),
+    }
+}
+
+fn next_label(s: &schedule::Schedule) -> String {
+    s.next_after(Utc::now())
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_else(|| "never".into())
+}
+
+/// The engine an error is about, when it names one.
+fn error_engine(e: &Error) -> Option<&'static str> {
+    match e {
+        Error::Unreachable { engine, .. }
+        | Error::Refused { engine, .. }
+        | Error::Deadline { engine, .. }
+        | Error::Engine { engine, .. }
+        | Error::NotEmpty { engine, .. } => Some(engine),
+        _ => None,
+    }
+}
+
+fn status_of(r: &Result<impl Sized>) -> JobStatus {
+    match r {
+        Ok(_) => JobStatus::Succeeded,
+        Err(Error::Interrupted(_)) => JobStatus::Cancelled,
+        Err(_) => JobStatus::Failed,
+    }
+}
+
+/// Bytes under `.tmp-*` directories of the repository (the set being written).
+pub fn temp_bytes(root: &Path) -> u64 {
+    fn size(p: &Path) -> u64 {
+        let Ok(rd) = std::fs::read_dir(p) else {
+            return 0;
+        };
+        rd.flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => size(&e.path()),
+                Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    rd.flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(TMP_PREFIX))
+        .map(|e| size(&e.path()))
+        .sum()
+}
+
+/// Why a job did not start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotStarted {
+    /// This job is still running.
+    Busy(String),
+    /// The sidecar is stopping.
+    Stopping,
+}
+
+impl Sidecar {
+    /// Starts a job unless one is running or the sidecar is stopping. Returns its id.
+    pub fn start(
+        self: &Arc<Self>,
+        kind: JobKind,
+        trigger: Trigger,
+        due: DateTime<Utc>,
+    ) -> std::result::Result<String, NotStarted> {
+        if self.root.is_cancelled() {
+            return Err(NotStarted::Stopping);
+        }
+        match self.state.try_begin(kind, trigger, &self.root) {
+            Ok((id, cancel)) => {
+                info!(job = %id, kind = kind.name(), trigger = if trigger == Trigger::Api { "api" } else { "schedule" }, due = %due.to_rfc3339(), "job started");
+                let app = self.clone();
+                let id2 = id.clone();
+                self.tracker.spawn(async move {
+                    match kind {
+                        JobKind::Backup => app.run_backup(&id2, &cancel).await,
+                        JobKind::TestRestore => app.run_test_restore(&id2, &cancel).await,
+                    }
+                });
+                Ok(id)
+            }
+            Err(busy) => {
+                if trigger == Trigger::Schedule {
+                    warn!(kind = kind.name(), running = %busy.running, "scheduled run skipped: a job is still running");
+                }
+                Err(NotStarted::Busy(busy.running))
+            }
+        }
+    }
+
+    /// Logs the phase and bytes written every few seconds while `work` runs.
+    async fn with_progress<T>(&self, id: &str, work: impl Future<Output = T>) -> T {
+        tokio::pin!(work);
+        let start = Instant::now();
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        loop {
+            tokio::select! {
+                r = &mut work => return r,
+                _ = tick.tick() => {
+                    let phase = self.state.job(id).map(|j| j.phase).unwrap_or("?");
+                    let root = self.cfg.repo.clone();
+                    let bytes = tokio::task::spawn_blocking(move || temp_bytes(&root)).await.unwrap_or(0);
+                    info!(job = %id, phase, bytes_written = bytes, elapsed_s = start.elapsed().as_secs(), "job progress");
+                }
+            }
+        }
+    }
+
+    async fn run_backup(self: &Arc<Self>, id: &str, cancel: &CancellationToken) {
+        let start = Instant::now();
+        self.state.update_job(id, |j| {
+            j.status = JobStatus::Running;
+            j.phase = "backup";
+            j.started = Some(start);
+        });
+        let result = self
+            .with_progress(id, self.backup_verify_prune(id, cancel))
+            .await;
+        let status = status_of(&result);
+        let finished = Utc::now();
+        let mut engines = std::collections::BTreeMap::new();
+        let (set, error) = match &result {
+            Ok((m, prune_error)) => {
+                for (k, e) in &m.engines {
+                    engines.insert(
+                        *k,
+                        EngineResult {
+                            status: JobStatus::Succeeded,
+                            records: Some(e.total_records()),
+                            bytes: Some(e.stored_bytes()),
+                            duration_seconds: Some(
+                                (e.finished_at - e.started_at).num_milliseconds() as f64 / 1000.0,
+                            ),
+                            error: None,
+                        },
+                    );
+                }
+                (Some(m.id.clone()), prune_error.clone())
+            }
+            Err(e) => {
+                let named = error_engine(e);
+                for eng in &self.engines {
+                    let k = eng.kind();
+                    let mine = named.is_none_or(|n| n == k.name());
+                    engines.insert(
+                        k,
+                        EngineResult {
+                            status,
+                            records: None,
+                            bytes: None,
+                            duration_seconds: None,
+                            error: mine.then(|| format!("{e:#}")),
+                        },
+                    );
+                }
+                (None, Some(format!("{e:#}")))
+            }
+        };
+        // A run whose set verified but whose retention failed is reported failed: the set is
+        // good, but an operator has to look at the repository.
+        let status = if status == JobStatus::Succeeded && error.is_some() {
+            JobStatus::Failed
+        } else {
+            status
+        };
+        {
+            let mut g = self.state.lock();
+            if let Some(j) = g.jobs.iter_mut().find(|j| j.id == id) {
+                j.status = status;
+                j.phase = "done";
+                j.finished_at = Some(finished);
+                j.engines = engines.clone();
+                j.error = error.clone();
+                if set.is_some() {
+                    j.set = set.clone();
+                }
+            }
+            if let Ok((m, _)) = &result {
+                g.newest_verified = Some((m.id.clone(), m.started_at));
+                for k in m.engines.keys() {
+                    g.last_success.insert(*k, m.finished_at);
+                }
+            }
+            g.last_backup = Some(RunRecord {
+                status,
+                finished_at: finished,
+                duration: start.elapsed(),
+                engines: engines.clone(),
+                error: error.clone(),
+            });
+            *g.runs.entry(label(status)).or_default() += 1;
+        }
+        match status {
+            JobStatus::Succeeded => {
+                info!(job = %id, set = set.as_deref().unwrap_or(""), elapsed_ms = start.elapsed().as_millis() as u64, "backup run succeeded")
+            }
+            JobStatus::Cancelled => {
+                info!(job = %id, "backup run cancelled; its incomplete set was removed")
+            }
+            _ => warn!(job = %id, error = error.as_deref().unwrap_or(""), "backup run failed"),
+        }
+        self.refresh_repo().await;
+        self.notify(id, status);
+    }
+
+    /// One run: backup, deep verify, then retention, only after the set verified.
+    /// Returns the manifest and a retention error, if any.
+    async fn backup_verify_prune(
+        &self,
+        id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(Manifest, Option<String>)> {
+        let m = role::backup::backup(&self.cfg, &self.engines, cancel).await?;
+        self.state.update_job(id, |j| {
+            j.phase = "verify";
+            j.set = Some(m.id.clone());
+        });
+        let root = self.cfg.repo.clone();
+        let set_id = m.id.clone();
+        let c = cancel.clone();
+        let verified = tokio::task::spawn_blocking(move || {
+            let repo = Repo::open(&root)?;
+            let set = repo.resolve(&set_id, None)?;
+            repo::verify(&set, VerifyLevel::Deep, &c)
+        })
+        .await
+        .map_err(|e| Error::engine("verify", format!("task failed: {e}")))?;
+        match verified {
+            Ok(report) => {
+                info!(set = %m.id, files = report.files, records = report.records, "new set verifies deeply")
+            }
+            Err(Error::Interrupted(n)) => {
+                // Stopped mid-verify: the set is complete and checksummed, only unverified;
+                // retention does not run, so it cannot cost a good set.
+                warn!(set = %m.id, "verification interrupted; retention skipped");
+                return Err(Error::Interrupted(n));
+            }
+            Err(e) => {
+                self.quarantine(&m.id);
+                return Err(Error::corrupt(
+                    &m.id,
+                    format!(
+                        "fails deep verification right after it was written ({e:#}); renamed to {}{FAILED_VERIFY_SUFFIX}",
+                        m.id
+                    ),
+                ));
+            }
+        }
+        self.state.update_job(id, |j| j.phase = "retention");
+        let prune_error = match role::prune::prune(&self.cfg, false, cancel).await {
+            Ok(d) => {
+                info!(
+                    kept = d.keep.len(),
+                    deleted = d.delete.len(),
+                    "retention applied"
+                );
+                None
+            }
+            Err(Error::Interrupted(n)) => return Err(Error::Interrupted(n)),
+            Err(e) => {
+                warn!(error = %e, "retention failed");
+                Some(format!("retention: {e:#}"))
+            }
+        };
+        Ok((m, prune_error))
+    }
+
+    /// Moves a set that failed its deep verification out of view.
+    fn quarantine(&self, id: &str) {
+        let from = self.cfg.repo.join(id);
+        let to: PathBuf = self.cfg.repo.join(format!("{id}{FAILED_VERIFY_SUFFIX}"));
+        match std::fs::rename(&from, &to) {
+            Ok(()) => {
+                warn!(set = %id, dir = %to.display(), "set failed deep verification; moved out of view")
+            }
+            Err(e) => {
+                warn!(set = %id, error = %e, "set failed deep verification and cannot be moved out of view")
+            }
+        }
+    }
+
+    async fn run_test_restore(self: &Arc<Self>, id: &str, cancel: &CancellationToken) {
+        let start = Instant::now();
+        self.state.update_job(id, |j| {
+            j.status = JobStatus::Running;
+            j.phase = "restore";
+            j.started = Some(start);
+        });
+        let result = self
+            .with_progress(
+                id,
+                role::test_restore::test_restore(&self.cfg, "latest", &self.sc.scratch, cancel),
+            )
+            .await;
+        let status = status_of(&result);
+        let finished = Utc::now();
+        let (set, engines, error) = match result {
+            Ok(r) => (Some(r.set), r.engines, None),
+            Err(e) => (None, Default::default(), Some(format!("{e:#}"))),
+        };
+        {
+            let mut g = self.state.lock();
+            if let Some(j) = g.jobs.iter_mut().find(|j| j.id == id) {
+                j.status = status;
+                j.phase = "done";
+                j.finished_at = Some(finished);
+                j.engines = engines.clone();
+                j.error = error.clone();
+                j.set = set;
+            }
+            g.last_test_restore = Some(RunRecord {
+                status,
+                finished_at: finished,
+                duration: start.elapsed(),
+                engines,
+                error: error.clone(),
+            });
+        }
+        match status {
+            JobStatus::Succeeded => info!(job = %id, "test-restore succeeded"),
+            JobStatus::Cancelled => info!(job = %id, "test-restore cancelled"),
+            _ => warn!(job = %id, error = error.as_deref().unwrap_or(""), "test-restore failed"),
+        }
+        self.notify(id, status);
+    }
+
+    fn notify(&self, id: &str, status: JobStatus) {
+        let Some(url) = &self.sc.notify_url else {
+            return;
+        };
+        let wanted = status == JobStatus::Failed
+            || (status == JobStatus::Succeeded && self.sc.notify_always);
+        if !wanted {
+            return;
+        }
+        if let Some(job) = self.state.job(id) {
+            // Not tracked: a webhook that hangs must never hold up a run or the shutdown.
+            tokio::spawn(notify::send(url.clone(), notify::payload(&job)));
+        }
+    }
+
+    /// Looks for the newest set whose checksums verify, once at start-up (sets written by
+    /// earlier runs). Runs in the background so the API answers at once.
+    async fn find_newest_verified(self: Arc<Self>) {
+        let root = self.cfg.repo.clone();
+        let found = tokio::task::spawn_blocking(move || Repo::open(&root)?.newest_good(None)).await;
+        match found {
+            Ok(Ok(Some(set))) => {
+                let t = set.manifest.started_at;
+                info!(set = set.id(), "newest verified set");
+                let mut g = self.state.lock();
+                if g.newest_verified.is_none() {
+                    g.newest_verified = Some((set.id().to_owned(), t));
+                    for (k, e) in &set.manifest.engines {
+                        g.last_success.entry(*k).or_insert(e.finished_at);
+                    }
+                }
+            }
+            Ok(Ok(None)) => info!("no verified set in the repository yet"),
+            Ok(Err(e)) => warn!(error = %e, "cannot look for the newest verified set"),
+            Err(e) => warn!(error = %e, "newest verified set: task failed"),
+        }
+        self.refresh_repo().await;
+    }
+
+    async fn health_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.sc.health_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.root.cancelled() => return,
+            }
+            self.probe_all().await;
+            self.refresh_repo().await;
+        }
+    }
+
+    async fn probe_all(&self) {
+        let timeout = self.sc.health_interval.min(MAX_PROBE);
+        let results = join_all(self.engines.iter().map(|e| async move {
+            let t = Instant::now();
+            let r = match tokio::time::timeout(timeout, e.probe(timeout)).await {
+                Ok(r) => r.map(|_| ()),
+                Err(_) => Err(Error::Unreachable {
+                    engine: e.kind().name(),
+                    url: e.display_url().to_owned(),
+                    message: format!("no answer within {timeout:?}"),
+                }),
+            };
+            (e, t.elapsed(), r)
+        }))
+        .await;
+        let now = Utc::now();
+        let mut g = self.state.lock();
+        for (e, elapsed, r) in results {
+            let up = r.is_ok();
+            let was = g.engines.get(&e.kind()).map(|h| h.up);
+            if was != Some(up) {
+                match &r {
+                    Ok(()) => {
+                        info!(engine = %e.kind(), url = e.display_url(), latency_ms = elapsed.as_millis() as u64, "engine up")
+                    }
+                    Err(err) => {
+                        warn!(engine = %e.kind(), url = e.display_url(), error = %err, "engine down")
+                    }
+                }
+            }
+            g.engines.insert(
+                e.kind(),
+                EngineHealth {
+                    url: e.display_url().to_owned(),
+                    up,
+                    latency_seconds: elapsed.as_secs_f64(),
+                    checked_at: now,
+                    error: r.err().map(|e| format!("{e:#}")),
+                },
+            );
+        }
+    }
+
+    /// Re-reads set count, bytes and free space; forgets a newest verified set that was
+    /// deleted behind our back.
+    async fn refresh_repo(&self) {
+        let root = self.cfg.repo.clone();
+        let known = self.state.lock().newest_verified.clone();
+        let stats = tokio::task::spawn_blocking(move || repo_stats(&root, known.as_ref()))
+            .await
+            .unwrap_or_else(|e| {
+                (
+                    state::RepoStats {
+                        error: Some(e.to_string()),
+                        ..Default::default()
+                    },
+                    true,
+                )
+            });
+        let (stats, known_exists) = stats;
+        let mut g = self.state.lock();
+        if g.repo.error.is_none()
+            && let Some(err) = &stats.error
+        {
+            warn!(error = %err, "repository problem");
+        }
+        if !known_exists {
+            g.newest_verified = None;
+        }
+        g.repo = stats;
+    }
+
+    /// Whether an engine is unhealthy, for `/health` and `/alerts`.
+    pub fn engine_problems(&self) -> Vec<(EngineKind, String)> {
+        let g = self.state.lock();
+        self.engines
+            .iter()
+            .filter_map(|e| match g.engines.get(&e.kind()) {
+                Some(h) if h.up => None,
+                Some(h) => Some((e.kind(), h.error.clone().unwrap_or_else(|| "down".into()))),
+                None => Some((e.kind(), "not probed yet".into())),
+            })
+            .collect()
+    }
+
+    /// The newest verified set's age against the limit: `Err(reason)` when stale. With no set
+    /// at all, the sidecar's own uptime counts, so a first start is healthy until one
+    /// scheduled interval has had its chance.
+    pub fn freshness(
+        &self,
+        now: DateTime<Utc>,
+    ) -> (Option<String>, f64, std::result::Result<(), String>) {
+        let g = self.state.lock();
+        let max = self.sc.max_backup_age.as_secs_f64();
+        match &g.newest_verified {
+            Some((id, t)) => {
+                let age = (now - *t).num_milliseconds() as f64 / 1000.0;
+                let r = if age > max {
+                    Err(format!(
+                        "newest verified set {id} is {} old, more than DBKEEPER_MAX_BACKUP_AGE={}",
+                        humantime::format_duration(Duration::from_secs(age as u64)),
+                        humantime::format_duration(self.sc.max_backup_age)
+                    ))
+                } else {
+                    Ok(())
+                };
+                (Some(id.clone()), age, r)
+            }
+            None => {
+                let up = (now - self.state.started_at).num_milliseconds() as f64 / 1000.0;
+                let r = if up > max {
+                    Err(format!(
+                        "no verified backup set, and the sidecar has been up longer than DBKEEPER_MAX_BACKUP_AGE={}",
+                        humantime::format_duration(self.sc.max_backup_age)
+                    ))
+                } else {
+                    Ok(())
+                };
+                (None, up, r)
+            }
+        }
+    }
+}
+
+fn label(s: JobStatus) -> &'static str {
+    match s {
+        JobStatus::Succeeded => "succeeded",
+        JobStatus::Failed => "failed",
+        JobStatus::Cancelled => "cancelled",
+        JobStatus::Queued => "queued",
+        JobStatus::Running => "running",
+    }
+}
+
+/// Set count, stored bytes and free space of the repository, and whether `known` still exists.
+fn repo_stats(root: &Path, known: Option<&(String, DateTime<Utc>)>) -> (state::RepoStats, bool) {
+    let mut s = state::RepoStats::default();
+    let known_exists = known.is_none_or(|(id, _)| root.join(id).is_dir());
+    match Repo::open(root).and_then(|r| r.list()) {
+        Ok(sets) => {
+            s.sets = sets.len() as u64;
+            s.bytes = sets
+                .iter()
+                .filter_map(|i| i.manifest.as_ref().ok())
+                .map(|m| m.stored_bytes())
+                .sum();
+        }
+        Err(e) => s.error = Some(format!("{e:#}")),
+    }
+    match nix::sys::statvfs::statvfs(root) {
+        Ok(v) => {
+            let frsize = v.fragment_size();
+            s.free_bytes = Some(v.blocks_available() * frsize);
+            s.total_bytes = Some(v.blocks() * frsize);
+        }
+        Err(e) => {
+            if s.error.is_none() {
+                s.error = Some(format!("{}: statvfs: {e}", root.display()));
+            }
+        }
+    }
+    (s, known_exists)
+}
