@@ -206,11 +206,14 @@ impl Sidecar {
                 info!(job = %id, kind = kind.name(), trigger = if trigger == Trigger::Api { "api" } else { "schedule" }, due = %due.to_rfc3339(), "job started");
                 let app = self.clone();
                 let id2 = id.clone();
-                self.tracker.spawn(async move {
-                    match kind {
-                        JobKind::Backup => app.run_backup(&id2, &cancel).await,
-                        JobKind::TestRestore => app.run_test_restore(&id2, &cancel).await,
-                    }
+                let handle = tokio::runtime::Handle::current();
+                self.tracker.spawn_blocking(move || {
+                    handle.block_on(async move {
+                        match kind {
+                            JobKind::Backup => app.run_backup(&id2, &cancel).await,
+                            JobKind::TestRestore => app.run_test_restore(&id2, &cancel).await,
+                        }
+                    })
                 });
                 Ok(id)
             }
