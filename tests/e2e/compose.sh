@@ -25,7 +25,10 @@ fail() {
   echo "e2e compose: FAILED: $*" >&2
   if [ -n "${DC:-}" ] && [ -z "${E2E_NO_LOGS:-}" ]; then
     echo "---- last container logs ----" >&2
-    dc logs --no-color --tail 25 2>&1 | tail -150 >&2 || true
+    for svc in dbkeeper-install redis-preseed redis mongo chroma preseed sidecar; do
+      dc logs --no-color --tail 12 "$svc" 2>&1 | cut -c1-400 >&2 || true
+    done
+    echo "e2e compose: FAILED: $*" >&2
   fi
   exit 1
 }
