@@ -215,18 +215,25 @@ print("ok" if t(sys.argv[2]) >= t(sys.argv[1]) else "early")
 EOF
 )
 [ "$gate" = ok ] || fail "the app started before preseed finished"
-dc logs --no-color preseed redis-preseed 2>&1 | grep -qi -e restor -e preseed \
-  || fail "preseed logs say nothing about a restore"
+# (Output captured first: `grep -q` closing a pipe early would fail the pipeline.)
+plogs=$(dc logs --no-color preseed redis-preseed 2>&1)
+for e in redis mongodb chroma; do
+  grep -q "preseeded engine=$e set=\"$sets_before\"" <<<"$plogs" \
+    || fail "the preseed logs do not say $e was preseeded from $sets_before"
+done
 
 # ---- 3. a stopped database shows in /health and /metrics --------------------------------------
 [ "$(http_code /health)" = 200 ] || fail "/health is $(http_code /health) with every database up"
 log "stopping redis: /health must turn 503 and metrics report it down"
 timeout 60 "${DC[@]}" stop -t 5 redis >/dev/null 2>&1 || fail "docker compose stop redis failed"
 wait_for 60 "/health to answer 503 with redis stopped" sh -c "[ \"\$(curl -s -o /dev/null -m 5 -w '%{http_code}' '$API/health')\" = 503 ]"
-curl -s -m 5 "$API/metrics" | grep -q '^dbkeeper_engine_up{engine="redis"} 0' \
-  || fail "metrics do not report redis down: $(curl -s "$API/metrics" | grep engine_up)"
-curl -s -m 5 "$API/metrics" | grep -q '^dbkeeper_engine_up{engine="mongodb"} 1' \
-  || fail "metrics do not report mongodb up"
+metrics=$(curl -s -m 5 "$API/metrics")
+grep -q '^dbkeeper_engine_up{engine="redis"} 0' <<<"$metrics" \
+  || fail "metrics do not report redis down: $(grep engine_up <<<"$metrics")"
+grep -q '^dbkeeper_engine_up{engine="mongodb"} 1' <<<"$metrics" \
+  || fail "metrics do not report mongodb up: $(grep engine_up <<<"$metrics")"
+health=$(curl -s -m 5 "$API/health")
+grep -q 'redis down' <<<"$health" || fail "/health does not name redis: $health"
 timeout 60 "${DC[@]}" start redis >/dev/null 2>&1 || fail "docker compose start redis failed"
 wait_for 90 "redis healthy again" healthy redis
 wait_for 60 "/health back to 200" sh -c "[ \"\$(curl -s -o /dev/null -m 5 -w '%{http_code}' '$API/health')\" = 200 ]"
