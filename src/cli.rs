@@ -206,6 +206,11 @@ pub enum Command {
         #[arg(long, env = "DBKEEPER_PRUNE_DRY_RUN")]
         dry_run: bool,
     },
+    /// Copy this binary and its role names (dbkeeper-health, dbkeeper-init) into DIR
+    Install {
+        /// Target directory, usually a volume shared with the database containers
+        dir: std::path::PathBuf,
+    },
     /// The resident role: scheduled backups, verify, retention, health loop, HTTP API
     Sidecar(SidecarArgs),
     /// Restore a set into scratch servers, compare counts with the manifest, wipe them again

@@ -3,6 +3,7 @@
 pub mod backup;
 pub mod health;
 pub mod init;
+pub mod install;
 pub mod list;
 pub mod prune;
 pub mod restore;
@@ -25,6 +26,11 @@ const CLEANUP_GRACE: Duration = Duration::from_secs(5);
 /// and the result is `Interrupted(signal)` whatever the role returned. The sidecar is the
 /// exception: it is a service, it has its own stop timeout, and a clean stop is success.
 pub async fn run(cli: Cli, shutdown: &Shutdown) -> Result<()> {
+    // Install needs no engine or repository settings: it runs in an init container that
+    // is given none.
+    if let Command::Install { dir } = &cli.command {
+        return install::install(dir);
+    }
     let cfg = Config::from_args(&cli.global, &process_env)?;
     let token = shutdown.token().clone();
     if let Command::Sidecar(args) = &cli.command {
@@ -122,6 +128,7 @@ async fn dispatch(
             restore::preseed(cfg, &engines, cancel).await.map(|_| ())
         }
         Command::Prune { dry_run } => prune::prune(cfg, dry_run, cancel).await.map(|_| ()),
+        Command::Install { dir } => install::install(&dir),
         Command::Init { timeout } => init::init(cfg, timeout, cancel).await,
         // `run` starts the sidecar itself, with its own stop rules.
         Command::Sidecar(_) => Err(Error::config("the sidecar cannot be dispatched as a verb")),

