@@ -33,39 +33,39 @@ fn status(info: &SetInfo) -> String {
     }
 }
 
+/// One set as `list --json` and the sidecar's `GET /backups` show it.
+pub fn set_json(s: &SetInfo, now: chrono::DateTime<Utc>) -> serde_json::Value {
+    let engines = s.manifest.as_ref().map(|m| {
+        m.engines
+            .iter()
+            .map(|(k, e)| {
+                (
+                    k.name().to_owned(),
+                    json!({
+                        "server_version": e.server_version,
+                        "records": e.total_records(),
+                        "counts": e.counts,
+                        "bytes": e.stored_bytes(),
+                    }),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+    });
+    json!({
+        "id": s.id,
+        "time": s.time,
+        "age_seconds": (now - s.time).num_seconds(),
+        "status": status(s),
+        "bytes": s.manifest.as_ref().map(|m| m.stored_bytes()).unwrap_or(0),
+        "engines": engines.unwrap_or_default(),
+    })
+}
+
 pub fn list(repo: &Repo, as_json: bool) -> Result<()> {
     let sets = repo.list()?;
     let now = Utc::now();
     if as_json {
-        let items: Vec<_> = sets
-            .iter()
-            .map(|s| {
-                let engines = s.manifest.as_ref().map(|m| {
-                    m.engines
-                        .iter()
-                        .map(|(k, e)| {
-                            (
-                                k.name().to_owned(),
-                                json!({
-                                    "server_version": e.server_version,
-                                    "records": e.total_records(),
-                                    "counts": e.counts,
-                                    "bytes": e.stored_bytes(),
-                                }),
-                            )
-                        })
-                        .collect::<serde_json::Map<_, _>>()
-                });
-                json!({
-                    "id": s.id,
-                    "time": s.time,
-                    "age_seconds": (now - s.time).num_seconds(),
-                    "status": status(s),
-                    "bytes": s.manifest.as_ref().map(|m| m.stored_bytes()).unwrap_or(0),
-                    "engines": engines.unwrap_or_default(),
-                })
-            })
-            .collect();
+        let items: Vec<_> = sets.iter().map(|s| set_json(s, now)).collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&items).expect("serializes")

@@ -187,36 +187,9 @@ async fn list_backups(State(app): State<App>) -> Response {
         let items: Vec<Value> = sets
             .iter()
             .map(|s| {
-                let (status, bytes, engines) = match &s.manifest {
-                    Ok(m) => (
-                        "ok".to_owned(),
-                        m.stored_bytes(),
-                        m.engines
-                            .iter()
-                            .map(|(k, e)| {
-                                (
-                                    k.name().to_owned(),
-                                    json!({
-                                        "server_version": e.server_version,
-                                        "records": e.total_records(),
-                                        "counts": e.counts,
-                                        "bytes": e.stored_bytes(),
-                                    }),
-                                )
-                            })
-                            .collect::<serde_json::Map<_, _>>(),
-                    ),
-                    Err(e) => (format!("corrupt: {e}"), 0, Default::default()),
-                };
-                json!({
-                    "id": s.id,
-                    "time": s.time,
-                    "age_seconds": (now - s.time).num_seconds(),
-                    "status": status,
-                    "newest_verified": verified.as_deref() == Some(s.id.as_str()),
-                    "bytes": bytes,
-                    "engines": engines,
-                })
+                let mut v = crate::role::list::set_json(s, now);
+                v["newest_verified"] = json!(verified.as_deref() == Some(s.id.as_str()));
+                v
             })
             .collect();
         Ok(Value::Array(items))
