@@ -682,6 +682,33 @@ def case_footprint():
 # --- report ----------------------------------------------------------------------------------
 
 
+def ratios_section(meta):
+    """The README's performance section: ratios only, with date, machine and run mode."""
+    mode = "`benches/run --quick` (small datasets)" if meta["quick"] else "`benches/run`"
+    lines = [f"Measured {meta['date']} by {mode} on {meta['machine']}; every client pinned to "
+             f"CPUs {meta['cpus']}, medians of {ROUNDS} alternating runs after a warm-up. "
+             "Ratio = dbkeeper / reference (lower is better for times and sizes, higher for "
+             "throughput).", "",
+             "| case | metric | reference | ratio | target | |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in RESULTS:
+        if r["ours"] is None or r["reference_value"] in (None, 0):
+            ratio = "not measured"
+        elif r["reference"] == "target":
+            ratio = f"{r['ours']} {r['unit']}"
+        else:
+            ratio = f"{r['ours'] / r['reference_value']:.2f}×"
+            if "target" in r and not r["target"].endswith("x"):
+                ratio += f" ({r['ours']} {r['unit']})"
+        m = {True: "met", False: "**missed**", None: "n/a"}[r.get("met")] if "target" in r else ""
+        ref = r["reference"] if r["reference"] != "target" else "absolute target"
+        tgt = r.get("target", "").replace("<=", "≤ ").replace(">=", "≥ ")
+        tgt = tgt.replace("x", "×") if tgt.endswith("x") else (tgt and f"{tgt} {r['unit']}")
+        cells = [r["case"], r["metric"], ref, ratio, tgt, m]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def table():
     lines = [f"| case | metric | ours | reference | reference value | unit | ours/ref | target | met |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -689,8 +716,9 @@ def table():
         ratio = (f"{r['ours'] / r['reference_value']:.2f}x"
                  if r["ours"] is not None and r["reference_value"] not in (None, 0) else "n/a")
         m = {True: "met", False: "MISSED", None: "n/a"}[r.get("met")] if "target" in r else ""
-        lines.append(f"| {r['case']} | {r['metric']} | {r['ours']} | {r['reference']} | "
-                     f"{r['reference_value']} | {r['unit']} | {ratio} | {r.get('target', '')} | {m} |")
+        cells = [r["case"], r["metric"], r["ours"], r["reference"], r["reference_value"],
+                 r["unit"], ratio, r.get("target", ""), m]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -727,6 +755,7 @@ def main():
     (out_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
     t = table()
     (out_dir / "table.md").write_text(t + "\n")
+    (out_dir / "performance.md").write_text(ratios_section(meta) + "\n")
     print()
     print(t)
     print()
