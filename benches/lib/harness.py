@@ -25,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = "--quick" in sys.argv[1:]
+# `--only health,chroma` runs some cases (step names as in main()); the default is all of them.
+ONLY = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--only=")), None)
 CACHE = Path(os.environ.get("DBKEEPER_CACHE", Path.home() / ".cache/dbkeeper"))
 SECANTUSD = os.environ.get("DBKEEPER_TEST_SECANTUSD", str(CACHE / "secantus/bin/secantusd-rs"))
 CHROMA = os.environ.get("DBKEEPER_TEST_CHROMA", str(CACHE / "venv/bin/chroma"))
@@ -724,7 +726,7 @@ def table():
 
 def main():
     started = time.time()
-    out_dir = ROOT / "target/bench"
+    out_dir = Path(os.environ.get("DBKEEPER_BENCH_OUT", ROOT / "target/bench"))
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"dbkeeper benches ({'quick' if QUICK else 'full'}), clients pinned to CPUs {CPUS}, "
         f"{ROUNDS} alternating rounds after a warm-up, medians; work dir {WORK}")
@@ -739,6 +741,8 @@ def main():
                  ("mongodb", lambda: case_mongodb(mongo_uri, mongo_dst)),
                  ("chroma", case_chroma)]
         for name, fn in steps:
+            if ONLY and name not in ONLY.split(","):
+                continue
             log(f"case {name}")
             try:
                 fn()
@@ -749,6 +753,7 @@ def main():
         stop_all()
         shutil.rmtree(WORK, ignore_errors=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": QUICK,
+            "only": ONLY,
             "machine": machine(), "cpus": CPUS, "wall_s": round(time.time() - started, 1),
             "failures": failures}
     (out_dir / "results.json").write_text(json.dumps(RESULTS, indent=1) + "\n")
