@@ -172,7 +172,11 @@ def alternate(fns, rounds=ROUNDS, warmup=True, between=None):
 
 
 def med(xs, i=None):
-    return statistics.median([x[i] if i is not None else x for x in xs])
+    vals = [x[i] if i is not None else x for x in xs]
+    # Integer samples (KiB) keep a measured value rather than the mean of the middle two.
+    if all(isinstance(v, int) for v in vals):
+        return statistics.median_low(vals)
+    return statistics.median(vals)
 
 
 def env_with(**kv):
