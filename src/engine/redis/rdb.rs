@@ -2295,32 +2295,47 @@ mod tests {
             eprintln!("skipped: redis-server or redis-cli is not on PATH");
             return None;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(dir.path())
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--enable-debug-command", "yes", "--databases", "16"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = Server { child, port, dir };
-        for _ in 0..200 {
-            if let Ok(mut c) = Conn::open(port)
-                && c.cmd(&[b"PING"]) == Reply::Status("PONG".into())
-            {
-                return Some(server);
+        // A few attempts: another test may take the free port between our probe and the
+        // server's bind, and a server still starting may reset a connection.
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .arg("--dir")
+                .arg(dir.path())
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--enable-debug-command", "yes", "--databases", "16"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut server = Server { child, port, dir };
+            for _ in 0..200 {
+                if server.child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if ping_ok(port) {
+                    return Some(server);
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("redis-server on port {port} did not answer PING");
+        panic!("redis-server did not start and answer PING in 3 attempts");
+    }
+
+    /// One PING that reports failure instead of panicking (readiness polling).
+    fn ping_ok(port: u16) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 
     #[derive(Debug, PartialEq)]
