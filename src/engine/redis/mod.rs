@@ -10,6 +10,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -813,40 +814,139 @@ impl<R: Read> Read for Payload<R> {
     }
 }
 
-/// Copies every byte the parser reads into the artifact, and reports progress.
-struct Tee<'a, R> {
-    inner: R,
-    out: &'a mut crate::repo::writer::ArtifactWriter,
-    /// Why writing the artifact failed, if it did: the parser only sees a read error.
-    write_failed: Option<io::Error>,
-    bytes: u64,
-    start: Instant,
-    last_report: Instant,
+/// Bytes in flight between the snapshot's stages: a chunk is what one stage hands the next.
+const CHUNK: usize = 1 << 20;
+/// Chunks queued per consumer. With the socket drained into these, the server's fork never
+/// waits on us while a chunk is being compressed or parsed.
+const QUEUED_CHUNKS: usize = 8;
+
+/// Streams the snapshot through three threads, so that no stage waits on another: this one
+/// reads the socket (the server's fork blocks whenever its socket buffer is full), one feeds
+/// the zstd stream (itself compressing on two workers) and hashes what it writes, and one
+/// parses the RDB to count its keys and check its structure and CRC64. Both consumers get
+/// every chunk; a failed stage closes its channel and the others stop.
+fn snapshot_pipeline<R: Read + Send>(
+    mut payload: R,
+    artifact: crate::repo::writer::ArtifactWriter,
+    artifact_path: &Path,
+    cancel: &CancellationToken,
+) -> Result<(crate::repo::manifest::FileEntry, u64, rdb::RdbSummary)> {
+    let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<Bytes>(QUEUED_CHUNKS);
+    let (to_parser, parser_rx) = std::sync::mpsc::sync_channel::<Bytes>(QUEUED_CHUNKS);
+    std::thread::scope(|s| {
+        let writer = s.spawn(move || -> io::Result<crate::repo::writer::ArtifactWriter> {
+            let mut artifact = artifact;
+            let (start, mut last_report, mut bytes) = (Instant::now(), Instant::now(), 0u64);
+            for chunk in writer_rx {
+                artifact.write_all(&chunk)?;
+                bytes += chunk.len() as u64;
+                if last_report.elapsed() >= PROGRESS_EVERY {
+                    last_report = Instant::now();
+                    info!(
+                        engine = ENGINE,
+                        bytes,
+                        mb_per_s =
+                            format!("{:.1}", bytes as f64 / 1e6 / start.elapsed().as_secs_f64()),
+                        "snapshot in progress"
+                    );
+                }
+            }
+            Ok(artifact)
+        });
+        let parser = s.spawn(move || -> Result<rdb::RdbSummary> {
+            let mut input = ChunkReader {
+                rx: parser_rx,
+                chunk: None,
+                pos: 0,
+            };
+            let opts = rdb::ParseOptions {
+                decode_values: false,
+                capture_payload: false,
+            };
+            let summary = rdb::parse(&mut input, &opts, &mut CountOnly(cancel))?;
+            // Whatever follows the RDB's own end inside the payload still belongs to the
+            // file: keep taking chunks so the reader can pass them to the writer.
+            io::copy(&mut input, &mut io::sink())
+                .map_err(|e| Error::engine(ENGINE, e.to_string()))?;
+            Ok(summary)
+        });
+
+        // The socket, on this thread.
+        let mut received = 0u64;
+        let read: io::Result<()> = loop {
+            let mut buf = vec![0u8; CHUNK];
+            let mut filled = 0;
+            let r = loop {
+                match payload.read(&mut buf[filled..]) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => {
+                        filled += n;
+                        if filled == buf.len() {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            if filled > 0 {
+                buf.truncate(filled);
+                received += filled as u64;
+                let chunk = Bytes::from(buf);
+                // A consumer that hung up failed; its own error says why.
+                if to_writer.send(chunk.clone()).is_err() || to_parser.send(chunk).is_err() {
+                    break Ok(());
+                }
+            }
+            match r {
+                Ok(()) if filled == CHUNK => {}
+                other => break other,
+            }
+        };
+        drop((to_writer, to_parser));
+        let written = writer
+            .join()
+            .map_err(|_| Error::engine(ENGINE, "the writer thread failed"))?;
+        let parsed = parser
+            .join()
+            .map_err(|_| Error::engine(ENGINE, "the parser thread failed"))?;
+        if cancel.is_cancelled() {
+            return Err(Error::Interrupted(0));
+        }
+        // The first cause wins: the disk, then the connection, then the snapshot itself.
+        let artifact = written.map_err(|e| Error::io(artifact_path, e))?;
+        read.map_err(|e| Error::engine(ENGINE, format!("snapshot: {e}")))?;
+        let summary = parsed?;
+        Ok((artifact.finish()?, received, summary))
+    })
 }
 
-impl<R: Read> Read for Tee<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if let Err(e) = self.out.write_all(&buf[..n]) {
-            let kept = match e.raw_os_error() {
-                Some(code) => io::Error::from_raw_os_error(code),
-                None => io::Error::new(e.kind(), e.to_string()),
-            };
-            self.write_failed = Some(kept);
-            return Err(e);
+/// Reads the chunks a channel delivers, in order, as one stream.
+struct ChunkReader {
+    rx: std::sync::mpsc::Receiver<Bytes>,
+    chunk: Option<Bytes>,
+    pos: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if let Some(c) = &self.chunk
+                && self.pos < c.len()
+            {
+                let n = out.len().min(c.len() - self.pos);
+                out[..n].copy_from_slice(&c[self.pos..self.pos + n]);
+                self.pos += n;
+                return Ok(n);
+            }
+            match self.rx.recv() {
+                Ok(c) => {
+                    self.chunk = Some(c);
+                    self.pos = 0;
+                }
+                // The reader stopped: the end of the payload, or an error it reports itself.
+                Err(_) => return Ok(0),
+            }
         }
-        self.bytes += n as u64;
-        if self.last_report.elapsed() >= PROGRESS_EVERY {
-            self.last_report = Instant::now();
-            let secs = self.start.elapsed().as_secs_f64();
-            info!(
-                engine = ENGINE,
-                bytes = self.bytes,
-                mb_per_s = format!("{:.1}", self.bytes as f64 / 1e6 / secs),
-                "snapshot in progress"
-            );
-        }
-        Ok(n)
     }
 }
 
@@ -924,48 +1024,16 @@ fn dump_blocking(
     };
     info!(engine = ENGINE, url = %cfg.display, "snapshot transfer started");
 
-    let mut artifact = out.create(DUMP_REL, 2)?;
-    let mut tee = Tee {
-        inner: Payload::new(
-            PolledSocket {
-                conn: &mut c,
-                cancel,
-            },
-            framing,
-        ),
-        out: &mut artifact,
-        write_failed: None,
-        bytes: 0,
-        start: Instant::now(),
-        last_report: Instant::now(),
-    };
-    let opts = rdb::ParseOptions {
-        decode_values: false,
-        capture_payload: false,
-    };
-    let parsed = rdb::parse(&mut tee, &opts, &mut CountOnly(cancel));
+    let artifact = out.create(DUMP_REL, 2)?;
     let artifact_path = out.dir().join(format!("{DUMP_REL}.zst"));
-    let failed = |tee: &mut Tee<'_, _>, e: Error| {
-        if cancel.is_cancelled() {
-            Error::Interrupted(0)
-        } else if let Some(w) = tee.write_failed.take() {
-            Error::io(&artifact_path, w)
-        } else {
-            e
-        }
-    };
-    let summary = match parsed {
-        Ok(s) => s,
-        Err(e) => return Err(failed(&mut tee, e)),
-    };
-    // Whatever follows the RDB's own end inside the payload still belongs to the file.
-    if let Err(e) = io::copy(&mut tee, &mut io::sink()) {
-        let e = Error::engine(ENGINE, format!("snapshot: {e}"));
-        return Err(failed(&mut tee, e));
-    }
-    let bytes = tee.bytes;
-    drop(tee);
-    let file = artifact.finish()?;
+    let payload = Payload::new(
+        PolledSocket {
+            conn: &mut c,
+            cancel,
+        },
+        framing,
+    );
+    let (file, bytes, summary) = snapshot_pipeline(payload, artifact, &artifact_path, cancel)?;
     let elapsed = start.elapsed();
     info!(
         engine = ENGINE,
