@@ -14,7 +14,7 @@ use tracing::{debug, info};
 
 use super::metadata::{Kind, Metadata};
 use super::names::{escape, is_dumped_collection};
-use super::{CONSISTENCY, CollectionEntry, Details, ENGINE, MongoEngine, Progress, Purpose};
+use super::{CONSISTENCY, CollectionEntry, Details, ENGINE, MongoEngine, Progress};
 use crate::engine::Counts;
 use crate::error::{Error, Result};
 use crate::repo::manifest::{EngineEntry, FileEntry};
@@ -39,11 +39,11 @@ struct Item {
 
 pub(super) async fn dump(
     engine: &MongoEngine,
+    client: Client,
     out: EngineWriter,
     cancel: &CancellationToken,
 ) -> Result<EngineEntry> {
     let started_at = Utc::now();
-    let client = engine.client(Purpose::Bulk).await?;
     let build = client
         .database("admin")
         .run_command(doc! {"buildInfo": 1})

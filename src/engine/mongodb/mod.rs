@@ -21,7 +21,7 @@ use mongodb::options::{ClientOptions, ConnectionString};
 use mongodb::{Client, Database};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::{Counts, Emptiness, EngineKind, EngineOps, EngineOptions, Probe, RestoreOptions};
 use crate::error::{Error, Result};
@@ -44,6 +44,8 @@ pub const DEFAULT_PARALLEL: usize = 4;
 
 /// How often long dumps and restores log their progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How long a finished operation waits for its client to end its sessions and close.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
 
 /// The engine's typed configuration, from the URI and [`EngineOptions`].
 #[derive(Clone)]
@@ -183,6 +185,37 @@ impl MongoEngine {
             }
         }
         Client::with_options(o).map_err(|e| self.classify(e))
+    }
+
+    /// Runs `f` with a fresh client and shuts the client down before returning, whatever `f`
+    /// returned. A client that is merely dropped leaves its session clean-up running as a
+    /// task; if the process exits meanwhile, the runtime tears the connection pool down under
+    /// that task and the driver panics ("pool worker gone", as in
+    /// mongodb/mongo-rust-driver#674). Everything `f` spawned must be joined before it returns.
+    async fn with_client<T, F, Fut>(&self, purpose: Purpose, f: F) -> Result<T>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let client = self.client(purpose).await?;
+        let r = f(client.clone()).await;
+        let (limit, immediate) = match purpose {
+            // A failed probe has no session to end, and shutting down a client whose server
+            // never answered waits on its monitor: the probe's time is better spent reporting.
+            Purpose::Probe(_) if r.is_err() => return r,
+            Purpose::Probe(t) => (t, true),
+            Purpose::Bulk => (SHUTDOWN_LIMIT, false),
+        };
+        if tokio::time::timeout(limit, client.shutdown().immediate(immediate))
+            .await
+            .is_err()
+        {
+            debug!(
+                engine = ENGINE,
+                "client shutdown did not finish in {limit:?}"
+            );
+        }
+        r
     }
 
     /// Sorts a driver error into what the roles act on: unreachable (retry may help),
@@ -463,7 +496,63 @@ impl EngineOps for MongoEngine {
     /// `hello`, then `ping` against the credentials' database when the URI has credentials
     /// (the connection authenticates first, so a wrong password fails here, not later).
     async fn probe(&self, timeout: Duration) -> Result<Probe> {
-        let client = self.client(Purpose::Probe(timeout)).await?;
+        self.with_client(Purpose::Probe(timeout), |client| self.probe_with(client))
+            .await
+    }
+
+    async fn is_empty(&self) -> Result<Emptiness> {
+        self.with_client(Purpose::Bulk, |client| self.is_empty_with(client))
+            .await
+    }
+
+    async fn dump(&self, out: EngineWriter, cancel: &CancellationToken) -> Result<EngineEntry> {
+        self.with_client(Purpose::Bulk, |client| {
+            dump::dump(self, client, out, cancel)
+        })
+        .await
+    }
+
+    async fn restore(
+        &self,
+        set: &SetReader,
+        entry: &EngineEntry,
+        _opts: &RestoreOptions,
+        cancel: &CancellationToken,
+    ) -> Result<Counts> {
+        self.with_client(Purpose::Bulk, |client| {
+            restore::restore(self, client, set, entry, cancel)
+        })
+        .await
+    }
+
+    /// Only the namespaces the filter selects are restored.
+    fn expected_counts(&self, entry: &EngineEntry) -> Counts {
+        entry
+            .counts
+            .iter()
+            .filter(|(ns, _)| {
+                let (db, coll) = ns.split_once('.').unwrap_or((ns.as_str(), ""));
+                self.cfg.filter.wants(db, coll)
+            })
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// Drops every database the filter selects whole, and the selected collections of the
+    /// others. `admin`, `local` and `config` (users, the marker) are never touched.
+    async fn wipe(&self) -> Result<()> {
+        self.with_client(Purpose::Bulk, |client| self.wipe_with(client))
+            .await
+    }
+
+    async fn set_marker(&self, on: bool) -> Result<()> {
+        self.with_client(Purpose::Bulk, |client| self.set_marker_with(client, on))
+            .await
+    }
+}
+
+impl MongoEngine {
+    async fn probe_with(&self, client: Client) -> Result<Probe> {
         let hello = client
             .database("admin")
             .run_command(doc! {"hello": 1})
@@ -502,8 +591,7 @@ impl EngineOps for MongoEngine {
         })
     }
 
-    async fn is_empty(&self) -> Result<Emptiness> {
-        let client = self.client(Purpose::Bulk).await?;
+    async fn is_empty_with(&self, client: Client) -> Result<Emptiness> {
         let marker = client
             .database(MARKER_DB)
             .list_collection_names()
@@ -534,37 +622,7 @@ impl EngineOps for MongoEngine {
         })
     }
 
-    async fn dump(&self, out: EngineWriter, cancel: &CancellationToken) -> Result<EngineEntry> {
-        dump::dump(self, out, cancel).await
-    }
-
-    async fn restore(
-        &self,
-        set: &SetReader,
-        entry: &EngineEntry,
-        _opts: &RestoreOptions,
-        cancel: &CancellationToken,
-    ) -> Result<Counts> {
-        restore::restore(self, set, entry, cancel).await
-    }
-
-    /// Only the namespaces the filter selects are restored.
-    fn expected_counts(&self, entry: &EngineEntry) -> Counts {
-        entry
-            .counts
-            .iter()
-            .filter(|(ns, _)| {
-                let (db, coll) = ns.split_once('.').unwrap_or((ns.as_str(), ""));
-                self.cfg.filter.wants(db, coll)
-            })
-            .map(|(k, v)| (k.clone(), *v))
-            .collect()
-    }
-
-    /// Drops every database the filter selects whole, and the selected collections of the
-    /// others. `admin`, `local` and `config` (users, the marker) are never touched.
-    async fn wipe(&self) -> Result<()> {
-        let client = self.client(Purpose::Bulk).await?;
+    async fn wipe_with(&self, client: Client) -> Result<()> {
         for db in self.user_databases(&client).await? {
             let database = client.database(&db);
             if self.cfg.filter.wants_whole_db(&db) {
@@ -591,8 +649,7 @@ impl EngineOps for MongoEngine {
         Ok(())
     }
 
-    async fn set_marker(&self, on: bool) -> Result<()> {
-        let client = self.client(Purpose::Bulk).await?;
+    async fn set_marker_with(&self, client: Client, on: bool) -> Result<()> {
         let coll = client
             .database(MARKER_DB)
             .collection::<Document>(MARKER_COLL);

@@ -14,7 +14,7 @@ use tracing::{debug, info};
 
 use super::bsonfile::DocReader;
 use super::metadata::{Kind, Metadata};
-use super::{CollectionEntry, ENGINE, MongoEngine, Progress, Purpose, details_of};
+use super::{CollectionEntry, ENGINE, MongoEngine, Progress, details_of};
 use crate::engine::Counts;
 use crate::error::{Error, Result};
 use crate::repo::manifest::EngineEntry;
@@ -47,12 +47,12 @@ struct Batch {
 
 pub(super) async fn restore(
     engine: &MongoEngine,
+    client: Client,
     set: &SetReader,
     entry: &EngineEntry,
     cancel: &CancellationToken,
 ) -> Result<Counts> {
     let details = details_of(set, entry)?;
-    let client = engine.client(Purpose::Bulk).await?;
     let hello = client
         .database("admin")
         .run_command(doc! {"hello": 1})
