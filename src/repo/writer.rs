@@ -143,6 +143,11 @@ impl EngineWriter {
     /// Creates `<engine>/<rel>.zst`, compressed with zstd on `threads` worker threads
     /// (0: compress on the writing thread). Parent directories are created.
     pub fn create(&self, rel: &str, threads: u32) -> Result<ArtifactWriter> {
+        self.create_at_level(rel, threads, ZSTD_LEVEL)
+    }
+
+    /// As [`create`](Self::create), at zstd `level` instead of the default 3.
+    pub fn create_at_level(&self, rel: &str, threads: u32, level: i32) -> Result<ArtifactWriter> {
         let rel_path = format!("{}/{rel}.zst", self.kind.name());
         let path = self.set_root.join(&rel_path);
         if let Some(parent) = path.parent() {
@@ -155,7 +160,7 @@ impl EngineWriter {
             written: 0,
         };
         let mut enc =
-            zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL).map_err(|e| Error::io(&path, e))?;
+            zstd::stream::write::Encoder::new(sink, level).map_err(|e| Error::io(&path, e))?;
         if threads > 0 {
             enc.multithread(threads).map_err(|e| Error::io(&path, e))?;
         }
