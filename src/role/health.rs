@@ -17,14 +17,21 @@ use crate::secret::{self, Secret, redact_url};
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Probes one URL once. Redis is probed on the calling thread; the others on a
-/// current-thread runtime built for this call.
+/// Probes one URL once. Redis, and MongoDB at one host without credentials or TLS, are probed
+/// on the calling thread; the others on a current-thread runtime built for this call.
 pub fn probe_url(url: &Secret, opts: &EngineOptions, timeout: Duration) -> Result<Probe> {
     if is_sidecar_url(url.expose()) {
         return probe_sidecar(url.expose(), timeout);
     }
-    if EngineKind::from_url(url.expose())? == EngineKind::Redis {
-        return crate::engine::redis::probe_blocking(url, timeout);
+    match EngineKind::from_url(url.expose())? {
+        EngineKind::Redis => return crate::engine::redis::probe_blocking(url, timeout),
+        EngineKind::Mongodb => {
+            let engine = crate::engine::mongodb::MongoEngine::new(url, opts)?;
+            if let Some(r) = engine.probe_plain(timeout) {
+                return r;
+            }
+        }
+        EngineKind::Chroma => {}
     }
     let engine = Engine::from_url(url, opts)?;
     let rt = tokio::runtime::Builder::new_current_thread()

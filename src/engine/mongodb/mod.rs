@@ -7,8 +7,10 @@
 
 mod bsonfile;
 mod dump;
+pub use dump::zstd_workers;
 mod metadata;
 mod names;
+mod probe;
 mod restore;
 
 use std::sync::Arc;
@@ -93,6 +95,35 @@ impl MongoConfig {
     }
 }
 
+/// The member a `hello` reply describes: mongos, a replica-set member and its state, or a
+/// standalone, with the wire version.
+fn describe_hello(hello: &Document) -> Probe {
+    let role = if hello.get_str("msg").ok() == Some("isdbgrid") {
+        "mongos".to_owned()
+    } else if let Ok(set) = hello.get_str("setName") {
+        let state = if hello.get_bool("isWritablePrimary").unwrap_or(false) {
+            "primary"
+        } else if hello.get_bool("secondary").unwrap_or(false) {
+            "secondary"
+        } else {
+            "other"
+        };
+        format!("{state} set={set}")
+    } else {
+        "standalone".to_owned()
+    };
+    Probe {
+        version: None,
+        detail: format!(
+            "role={role} wire={}",
+            hello
+                .get("maxWireVersion")
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        ),
+    }
+}
+
 /// The driver's message for an error, without the labels and source chains it appends.
 fn driver_message(e: &mongodb::error::Error) -> String {
     match e.kind.as_ref() {
@@ -161,6 +192,14 @@ impl MongoEngine {
 
     pub fn config(&self) -> &MongoConfig {
         &self.cfg
+    }
+
+    /// The health probe on the calling thread, without a runtime or the driver, when the URI
+    /// allows it (one host, no credentials, no TLS); `None` when it needs the driver's
+    /// [`probe`](EngineOps::probe).
+    pub fn probe_plain(&self, timeout: Duration) -> Option<Result<Probe>> {
+        let (host, port) = probe::plain_target(&self.cfg)?;
+        Some(probe::probe_plain(&self.cfg, &host, port, timeout))
     }
 
     async fn client(&self, purpose: Purpose) -> Result<Client> {
@@ -565,30 +604,7 @@ impl MongoEngine {
                 .await
                 .map_err(|e| self.classify(e))?;
         }
-        let role = if hello.get_str("msg").ok() == Some("isdbgrid") {
-            "mongos".to_owned()
-        } else if let Ok(set) = hello.get_str("setName") {
-            let state = if hello.get_bool("isWritablePrimary").unwrap_or(false) {
-                "primary"
-            } else if hello.get_bool("secondary").unwrap_or(false) {
-                "secondary"
-            } else {
-                "other"
-            };
-            format!("{state} set={set}")
-        } else {
-            "standalone".to_owned()
-        };
-        Ok(Probe {
-            version: None,
-            detail: format!(
-                "role={role} wire={}",
-                hello
-                    .get("maxWireVersion")
-                    .map(|v| v.to_string())
-                    .unwrap_or_default()
-            ),
-        })
+        Ok(describe_hello(&hello))
     }
 
     async fn is_empty_with(&self, client: Client) -> Result<Emptiness> {
