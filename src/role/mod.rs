@@ -127,7 +127,7 @@ async fn dispatch(
             let engines = cfg.engines_required(&only)?;
             restore::preseed(cfg, &engines, cancel).await.map(|_| ())
         }
-        Command::Prune { dry_run } => prune::prune(cfg, dry_run, cancel).await.map(|_| ()),
+        Command::Prune { dry_run } => prune::prune(cfg, dry_run, true, cancel).await.map(|_| ()),
         Command::Install { dir } => install::install(&dir),
         Command::Init { timeout } => init::init(cfg, timeout, cancel).await,
         // `run` starts the sidecar itself, with its own stop rules.

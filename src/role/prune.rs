@@ -8,7 +8,14 @@ use crate::error::{Error, Result};
 use crate::repo::retention::{self, Candidate, Decision};
 use crate::repo::{self, Repo, VerifyLevel};
 
-pub async fn prune(cfg: &Config, dry_run: bool, cancel: &CancellationToken) -> Result<Decision> {
+/// Applies the policy. `print` lists every decision on stdout (the `prune` verb); the sidecar
+/// passes false and gets the deletions in its log only.
+pub async fn prune(
+    cfg: &Config,
+    dry_run: bool,
+    print: bool,
+    cancel: &CancellationToken,
+) -> Result<Decision> {
     let repo = Repo::open(&cfg.repo)?;
     let lock = repo.lock(cfg.lock_wait).await?;
     let policy = cfg.retention;
@@ -41,18 +48,25 @@ pub async fn prune(cfg: &Config, dry_run: bool, cancel: &CancellationToken) -> R
         if policy.is_empty() {
             warn!("no retention policy set (all DBKEEPER_KEEP_* are 0): keeping every set");
         }
+        let say = |line: String| {
+            if print {
+                println!("{line}");
+            }
+        };
         for (id, why) in &decision.keep {
-            println!("keep    {id}  ({})", why.join(", "));
+            say(format!("keep    {id}  ({})", why.join(", ")));
         }
         for id in &decision.untouched {
-            println!("ignore  {id}  (does not verify; not counted, not deleted)");
+            say(format!(
+                "ignore  {id}  (does not verify; not counted, not deleted)"
+            ));
         }
         for id in &decision.delete {
             if dry_run {
-                println!("would delete {id}");
+                say(format!("would delete {id}"));
             } else {
                 repo::delete_set(&repo, id)?;
-                println!("deleted {id}");
+                say(format!("deleted {id}"));
                 info!(set = %id, "set deleted by retention");
             }
         }

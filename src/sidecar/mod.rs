@@ -383,7 +383,7 @@ impl Sidecar {
             }
         }
         self.state.update_job(id, |j| j.phase = "retention");
-        let prune_error = match role::prune::prune(&self.cfg, false, cancel).await {
+        let prune_error = match role::prune::prune(&self.cfg, false, false, cancel).await {
             Ok(d) => {
                 info!(
                     kept = d.keep.len(),

@@ -23,6 +23,7 @@ struct Sidecar {
     child: Child,
     port: u16,
     log: PathBuf,
+    out: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -30,6 +31,7 @@ impl Sidecar {
     fn start(repo: &Path, env: &[(&str, &str)]) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("stderr");
+        let out = dir.path().join("stdout");
         let port = free_port();
         let mut cmd = dbkeeper(repo);
         cmd.arg("sidecar")
@@ -39,7 +41,7 @@ impl Sidecar {
             // The build machine's own free space must not raise a low-disk alert in tests
             // that expect none; a test of that alert sets its own threshold.
             .env("DBKEEPER_MIN_FREE", "0%")
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in env {
             cmd.env(k, v);
@@ -49,6 +51,7 @@ impl Sidecar {
             child,
             port,
             log,
+            out,
             _dir: dir,
         };
         let up = wait_until(Duration::from_secs(30), || {
@@ -60,6 +63,11 @@ impl Sidecar {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// What the sidecar printed on stdout: nothing, its output is its log.
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
     }
 
     fn get(&self, path: &str) -> (u16, Value) {
@@ -888,6 +896,12 @@ fn a_failed_run_never_applies_retention_and_a_verified_one_does() {
         vec![job["set"].as_str().unwrap().to_owned()],
         "retention (keep last 1) did not run after the verified run"
     );
+    assert!(
+        sc.log().contains("set deleted by retention"),
+        "{}",
+        sc.log()
+    );
+    assert_eq!(sc.stdout(), "", "the sidecar printed prune's verb output");
 }
 
 /// The whole product without Docker: one sidecar guarding all three engines takes one set
