@@ -34,6 +34,7 @@ PY = os.environ.get("DBKEEPER_TEST_PYTHON", str(CACHE / "venv/bin/python"))
 CDP = os.environ.get("DBKEEPER_BENCH_CDP", str(CACHE / "bench-venv/bin/cdp"))
 BIN = ROOT / "target/x86_64-unknown-linux-gnu/release/dbkeeper"
 BASELINE = ROOT / "target/x86_64-unknown-linux-gnu/release/examples/mongo_baseline"
+COMPRESS = ROOT / "target/x86_64-unknown-linux-gnu/release/examples/compress_artifact"
 CPUS = os.environ.get("DBKEEPER_BENCH_CPUS", "0,1")
 TASKSET = ["taskset", "-c", CPUS]
 ROUNDS = 3
@@ -444,19 +445,16 @@ def case_mongodb(uri, dst_uri):
     subprocess.run(["zstd", "-qdf", str(art[0]), "-o", str(plain)], check=True)
     log(f"mongodb dump sha256 (decompressed orders.bson) {sha_file(plain)}")
     zout = WORK / "orders.bson.zst"
-    z = alternate({"zstd": lambda: run(["zstd", "-q", "-f", "-3", "-T2", plain, "-o", zout])})
-    # Ours: the artifact writer's throughput while streaming (the dump's own log line),
-    # which includes reading from the server, so it bounds the compressor from below.
-    stream = []
-    for line in ours_log_lines(res["ours"]):
-        if line.get("message") == "dump finished":
-            stream.append(float(line["mb_per_s"]))
-    ours_mbs = statistics.median(stream) if stream else None
+    zrepo = WORK / "repo-compress"
+    zrepo.mkdir(exist_ok=True)
+    z = alternate({"zstd": lambda: run(["zstd", "-q", "-f", "-3", "-T2", plain, "-o", zout]),
+                   "ours": lambda: run([COMPRESS, plain, zrepo])})
+    plain_mb = plain.stat().st_size / 1e6
     record("compression", "throughput writing the MongoDB artifact",
-           ours_mbs, "zstd -3 -T2 of the same bytes (file to file)",
-           round(plain.stat().st_size / 1e6 / med(z["zstd"], 0), 1), "MB/s", "higher", ">=0.95x",
-           note="ours is the whole dump stream (server read + compress + sha256), a lower bound"
-                " on the compressor alone")
+           round(plain_mb / med(z["ours"], 0), 1), "zstd -3 -T2 of the same bytes (file to file)",
+           round(plain_mb / med(z["zstd"], 0), 1), "MB/s", "higher", ">=0.95x",
+           note="ours is the dump's artifact writer alone (examples/compress_artifact.rs): zstd,"
+                " sha256 of the output and an fsync, which zstd does not do")
     record("compression", "size of the MongoDB artifact", sum(a.stat().st_size for a in art),
            "zstd -3 -T2 of the same bytes", zout.stat().st_size, "bytes", "lower", "<=1.01x")
 
@@ -512,15 +510,6 @@ def case_mongodb(uri, dst_uri):
     record("mongodb-restore", "max RSS of the restore", med(res["ours"], 2),
            "pymongo insert_many(RawBSONDocument, ordered=False), 2 connections",
            med(res["peer"], 2), "KiB", "lower")
-
-
-def ours_log_lines(runs):
-    for r in runs:
-        for line in r[3].decode(errors="replace").splitlines():
-            try:
-                yield json.loads(line)
-            except ValueError:
-                pass
 
 
 CHROMA_SEED = """

@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 
 /// zstd level 3: the CLI's default, the best speed/ratio point for dumps.
 const ZSTD_LEVEL: i32 = 3;
+/// The job size of multithreaded compression.
+const MT_JOB_BYTES: u32 = 2 << 20;
 
 /// A set being written. Invisible (a `.tmp-` directory) until [`SetWriter::publish`]; dropped
 /// unpublished, it removes its directory.
@@ -163,6 +165,10 @@ impl EngineWriter {
             zstd::stream::write::Encoder::new(sink, level).map_err(|e| Error::io(&path, e))?;
         if threads > 0 {
             enc.multithread(threads).map_err(|e| Error::io(&path, e))?;
+            // Each worker holds a job's input and output; the default job (4 windows, 8 MiB
+            // at level 3) would cost tens of MB per artifact for no gain in ratio worth having.
+            enc.set_parameter(zstd::stream::raw::CParameter::JobSize(MT_JOB_BYTES))
+                .map_err(|e| Error::io(&path, e))?;
         }
         Ok(ArtifactWriter {
             enc,

@@ -25,6 +25,21 @@ use crate::repo::writer::EngineWriter;
 /// batch at 16 MiB anyway.
 const BATCH_BYTES: u64 = 8 * 1024 * 1024;
 
+/// Collections at least this large (estimated) are compressed on zstd worker threads.
+const MT_MIN_BYTES: u64 = 32 << 20;
+
+/// zstd worker threads for a collection of about `bytes`: two for a large one, so compression
+/// keeps up with the cursor (one thread of zstd -3 does roughly half of what the server sends);
+/// none for a small one, which is compressed on its writer thread without multithreaded
+/// mode's per-job buffers.
+pub fn zstd_workers(bytes: u64) -> u32 {
+    if bytes >= MT_MIN_BYTES { 2 } else { 0 }
+}
+
+/// The batch size of a collection that was not sampled: 8 MiB of 1 KiB documents, less for the
+/// small documents most collections hold; the server caps a batch at 16 MiB whatever they are.
+const UNSAMPLED_BATCH_DOCS: u32 = 8192;
+
 /// One collection to dump.
 struct Item {
     db: String,
@@ -34,7 +49,9 @@ struct Item {
     source: String,
     /// Estimated data size, to start the largest first.
     size: u64,
+    /// Sizes the cursor's batches; 0 for the server's default.
     avg_obj_size: u64,
+    zstd_workers: u32,
 }
 
 pub(super) async fn dump(
@@ -85,23 +102,22 @@ pub(super) async fn dump(
             } else {
                 name.clone()
             };
-            let avg_obj_size = if kind == Kind::View {
-                0
-            } else {
-                sample_avg(&client, &db, &source).await
-            };
             items.push(Item {
                 db: db.clone(),
                 name,
                 meta,
                 source,
                 size: 0,
-                avg_obj_size,
+                avg_obj_size: 0,
+                zstd_workers: 0,
             });
         }
     }
-    // Largest first, so the longest collection does not start last. Only worth asking when
-    // there is an order to choose.
+    // With several collections, sizes order them largest first (so the longest one does not
+    // start last), size their cursor batches and decide how each is compressed. A lone
+    // collection needs none of that: it gets batches of a fixed number of documents (which
+    // the server caps at 16 MiB) and two zstd workers, without a sample query and a count
+    // first.
     if items.iter().filter(|it| it.meta.kind != Kind::View).count() > 1 {
         // Futures collected before they become a stream: a stream over a borrowing closure is
         // not provably `Send` for every lifetime, which a spawned caller (the sidecar) needs.
@@ -111,20 +127,30 @@ pub(super) async fn dump(
                 let client = client.clone();
                 async move {
                     if it.meta.kind == Kind::View {
-                        return 0;
+                        return (0, 0);
                     }
-                    estimated_count(&client, &it.db, &it.source).await * it.avg_obj_size.max(1)
+                    let avg = sample_avg(&client, &it.db, &it.source).await;
+                    (
+                        avg,
+                        estimated_count(&client, &it.db, &it.source).await * avg.max(1),
+                    )
                 }
             })
             .collect();
-        let sizes: Vec<u64> = stream::iter(futs)
+        let sizes: Vec<(u64, u64)> = stream::iter(futs)
             .buffered(engine.cfg.parallel)
             .collect()
             .await;
-        for (it, size) in items.iter_mut().zip(sizes) {
+        for (it, (avg, size)) in items.iter_mut().zip(sizes) {
+            it.avg_obj_size = avg;
             it.size = size;
+            it.zstd_workers = zstd_workers(size);
         }
         items.sort_by_key(|it| std::cmp::Reverse(it.size));
+    } else {
+        for it in &mut items {
+            it.zstd_workers = zstd_workers(u64::MAX);
+        }
     }
     info!(
         engine = ENGINE,
@@ -254,17 +280,19 @@ async fn dump_collection(
         .database(&it.db)
         .collection::<RawDocumentBuf>(&it.source);
     let mut find = coll.find(doc! {});
-    if let Some(n) = BATCH_BYTES.checked_div(it.avg_obj_size) {
-        find = find.batch_size(n.clamp(101, 100_000) as u32);
-    }
+    let batch = match BATCH_BYTES.checked_div(it.avg_obj_size) {
+        Some(n) => n.clamp(101, 100_000) as u32,
+        None => UNSAMPLED_BATCH_DOCS,
+    };
+    find = find.batch_size(batch);
     let mut cursor = find
         .batch()
         .await
         .map_err(engine.op_err(&format!("find on {ns}")))?;
     let rel = format!("{}/{}.bson", it.db, data_stem(it));
-    // Compressed on the writer thread itself: it already runs beside the network reads, and
-    // zstd's multithreaded mode would buffer whole jobs (megabytes) per collection.
-    let artifact = out.create(&rel, 0)?;
+    // Compressed on the writer thread itself, beside the network reads, unless the
+    // collection is large enough to need more than one thread of zstd to keep up.
+    let artifact = out.create(&rel, it.zstd_workers)?;
     let path = out.dir().join(&rel);
     // Two batches alive at most: one being compressed, the next arriving.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(2));
