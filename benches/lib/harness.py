@@ -160,10 +160,13 @@ def run(argv, env=None, stdin=None, stdout=subprocess.DEVNULL, check=True, pin=T
 
 def alternate(fns, rounds=ROUNDS, warmup=True, between=None):
     """Calls each fn in turn, `rounds` times (after one warm-up round), returning the lists of
-    their results. `between` runs (untimed) before every call, to reset a target."""
+    their results. `between` runs (untimed) before every call, to reset a target. The order
+    rotates every round, so no tool always runs right after the same one (a heavy peer leaves
+    the server busy with its own clean-up for a while)."""
     out = {k: [] for k in fns}
+    items = list(fns.items())
     for r in range(rounds + (1 if warmup else 0)):
-        for k, fn in fns.items():
+        for k, fn in items[r % len(items):] + items[:r % len(items)]:
             if between:
                 between(k)
             v = fn()
