@@ -3,6 +3,7 @@
 
 pub mod chroma;
 pub mod mongodb;
+pub(crate) mod net;
 pub mod redis;
 
 use std::collections::BTreeMap;

@@ -107,8 +107,8 @@ pub fn is_sidecar_url(url: &str) -> bool {
 /// One `GET /health` over plain HTTP/1.0 on the calling thread. Written by hand: on this path
 /// an HTTP client and a runtime would cost more than the request itself.
 fn probe_sidecar(url: &str, timeout: Duration) -> Result<Probe> {
+    use crate::engine::net::ConnectError;
     use std::io::{Read, Write};
-    use std::net::{TcpStream, ToSocketAddrs};
     let shown = redact_url(url);
     let unreachable = |message: String| Error::Unreachable {
         engine: "sidecar",
@@ -125,13 +125,14 @@ fn probe_sidecar(url: &str, timeout: Duration) -> Result<Probe> {
         .host_str()
         .ok_or_else(|| Error::config(format!("{shown}: no host")))?;
     let port = u.port().unwrap_or(80);
-    let addr = (host.trim_matches(['[', ']']), port)
-        .to_socket_addrs()
-        .map_err(|e| unreachable(format!("cannot resolve: {e}")))?
-        .next()
-        .ok_or_else(|| unreachable("no address".into()))?;
-    let mut stream =
-        TcpStream::connect_timeout(&addr, timeout).map_err(|e| unreachable(e.to_string()))?;
+    let deadline = Instant::now() + timeout;
+    let mut stream = crate::engine::net::connect(host.trim_matches(['[', ']']), port, deadline)
+        .map_err(|e| match e {
+            ConnectError::Resolve(e) => unreachable(format!("cannot resolve: {e}")),
+            ConnectError::Timeout => unreachable(format!("no connection within {timeout:?}")),
+            ConnectError::Refused(e) => unreachable(e.to_string()),
+            ConnectError::NoAddress => unreachable("no address".into()),
+        })?;
     let _ = stream.set_read_timeout(Some(timeout));
     let _ = stream.set_write_timeout(Some(timeout));
     write!(

@@ -7,7 +7,6 @@
 //! several hosts, a load balancer) goes through the driver.
 
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use mongodb::bson::{Bson, Document, doc};
@@ -15,6 +14,7 @@ use mongodb::options::{HostInfo, ServerAddress, Tls};
 
 use super::{ENGINE, MongoConfig};
 use crate::engine::Probe;
+use crate::engine::net::ConnectError;
 use crate::error::{Error, Result};
 
 const OP_MSG: i32 = 2013;
@@ -63,34 +63,12 @@ pub(super) fn probe_plain(
         url: cfg.display.clone(),
         message,
     };
-    let addrs: Vec<_> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| unreachable(format!("cannot resolve {host}: {e}")))?
-        .collect();
-    let mut last = None;
-    let mut stream = None;
-    for addr in addrs {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        match TcpStream::connect_timeout(&addr, left) {
-            Ok(s) => {
-                stream = Some(s);
-                break;
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    let mut s = match (stream, last) {
-        (Some(s), _) => s,
-        (None, Some(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
-            return Err(unreachable(format!("no connection within {timeout:?}")));
-        }
-        (None, Some(e)) => return Err(unreachable(format!("cannot connect: {e}"))),
-        (None, None) => return Err(unreachable("no address to connect to".into())),
-    };
-    let _ = s.set_nodelay(true);
+    let mut s = crate::engine::net::connect(host, port, deadline).map_err(|e| match e {
+        ConnectError::Resolve(e) => unreachable(format!("cannot resolve {host}: {e}")),
+        ConnectError::Timeout => unreachable(format!("no connection within {timeout:?}")),
+        ConnectError::Refused(e) => unreachable(format!("cannot connect: {e}")),
+        ConnectError::NoAddress => unreachable("no address to connect to".into()),
+    })?;
     let mut exchange = |command: &str| -> Result<Document> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {

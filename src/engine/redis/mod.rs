@@ -6,7 +6,7 @@ pub mod rdb;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::net::ConnectError;
 use super::{Counts, Emptiness, EngineKind, EngineOps, EngineOptions, Probe, RestoreOptions};
 use crate::error::{Error, Result};
 use crate::repo::manifest::EngineEntry;
@@ -234,62 +235,47 @@ impl<'a> Conn<'a> {
     /// Connects within `timeout`; every later read or write must also finish by then.
     fn connect(cfg: &'a RedisConfig, timeout: Duration) -> Result<Self> {
         let deadline = Instant::now() + timeout;
-        let addrs: Vec<_> = (cfg.host.as_str(), cfg.port)
-            .to_socket_addrs()
-            .map_err(|e| cfg.unreachable(format!("cannot resolve {}: {e}", cfg.host)))?
-            .collect();
-        let mut last = None;
-        for addr in addrs {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match TcpStream::connect_timeout(&addr, left) {
-                Ok(s) => {
-                    let _ = s.set_nodelay(true);
-                    let stream = if cfg.tls {
-                        tls_stream(cfg, s)?
-                    } else {
-                        Stream::Plain(s)
-                    };
-                    let mut c = Conn {
-                        cfg,
-                        reader: BufReader::with_capacity(1 << 16, stream),
-                        deadline: Some(deadline),
-                    };
-                    c.arm()?;
-                    if let Stream::Tls(t) = c.reader.get_mut() {
-                        // Shake hands now: a plain port never answers a ClientHello, and
-                        // that must read as "wrong port", not as "not up yet".
-                        let t = &mut **t;
-                        let mut r = Ok(());
-                        while r.is_ok() && t.conn.is_handshaking() {
-                            r = t.conn.complete_io(&mut t.sock).map(|_| ());
-                        }
-                        if let Err(e) = r {
-                            return Err(match e.kind() {
-                                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                                    cfg.refused(format!(
-                                        "no TLS handshake within {timeout:?}: is port {} a TLS port?",
-                                        cfg.port
-                                    ))
-                                }
-                                _ => c.io_error(e),
-                            });
-                        }
-                    }
-                    return Ok(c);
+        let s =
+            crate::engine::net::connect(&cfg.host, cfg.port, deadline).map_err(|e| match e {
+                ConnectError::Resolve(e) => {
+                    cfg.unreachable(format!("cannot resolve {}: {e}", cfg.host))
                 }
-                Err(e) => last = Some(e),
+                ConnectError::Timeout => {
+                    cfg.unreachable(format!("no connection within {timeout:?}"))
+                }
+                ConnectError::Refused(e) => cfg.unreachable(format!("cannot connect: {e}")),
+                ConnectError::NoAddress => cfg.unreachable("no address to connect to"),
+            })?;
+        let stream = if cfg.tls {
+            tls_stream(cfg, s)?
+        } else {
+            Stream::Plain(s)
+        };
+        let mut c = Conn {
+            cfg,
+            reader: BufReader::with_capacity(1 << 16, stream),
+            deadline: Some(deadline),
+        };
+        c.arm()?;
+        if let Stream::Tls(t) = c.reader.get_mut() {
+            // Shake hands now: a plain port never answers a ClientHello, and that must read
+            // as "wrong port", not as "not up yet".
+            let t = &mut **t;
+            let mut r = Ok(());
+            while r.is_ok() && t.conn.is_handshaking() {
+                r = t.conn.complete_io(&mut t.sock).map(|_| ());
+            }
+            if let Err(e) = r {
+                return Err(match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => cfg.refused(format!(
+                        "no TLS handshake within {timeout:?}: is port {} a TLS port?",
+                        cfg.port
+                    )),
+                    _ => c.io_error(e),
+                });
             }
         }
-        Err(match last {
-            Some(e) if e.kind() == io::ErrorKind::TimedOut => {
-                cfg.unreachable(format!("no connection within {timeout:?}"))
-            }
-            Some(e) => cfg.unreachable(format!("cannot connect: {e}")),
-            None => cfg.unreachable("no address to connect to"),
-        })
+        Ok(c)
     }
 
     /// Sets the socket timeouts to what is left before the deadline, or to the poll interval.
