@@ -242,13 +242,19 @@ impl Sidecar {
         }
     }
 
-    async fn run_backup(self: &Arc<Self>, id: &str, cancel: &CancellationToken) {
+    /// Marks a job running in its first phase; returns when it started.
+    fn start_job(&self, id: &str, phase: &'static str) -> Instant {
         let start = Instant::now();
         self.state.update_job(id, |j| {
             j.status = JobStatus::Running;
-            j.phase = "backup";
+            j.phase = phase;
             j.started = Some(start);
         });
+        start
+    }
+
+    async fn run_backup(self: &Arc<Self>, id: &str, cancel: &CancellationToken) {
+        let start = self.start_job(id, "backup");
         let result = self
             .with_progress(id, self.backup_verify_prune(id, cancel))
             .await;
@@ -416,12 +422,7 @@ impl Sidecar {
     }
 
     async fn run_test_restore(self: &Arc<Self>, id: &str, cancel: &CancellationToken) {
-        let start = Instant::now();
-        self.state.update_job(id, |j| {
-            j.status = JobStatus::Running;
-            j.phase = "restore";
-            j.started = Some(start);
-        });
+        let start = self.start_job(id, "restore");
         let result = self
             .with_progress(
                 id,
