@@ -2,7 +2,7 @@
 # The two Redis figures the project publishes, against the stock tools on the same server:
 #   1. `dbkeeper-health` vs `redis-cli ping`: wall time of N sequential probes, max RSS of one.
 #   2. backup throughput of a ~1 GB dataset: `dbkeeper backup` vs `redis-cli --rdb FILE`.
-# Usage: benches/redis.sh [PROBES=200] [KEYS=1000000] [VALUE_BYTES=1000]
+# Usage: [ROUNDS=5] benches/redis.sh [PROBES=200] [KEYS=1000000] [VALUE_BYTES=1000]
 # Needs redis-server, redis-cli, python3 and GNU time (/usr/bin/time). Uses the release binary.
 set -euo pipefail
 
@@ -72,21 +72,32 @@ echo "used_memory: $(redis-cli -p "$port" info memory | grep '^used_memory_human
 
 repo=$work/repo
 mkdir -p "$repo"
-for round in 1 2 3; do
+rounds=${ROUNDS:-5}
+cli_backup() {
     rm -f "$work/cli.rdb"
-    t0=$(now)
+    local t0 t1; t0=$(now)
     redis-cli -p "$port" --rdb "$work/cli.rdb" >/dev/null 2>&1
     t1=$(now)
+    cli_s=$(python3 -c "print($t1-$t0)")
+}
+our_backup() {
+    rm -rf "${repo:?}"/*
+    local t0 t1; t0=$(now)
     DBKEEPER_REPO=$repo DBKEEPER_REDIS_URL=$url DBKEEPER_LOG=warn \
         /usr/bin/time -o "$work/rss" -f %M "$bin" backup >/dev/null
-    t2=$(now)
+    t1=$(now)
+    ours_s=$(python3 -c "print($t1-$t0)")
+}
+# The two alternate which goes first, round by round: on a shared machine the second of a
+# pair is often the slower.
+for round in $(seq "$rounds"); do
+    if [ $((round % 2)) = 1 ]; then cli_backup; our_backup; else our_backup; cli_backup; fi
     # What the stock tools need to store the same compressed artifact.
+    t2=$(now)
     zstd -q -3 -T2 -f "$work/cli.rdb" -o "$work/cli.rdb.zst"
     t3=$(now)
     bytes=$(stat -c %s "$work/cli.rdb")
-    cli_zstd_s=$(python3 -c "print($t1-$t0+$t3-$t2)")
-    cli_s=$(python3 -c "print($t1-$t0)")
-    ours_s=$(python3 -c "print($t2-$t1)")
+    cli_zstd_s=$(python3 -c "print($cli_s+$t3-$t2)")
     stored=$(du -sb "$repo" | cut -f1)
     printf 'round %d: RDB %.0f MB | redis-cli --rdb %.2f s (%.0f MB/s) | dbkeeper backup %.2f s (%.0f MB/s, %.0f MB stored) max RSS %s KiB | speed ratio dbkeeper/redis-cli %s\n' \
         "$round" "$(python3 -c "print($bytes/1e6)")" "$cli_s" "$(python3 -c "print($bytes/1e6/$cli_s)")" \
@@ -94,5 +105,7 @@ for round in 1 2 3; do
         "$(cat "$work/rss")" "$(ratio "$cli_s" "$ours_s")"
     printf '         redis-cli --rdb then zstd -3 -T2: %.2f s | speed ratio dbkeeper/(redis-cli+zstd) %s\n' \
         "$cli_zstd_s" "$(ratio "$cli_zstd_s" "$ours_s")"
-    rm -rf "${repo:?}"/* "$work/cli.rdb.zst"
+    echo "$(ratio "$cli_s" "$ours_s")" >>"$work/ratios"
+    rm -f "$work/cli.rdb.zst"
 done
+echo "median speed ratio dbkeeper/redis-cli over $rounds rounds: $(sort -n "$work/ratios" | python3 -c "import sys, statistics; print(statistics.median(float(l) for l in sys.stdin))")"

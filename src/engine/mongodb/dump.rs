@@ -29,7 +29,7 @@ const BATCH_BYTES: u64 = 8 * 1024 * 1024;
 const MT_MIN_BYTES: u64 = 32 << 20;
 
 /// zstd worker threads for a collection of about `bytes`: two for a large one, so compression
-/// keeps up with the cursor (one thread of zstd -3 does roughly half of what the server sends);
+/// keeps up with the cursor (one thread of zstd does less than what the server sends);
 /// none for a small one, which is compressed on its writer thread without multithreaded
 /// mode's per-job buffers.
 pub fn zstd_workers(bytes: u64) -> u32 {
