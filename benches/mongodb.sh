@@ -26,7 +26,7 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-start_server() { # name → prints the URI
+start_server() { # name → sets $uri (not in a subshell, so that cleanup knows the pid)
     local port; port="$(free_port)"
     "$server" --host 127.0.0.1 --port "$port" --storage-path "$work/$1" --log-file-max 16MB \
         --standalone --log-level WARNING >"$work/$1.log" 2>&1 &
@@ -35,13 +35,13 @@ start_server() { # name → prints the URI
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
         sleep 0.1
     done
-    echo "mongodb://127.0.0.1:$port/?directConnection=true"
+    uri="mongodb://127.0.0.1:$port/?directConnection=true"
 }
 
 elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$@"; }
 now() { date +%s.%N; }
 
-src="$(start_server src)"
+start_server src; src=$uri
 echo "loading $docs documents…"
 "$base" load "$src" bench users "$docs"
 
@@ -75,9 +75,9 @@ echo "dump/drain ratio: overall $(python3 -c "print(f'{$dump_mbs/$drain_mbs:.2f}
 
 echo "--- restore"
 zstd -qd "$work/repo/$set_id/mongodb/bench/users.bson.zst" -o "$work/users.bson"
-plain="$(start_server plain)"
+start_server plain; plain=$uri
 "$base" insert "$plain" bench users "$work/users.bson" | tee "$work/insert.txt"
-ours="$(start_server ours)"
+start_server ours; ours=$uri
 t0="$(now)"
 /usr/bin/time -v env DBKEEPER_REPO="$work/repo" DBKEEPER_MONGODB_URI="$ours" DBKEEPER_LOG=warn \
     "$bin" restore "$set_id" 2>"$work/restore.time"
