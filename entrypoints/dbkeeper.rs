@@ -16,13 +16,19 @@ fn main() -> std::process::ExitCode {
         .and_then(|a| Path::new(a).file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    match name.as_str() {
-        "dbkeeper-health" => {
-            let code = dbkeeper::role::health::healthcheck_main(&args[1..]);
-            return std::process::ExitCode::from(code as u8);
-        }
-        "dbkeeper-init" => args.insert(1, "init".into()),
-        _ => {}
+    // `dbkeeper health …` is the same probe as `dbkeeper-health …`: exit 0 or 1 and one line,
+    // whatever the flags or the environment hold (a malformed DBKEEPER_* URL included).
+    let health_args = match name.as_str() {
+        "dbkeeper-health" => Some(1),
+        _ if args.get(1).is_some_and(|a| a == "health") => Some(2),
+        _ => None,
+    };
+    if let Some(from) = health_args {
+        let code = dbkeeper::role::health::healthcheck_main(&args[from..]);
+        return std::process::ExitCode::from(code as u8);
+    }
+    if name == "dbkeeper-init" {
+        args.insert(1, "init".into());
     }
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,

@@ -14,7 +14,7 @@ use mongodb::bson::{
 use serde_json::Value;
 
 use crate::common::mongodb::{Mongo, PASSWORD};
-use crate::common::{assert_code, dbkeeper, run, sets, stderr, stdout};
+use crate::common::{assert_code, code, dbkeeper, run, sets, stderr, stdout};
 
 fn raw(d: Document) -> RawDocumentBuf {
     RawDocumentBuf::from_document(&d).unwrap()
@@ -778,6 +778,16 @@ fn a_malformed_uri_is_a_configuration_error() {
         let o = dbk(repo.path(), &uri, &["backup"]);
         assert_code(&o, 2);
         assert!(stderr(&o).contains("MongoDB URI"), "{}", stderr(&o));
+        // The health probe stays 0/1 and one line, with the URL configured or given.
+        for args in [
+            vec!["health"],
+            vec!["health", "--timeout", "2s", uri.as_str()],
+        ] {
+            let o = dbk(repo.path(), &uri, &args);
+            assert_code(&o, 1);
+            assert_eq!(stdout(&o).lines().count(), 1, "{}", stdout(&o));
+            assert!(stdout(&o).starts_with("unhealthy:"), "{}", stdout(&o));
+        }
     }
     let uri = format!(
         "mongodb://root:{}@127.0.0.1:1/?directConnection=maybe",
@@ -791,4 +801,62 @@ fn a_malformed_uri_is_a_configuration_error() {
         .arg("backup"));
     no_password(&o);
     assert_code(&o, 2);
+}
+
+#[test]
+fn tls_options_in_the_uri_reach_the_driver() {
+    let certs = tempfile::tempdir().unwrap();
+    crate::common::make_certs(certs.path());
+    let src = Mongo::start_tls(true, certs.path());
+    let docs: Vec<RawDocumentBuf> = (0..500)
+        .map(|i| raw(doc! {"_id": i, "v": format!("tls-{i}")}))
+        .collect();
+    src.insert("shop", "orders", docs);
+    let repo = tempfile::tempdir().unwrap();
+    let uri = src.uri();
+    assert!(
+        uri.contains("tls=true") && uri.contains("tlsCAFile="),
+        "{uri}"
+    );
+
+    let o = dbk(repo.path(), &uri, &["wait", "--timeout", "30s"]);
+    assert_code(&o, 0);
+    let o = dbk(repo.path(), &uri, &["health", &uri]);
+    assert_code(&o, 0);
+    // Without the CA the server's certificate is not trusted: never healthy, no set.
+    let untrusted = format!(
+        "mongodb://{}:{}@127.0.0.1:{}/?directConnection=true&authSource=admin&tls=true\
+         &serverSelectionTimeoutMS=2000",
+        crate::common::mongodb::USER,
+        crate::common::mongodb::enc(PASSWORD),
+        src.port
+    );
+    let o = dbk(
+        repo.path(),
+        &untrusted,
+        &["health", "--timeout", "3s", &untrusted],
+    );
+    assert_code(&o, 1);
+    let o = dbk(repo.path(), &untrusted, &["backup"]);
+    assert_ne!(code(&o), 0, "{}", stderr(&o));
+    assert!(sets(repo.path()).is_empty());
+    // Plain text to the TLS port is not MongoDB answering.
+    let plain = format!(
+        "mongodb://{}:{}@127.0.0.1:{}/?directConnection=true&authSource=admin",
+        crate::common::mongodb::USER,
+        crate::common::mongodb::enc(PASSWORD),
+        src.port
+    );
+    let o = dbk(repo.path(), &plain, &["health", "--timeout", "3s", &plain]);
+    assert_code(&o, 1);
+
+    let id = backup(&src, repo.path(), &[]);
+    let dst = Mongo::start_tls(true, certs.path());
+    let o = dbk(repo.path(), &dst.uri(), &["restore", &id]);
+    assert_code(&o, 0);
+    assert_eq!(
+        dst.sorted_docs("shop", "orders"),
+        src.sorted_docs("shop", "orders")
+    );
+    assert_eq!(dst.sorted_docs("shop", "orders").len(), 500);
 }

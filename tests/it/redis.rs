@@ -9,7 +9,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use crate::common::redis::{Opts, RedisServer};
-use crate::common::{assert_code, code, dbkeeper, run, sets, stderr, stdout, temps, wait_until};
+use crate::common::{
+    assert_code, code, dbkeeper, make_certs, run, sets, stderr, stdout, temps, wait_until,
+};
 
 const PW: &str = "s3cret-Pw-4711";
 
@@ -723,67 +725,6 @@ fn disk_based_sync_and_a_sync_delay_are_handled_and_reported() {
     let dst = RedisServer::start();
     assert_code(&run(with_url(repo.path(), &dst.url()).arg("restore")), 0);
     assert_eq!(dst.digest(), src.digest());
-}
-
-/// A throwaway CA and a server certificate for 127.0.0.1, made with the openssl CLI.
-fn make_certs(dir: &Path) {
-    let sh = |args: &[&str]| {
-        let o = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "openssl {args:?}: {}", stderr(&o));
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec![
-        "req",
-        "-x509",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=dbkeeper test CA",
-    ];
-    ca.extend(ec);
-    ca.extend(["-keyout", "ca.key", "-out", "ca.crt"]);
-    sh(&ca);
-    let mut csr = vec!["req", "-subj", "/CN=127.0.0.1"];
-    csr.extend(ec);
-    csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
-    sh(&csr);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    sh(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "server.crt",
-    ]);
-    // redis-server reads the key as whatever user runs it.
-    let _ = std::fs::set_permissions(
-        dir.join("server.key"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o644),
-    );
 }
 
 /// A password-protected server with a TLS port beside its plain one (the harness uses the

@@ -34,7 +34,7 @@ const POLL: Duration = Duration::from_millis(500);
 /// silence means the link is dead.
 const SYNC_IDLE_LIMIT: Duration = Duration::from_secs(120);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-/// zstd level of the snapshot. Level 1, not the default 3: the server has already compressed
+/// zstd level of the snapshot. Level 1, not the dumps' 2: the server has already compressed
 /// every compressible string with LZF (`rdbcompression yes`), level 3 shrinks an RDB by only
 /// ~8% more for 1.6x the CPU, and that CPU is taken from the server's fork while it streams,
 /// which keeps the fork (and its copy-on-write memory) alive longer. Measured in the README.

@@ -3,7 +3,7 @@
 //! optionally without its replica-set advertisement; stopped on drop.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -22,6 +22,8 @@ pub struct Mongo {
     pub port: u16,
     pub auth: bool,
     pub standalone: bool,
+    /// The CA that signed the server's certificate, when it listens with TLS only.
+    pub tls_ca: Option<PathBuf>,
     _dir: tempfile::TempDir,
     // Dropped before the runtime its background tasks live on.
     client: Client,
@@ -38,6 +40,15 @@ pub fn secantusd() -> PathBuf {
 
 impl Mongo {
     pub fn start(auth: bool, standalone: bool) -> Mongo {
+        Mongo::start_with(auth, standalone, None)
+    }
+
+    /// A server that speaks TLS only, with the certificates `make_certs` wrote to `certs`.
+    pub fn start_tls(auth: bool, certs: &Path) -> Mongo {
+        Mongo::start_with(auth, true, Some(certs))
+    }
+
+    fn start_with(auth: bool, standalone: bool, certs: Option<&Path>) -> Mongo {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut cmd = Command::new(secantusd());
@@ -53,6 +64,17 @@ impl Mongo {
         if standalone {
             cmd.arg("--standalone");
         }
+        if let Some(certs) = certs {
+            cmd.arg("--tls-cert-file")
+                .arg(certs.join("server.crt"))
+                .arg("--tls-key-file")
+                .arg(certs.join("server.key"));
+        }
+        let tls_ca = certs.map(|c| c.join("ca.crt"));
+        let tls_q: String = tls_params(tls_ca.as_deref())
+            .iter()
+            .map(|p| format!("&{p}"))
+            .collect();
         let child = cmd.spawn().expect("start secantusd-rs");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -63,7 +85,7 @@ impl Mongo {
         });
         assert!(up, "secantusd-rs did not listen on {port}");
         // The localhost exception lets the first user be created without credentials.
-        let anon = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
+        let anon = format!("mongodb://127.0.0.1:{port}/?directConnection=true{tls_q}");
         let client = rt.block_on(async {
             let c = Client::with_uri_str(&anon).await.unwrap();
             if auth {
@@ -72,7 +94,7 @@ impl Mongo {
                     .await
                     .expect("createUser through the localhost exception");
                 Client::with_uri_str(format!(
-                    "mongodb://{USER}:{}@127.0.0.1:{port}/?directConnection=true&authSource=admin",
+                    "mongodb://{USER}:{}@127.0.0.1:{port}/?directConnection=true&authSource=admin{tls_q}",
                     enc(PASSWORD)
                 ))
                 .await
@@ -86,6 +108,7 @@ impl Mongo {
             port,
             auth,
             standalone,
+            tls_ca,
             _dir: dir,
             client,
             rt,
@@ -115,6 +138,7 @@ impl Mongo {
         if self.auth {
             q.push("authSource=admin".to_owned());
         }
+        q.extend(tls_params(self.tls_ca.as_deref()));
         format!("mongodb://{creds}127.0.0.1:{}/?{}", self.port, q.join("&"))
     }
 
@@ -218,6 +242,17 @@ impl Mongo {
 }
 
 /// Percent-encodes a password for a URI.
+/// `tls=true` and `tlsCAFile=…` for a TLS server, nothing otherwise.
+fn tls_params(ca: Option<&Path>) -> Vec<String> {
+    ca.map(|ca| {
+        vec![
+            "tls=true".to_owned(),
+            format!("tlsCAFile={}", enc(&ca.to_string_lossy())),
+        ]
+    })
+    .unwrap_or_default()
+}
+
 pub fn enc(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
