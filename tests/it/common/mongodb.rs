@@ -241,7 +241,6 @@ impl Mongo {
     }
 }
 
-/// Percent-encodes a password for a URI.
 /// `tls=true` and `tlsCAFile=…` for a TLS server, nothing otherwise.
 fn tls_params(ca: Option<&Path>) -> Vec<String> {
     ca.map(|ca| {
@@ -253,6 +252,7 @@ fn tls_params(ca: Option<&Path>) -> Vec<String> {
     .unwrap_or_default()
 }
 
+/// Percent-encodes a password (or a path) for a URI.
 pub fn enc(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
