@@ -677,6 +677,12 @@ impl EngineOps for RedisEngine {
 // ---------------------------------------------------------------------------------------------
 // Dump: the replication snapshot, as `redis-cli --rdb` takes it
 
+/// The error a read returns once the job is cancelled. Not `Interrupted`: readers retry that
+/// kind (it means EINTR), and would spin.
+fn cancelled() -> io::Error {
+    io::Error::other("cancelled")
+}
+
 /// Reads the socket, retrying on the poll timeout so cancellation is noticed within `POLL`.
 struct PolledSocket<'a, 'c> {
     conn: &'a mut Conn<'c>,
@@ -688,7 +694,7 @@ impl Read for PolledSocket<'_, '_> {
         let since = Instant::now();
         loop {
             if self.cancel.is_cancelled() {
-                return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+                return Err(cancelled());
             }
             match self.conn.reader.read(buf) {
                 Err(e)
@@ -1391,7 +1397,7 @@ struct Cancellable<'a, R> {
 impl<R: Read> Read for Cancellable<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.cancel.is_cancelled() {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            return Err(cancelled());
         }
         self.inner.read(buf)
     }
@@ -1674,5 +1680,32 @@ mod tests {
         let mut got = Vec::new();
         p.read_to_end(&mut got).unwrap();
         assert_eq!(got, body[..100]);
+    }
+
+    /// A cancelled job's reads fail with an error the RDB reader does not retry (it retries
+    /// EINTR): a deep verify stopped by a signal ends instead of spinning.
+    #[test]
+    fn a_cancelled_read_ends_the_parse() {
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rdb = b"REDIS0011\xfe\x00\x00\x01k\x01v";
+            let opts = rdb::ParseOptions {
+                decode_values: true,
+                capture_payload: false,
+            };
+            let input = Cancellable {
+                inner: &rdb[..],
+                cancel: &cancel,
+            };
+            let r = rdb::read(input, &opts, &mut rdb::CountOnly, false);
+            let _ = tx.send(r.is_err());
+        });
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)),
+            Ok(true),
+            "the parse of a cancelled read did not end with an error"
+        );
     }
 }
