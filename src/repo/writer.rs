@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -148,24 +149,9 @@ impl EngineWriter {
     /// Creates `<engine>/<rel>.zst`, compressed with zstd on `threads` worker threads
     /// (0: compress on the writing thread). Parent directories are created.
     pub fn create(&self, rel: &str, threads: u32) -> Result<ArtifactWriter> {
-        self.create_at_level(rel, threads, ZSTD_LEVEL)
-    }
-
-    /// As [`create`](Self::create), at zstd `level` instead of the default.
-    pub fn create_at_level(&self, rel: &str, threads: u32, level: i32) -> Result<ArtifactWriter> {
-        let rel_path = format!("{}/{rel}.zst", self.kind.name());
-        let path = self.set_root.join(&rel_path);
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
-        let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let sink = HashingWriter {
-            inner: BufWriter::with_capacity(1 << 20, file),
-            hasher: Sha256::new(),
-            written: 0,
-        };
+        let (out, rel_path, path) = self.open(rel)?;
         let mut enc =
-            zstd::stream::write::Encoder::new(sink, level).map_err(|e| Error::io(&path, e))?;
+            zstd::stream::write::Encoder::new(out, ZSTD_LEVEL).map_err(|e| Error::io(&path, e))?;
         if threads > 0 {
             enc.multithread(threads).map_err(|e| Error::io(&path, e))?;
             // Each worker holds a job's input and output; the default job (four windows)
@@ -181,28 +167,33 @@ impl EngineWriter {
         })
     }
 
+    /// Creates `<engine>/<rel>.zst` for data that arrives in large pieces, each compressed
+    /// at zstd `level` as a frame of its own (see [`FramedArtifactWriter`]).
+    pub fn create_framed(&self, rel: &str, level: i32) -> Result<FramedArtifactWriter> {
+        let (out, rel_path, path) = self.open(rel)?;
+        let cctx = zstd::bulk::Compressor::new(level).map_err(|e| Error::io(&path, e))?;
+        Ok(FramedArtifactWriter {
+            cctx,
+            out,
+            raw: 0,
+            rel_path,
+            path,
+        })
+    }
+
+    fn open(&self, rel: &str) -> Result<(DirectWriter, String, PathBuf)> {
+        let rel_path = format!("{}/{rel}.zst", self.kind.name());
+        let path = self.set_root.join(&rel_path);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        let out = DirectWriter::create(&path).map_err(|e| Error::io(&path, e))?;
+        Ok((out, rel_path, path))
+    }
+
     /// The directory of this engine's artifacts, for engines that lay out files themselves.
     pub fn dir(&self) -> PathBuf {
         self.set_root.join(self.kind.name())
-    }
-}
-
-/// Counts and hashes the compressed bytes on their way to disk.
-struct HashingWriter {
-    inner: BufWriter<File>,
-    hasher: Sha256,
-    written: u64,
-}
-
-impl Write for HashingWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.written += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
     }
 }
 
@@ -210,7 +201,7 @@ impl Write for HashingWriter {
 /// zstd frame, fsyncs, and returns the manifest entry. Dropped unfinished, the file is left
 /// incomplete inside the temp set, which is never published.
 pub struct ArtifactWriter {
-    enc: zstd::stream::write::Encoder<'static, HashingWriter>,
+    enc: zstd::stream::write::Encoder<'static, DirectWriter>,
     raw: u64,
     rel_path: String,
     path: PathBuf,
@@ -223,23 +214,8 @@ impl ArtifactWriter {
     }
 
     pub fn finish(self) -> Result<FileEntry> {
-        let path = self.path;
-        let sink = self.enc.finish().map_err(|e| Error::io(&path, e))?;
-        let HashingWriter {
-            inner,
-            hasher,
-            written,
-        } = sink;
-        let file = inner
-            .into_inner()
-            .map_err(|e| Error::io(&path, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&path, e))?;
-        Ok(FileEntry {
-            path: self.rel_path,
-            size: written,
-            sha256: hex::encode(hasher.finalize()),
-            raw_size: self.raw,
-        })
+        let out = self.enc.finish().map_err(|e| Error::io(&self.path, e))?;
+        finish_file(out, self.rel_path, &self.path, self.raw)
     }
 }
 
@@ -251,5 +227,333 @@ impl Write for ArtifactWriter {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.enc.flush()
+    }
+}
+
+/// An artifact written a large piece at a time, each piece compressed as a zstd frame of its
+/// own, straight into the file's write buffer. The file is an ordinary concatenation of
+/// frames, which `zstd -d` and every zstd library decode as one stream.
+///
+/// For the Redis snapshot, where the CPU a backup takes is CPU the server's fork does not get:
+/// next to streaming compression this saves copying every byte into the stream's window and
+/// every compressed byte out of its buffer, and compressing whole pieces lets zstd use its
+/// faster single-buffer match finder. With 1 MiB pieces and level 1's 512 KiB window, the
+/// frames lose nothing measurable in ratio.
+pub struct FramedArtifactWriter {
+    cctx: zstd::bulk::Compressor<'static>,
+    out: DirectWriter,
+    raw: u64,
+    rel_path: String,
+    path: PathBuf,
+}
+
+impl FramedArtifactWriter {
+    /// Compresses `data` as one frame and queues it for the file. Empty pieces add nothing.
+    pub fn write_frame(&mut self, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.out.compress_frame(&mut self.cctx, data)?;
+        self.raw += data.len() as u64;
+        Ok(())
+    }
+
+    pub fn finish(self) -> Result<FileEntry> {
+        finish_file(self.out, self.rel_path, &self.path, self.raw)
+    }
+}
+
+/// Writes what is pending, fsyncs the file and describes it for the manifest.
+fn finish_file(out: DirectWriter, rel_path: String, path: &Path, raw: u64) -> Result<FileEntry> {
+    let (file, hasher, written) = out.finish().map_err(|e| Error::io(path, e))?;
+    file.sync_all().map_err(|e| Error::io(path, e))?;
+    Ok(FileEntry {
+        path: rel_path,
+        size: written,
+        sha256: hex::encode(hasher.finalize()),
+        raw_size: raw,
+    })
+}
+
+/// Bytes pending before the writer writes them out.
+const DIRECT_BUF: usize = 1 << 20;
+/// The alignment `O_DIRECT` asks of buffers, offsets and lengths: 4 KiB covers devices with
+/// 512-byte and 4 KiB logical blocks alike.
+const DIRECT_ALIGN: usize = 4096;
+/// The write buffer: what may be pending, plus room to compress a [`DIRECT_BUF`]-sized piece
+/// into it whatever its ratio (zstd's bound is the input plus 1/256 and a few bytes).
+const DIRECT_AREA: usize = 2 * DIRECT_BUF + 4 * DIRECT_ALIGN;
+
+/// A new file written with `O_DIRECT` where the filesystem allows it, in aligned blocks of
+/// about 1 MiB; the last, partial block goes through the page cache. Everything written is
+/// hashed (SHA-256) and counted on its way.
+///
+/// Artifacts are written once and not read back by this process, so the page cache only cost
+/// CPU: copying a GB of snapshot into it took 0.2–1.1 s of kernel time on a 2-CPU VM, against
+/// 0.1–0.2 s direct, and that time is taken from the database server sharing the host. It
+/// also leaves the database's own cached pages in memory. Filesystems that refuse
+/// `O_DIRECT` (at open or at a write) get ordinary buffered writes.
+struct DirectWriter {
+    file: File,
+    /// `DIRECT_AREA + DIRECT_ALIGN` bytes, of which `buf[start..start + DIRECT_AREA]` is aligned.
+    buf: Vec<u8>,
+    start: usize,
+    /// Bytes pending at `buf[start..]`.
+    len: usize,
+    direct: bool,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl DirectWriter {
+    fn create(path: &Path) -> io::Result<Self> {
+        let open = |flags: i32| {
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(flags)
+                .open(path)
+        };
+        let (file, direct) = match open(libc::O_DIRECT) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0)?, false),
+            Err(e) => return Err(e),
+        };
+        let buf = vec![0u8; DIRECT_AREA + DIRECT_ALIGN];
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        Ok(DirectWriter {
+            file,
+            buf,
+            start,
+            len: 0,
+            direct,
+            hasher: Sha256::new(),
+            written: 0,
+        })
+    }
+
+    /// Writes the pending bytes: directly, as many as make whole blocks (and keeps the rest
+    /// pending), or through the page cache, all of them. `all` writes the partial last block
+    /// too, which ends direct I/O for the file.
+    fn write_pending(&mut self, all: bool) -> io::Result<()> {
+        let s = self.start;
+        let mut done = 0;
+        if self.direct {
+            let blocks = self.len - self.len % DIRECT_ALIGN;
+            while done < blocks {
+                match self.file.write(&self.buf[s + done..s + blocks]) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    // Refused, or unaligned after a short write: the page cache takes the rest.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            if done < blocks || (all && done < self.len) {
+                self.buffered()?;
+            }
+        }
+        if !self.direct {
+            self.file.write_all(&self.buf[s + done..s + self.len])?;
+            done = self.len;
+        }
+        self.buf.copy_within(s + done..s + self.len, s);
+        self.len -= done;
+        Ok(())
+    }
+
+    /// Turns `O_DIRECT` off for the rest of the file.
+    fn buffered(&mut self) -> io::Result<()> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        if self.direct {
+            let flags = OFlag::from_bits_retain(fcntl(&self.file, FcntlArg::F_GETFL)?);
+            fcntl(&self.file, FcntlArg::F_SETFL(flags - OFlag::O_DIRECT))?;
+            self.direct = false;
+        }
+        Ok(())
+    }
+
+    /// Compresses `data` as one zstd frame straight into the buffer.
+    fn compress_frame(
+        &mut self,
+        cctx: &mut zstd::bulk::Compressor<'_>,
+        data: &[u8],
+    ) -> io::Result<()> {
+        let bound = zstd::zstd_safe::compress_bound(data.len());
+        if DIRECT_AREA - self.len < bound {
+            self.write_pending(false)?;
+        }
+        if DIRECT_AREA - self.len < bound {
+            // Larger than the buffer holds: compress it apart.
+            let frame = cctx.compress(data)?;
+            return self.write_all(&frame);
+        }
+        let at = self.start + self.len;
+        let n = cctx.compress_to_buffer(data, &mut self.buf[at..self.start + DIRECT_AREA])?;
+        self.hasher.update(&self.buf[at..at + n]);
+        self.written += n as u64;
+        self.len += n;
+        if self.len >= DIRECT_BUF {
+            self.write_pending(false)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is pending and returns the file (not yet synced), the hash of its
+    /// content and its size.
+    fn finish(mut self) -> io::Result<(File, Sha256, u64)> {
+        self.write_pending(true)?;
+        Ok((self.file, self.hasher, self.written))
+    }
+}
+
+impl Write for DirectWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.len >= DIRECT_BUF {
+            self.write_pending(false)?;
+        }
+        let n = data.len().min(DIRECT_AREA - self.len);
+        let at = self.start + self.len;
+        self.buf[at..at + n].copy_from_slice(&data[..n]);
+        self.hasher.update(&data[..n]);
+        self.written += n as u64;
+        self.len += n;
+        Ok(n)
+    }
+
+    /// Keeps a partial block pending: writing it would end direct I/O for the file. Callers
+    /// that need the bytes on disk finish the file.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(len: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Writes `len` bytes in `piece`-sized writes (after `buffered_after` of them, O_DIRECT is
+    /// turned off) and checks the file holds exactly those bytes.
+    fn write_and_compare(len: usize, piece: usize, buffered_after: Option<usize>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.zst");
+        let data = pattern(len);
+        let mut w = DirectWriter::create(&path).unwrap();
+        for (i, p) in data.chunks(piece).enumerate() {
+            if buffered_after == Some(i) {
+                w.buffered().unwrap();
+            }
+            w.write_all(p).unwrap();
+        }
+        w.flush().unwrap();
+        let (f, hasher, size) = w.finish().unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let back = fs::read(&path).unwrap();
+        assert_eq!(back.len(), len, "{len} bytes in pieces of {piece}");
+        assert!(
+            back == data,
+            "{len} bytes in pieces of {piece}: content differs"
+        );
+        assert_eq!(size, len as u64);
+        assert_eq!(hasher.finalize()[..], Sha256::digest(&back)[..]);
+    }
+
+    #[test]
+    fn direct_writer_keeps_every_byte_whatever_the_sizes() {
+        for len in [
+            0,
+            1,
+            DIRECT_ALIGN - 1,
+            DIRECT_ALIGN,
+            DIRECT_BUF - 1,
+            DIRECT_BUF,
+            DIRECT_BUF + 1,
+            3 * DIRECT_BUF + 17,
+        ] {
+            for piece in [1 << 20, 7000, 131_072] {
+                if len > DIRECT_BUF && piece < 8192 {
+                    continue; // the same paths as 131072, a thousand times slower
+                }
+                write_and_compare(len, piece, None);
+            }
+        }
+    }
+
+    #[test]
+    fn direct_writer_can_fall_back_to_the_page_cache_midway() {
+        write_and_compare(2 * DIRECT_BUF + 5, 100_000, Some(12));
+        write_and_compare(DIRECT_BUF + 5, 100_000, Some(0));
+    }
+
+    #[test]
+    fn direct_writer_never_replaces_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.zst");
+        fs::write(&path, b"keep").unwrap();
+        let e = DirectWriter::create(&path).err().expect("refused");
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&path).unwrap(), b"keep");
+    }
+
+    /// Pieces of every size, compressible or not, come back whole from the concatenated
+    /// frames, and the manifest entry describes the file as written.
+    #[test]
+    fn framed_artifacts_decode_as_one_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = EngineWriter {
+            set_root: Arc::from(dir.path()),
+            kind: EngineKind::Redis,
+        };
+        fs::create_dir_all(w.dir()).unwrap();
+        let noise = pattern(5 << 20);
+        let text: Vec<u8> = b"the same line again and again\n"
+            .iter()
+            .copied()
+            .cycle()
+            .take(3 << 20)
+            .collect();
+        let pieces: Vec<&[u8]> = vec![
+            &noise[..1],
+            &[],
+            &noise[..DIRECT_BUF],
+            &text[..DIRECT_BUF],
+            &noise[7..DIRECT_BUF - 5],
+            &text[..100],
+            &noise[..],
+            &text[..DIRECT_ALIGN],
+            &noise[3..DIRECT_BUF + 9],
+        ];
+        let mut a = w.create_framed("dump.rdb", 1).unwrap();
+        let mut want = Vec::new();
+        for p in &pieces {
+            a.write_frame(p).unwrap();
+            want.extend_from_slice(p);
+        }
+        let entry = a.finish().unwrap();
+        let file = fs::read(dir.path().join(&entry.path)).unwrap();
+        assert_eq!(entry.size, file.len() as u64);
+        assert_eq!(entry.raw_size, want.len() as u64);
+        assert_eq!(entry.sha256, hex::encode(Sha256::digest(&file)));
+        let back = zstd::stream::decode_all(&file[..]).unwrap();
+        assert!(
+            back == want,
+            "decoded {} bytes of {}",
+            back.len(),
+            want.len()
+        );
     }
 }
