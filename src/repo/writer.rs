@@ -237,8 +237,9 @@ impl Write for ArtifactWriter {
 /// For the Redis snapshot, where the CPU a backup takes is CPU the server's fork does not get:
 /// next to streaming compression this saves copying every byte into the stream's window and
 /// every compressed byte out of its buffer, and compressing whole pieces lets zstd use its
-/// faster single-buffer match finder. With 1 MiB pieces and level 1's 512 KiB window, the
-/// frames lose nothing measurable in ratio.
+/// faster single-buffer match finder. Small frames cost little ratio, as zstd tunes its
+/// parameters to an input of known size: on a 77 MB RDB of JSON values at level 1, frames of
+/// 256 KiB came out 0.5% smaller than one stream, of 1 MiB 0.3% larger, of 128 KiB 2% larger.
 pub struct FramedArtifactWriter {
     cctx: zstd::bulk::Compressor<'static>,
     out: DirectWriter,
