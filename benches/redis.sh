@@ -110,7 +110,8 @@ for round in $(seq "$rounds"); do
     rm -f "$work/cli.rdb.zst"
 done
 echo "median speed ratio dbkeeper/redis-cli over $rounds rounds: $(sort -n "$work/ratios" | python3 -c "import sys, statistics; print(statistics.median(float(l) for l in sys.stdin))")"
-# The whole series as one transfer: less swayed than the median by a round the host slowed down.
+# The whole series as one transfer: each round weighs by its length, a second view beside the
+# median (the host's speed drifts within a series).
 echo "speed ratio of the summed times over $rounds rounds: $(python3 -c "
 import sys
 pairs = [tuple(map(float, l.split())) for l in open(sys.argv[1])]
