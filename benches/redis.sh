@@ -73,20 +73,46 @@ echo "used_memory: $(redis-cli -p "$port" info memory | grep '^used_memory_human
 repo=$work/repo
 mkdir -p "$repo"
 rounds=${ROUNDS:-5}
+# Both clients wait on the server's fork, which writes the snapshot. watch.py runs a client and
+# looks at the fork (the server's child) every 10 ms: its CPU time and its wait for a CPU, from
+# /proc/<pid>/schedstat. It prints "wall fork_cpu fork_wait" in seconds.
+server_pid=$(redis-cli -p "$port" info server | tr -d '\r' | sed -n 's/^process_id://p')
+cat >"$work/watch.py" <<'EOF'
+import subprocess, sys, time
+server = sys.argv[1]
+def fork_stat():
+    try:
+        with open(f"/proc/{server}/task/{server}/children") as f:
+            pids = f.read().split()
+        for pid in pids:
+            with open(f"/proc/{pid}/schedstat") as f:
+                run, wait = f.read().split()[:2]
+            return int(run) / 1e9, int(wait) / 1e9
+    except OSError:
+        pass
+    return None
+t0 = time.time()
+p = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL)
+seen = (0.0, 0.0)
+while p.poll() is None:
+    seen = fork_stat() or seen
+    time.sleep(0.01)
+wall = time.time() - t0
+if p.returncode:
+    sys.exit(p.returncode)
+print(f"{wall:.3f} {seen[0]:.3f} {seen[1]:.3f}")
+EOF
+watched() { python3 "$work/watch.py" "$server_pid" "$@"; }
 cli_backup() {
     rm -f "$work/cli.rdb"
-    local t0 t1; t0=$(now)
-    redis-cli -p "$port" --rdb "$work/cli.rdb" >/dev/null 2>&1
-    t1=$(now)
-    cli_s=$(python3 -c "print($t1-$t0)")
+    read -r cli_s cli_fork cli_wait < <(watched redis-cli -p "$port" --rdb "$work/cli.rdb" 2>/dev/null)
+    [ -n "${cli_s:-}" ] || { echo "redis-cli --rdb failed" >&2; exit 1; }
 }
 our_backup() {
     rm -rf "${repo:?}"/*
-    local t0 t1; t0=$(now)
-    DBKEEPER_REPO=$repo DBKEEPER_REDIS_URL=$url DBKEEPER_LOG=warn \
-        /usr/bin/time -o "$work/rss" -f %M "$bin" backup >/dev/null
-    t1=$(now)
-    ours_s=$(python3 -c "print($t1-$t0)")
+    read -r ours_s our_fork our_wait < <(DBKEEPER_REPO=$repo DBKEEPER_REDIS_URL=$url \
+        DBKEEPER_LOG=warn watched /usr/bin/time -o "$work/rss" -f %M "$bin" backup)
+    [ -n "${ours_s:-}" ] || { echo "dbkeeper backup failed" >&2; exit 1; }
 }
 # The two alternate which goes first, round by round: on a shared machine the second of a
 # pair is often the slower.
@@ -105,8 +131,11 @@ for round in $(seq "$rounds"); do
         "$(cat "$work/rss")" "$(ratio "$cli_s" "$ours_s")"
     printf '         redis-cli --rdb then zstd -3 -T2: %.2f s | speed ratio dbkeeper/(redis-cli+zstd) %s\n' \
         "$cli_zstd_s" "$(ratio "$cli_zstd_s" "$ours_s")"
+    printf "         server's fork: CPU %.2f s, waited %.2f s for a CPU (redis-cli) | %.2f s, %.2f s (dbkeeper) | wall beyond the fork's CPU: redis-cli %.2f s, dbkeeper %.2f s\n" \
+        "$cli_fork" "$cli_wait" "$our_fork" "$our_wait" \
+        "$(python3 -c "print($cli_s-$cli_fork)")" "$(python3 -c "print($ours_s-$our_fork)")"
     echo "$(ratio "$cli_s" "$ours_s")" >>"$work/ratios"
-    echo "$cli_s $ours_s" >>"$work/times"
+    echo "$cli_s $ours_s $cli_fork $our_fork" >>"$work/times"
     rm -f "$work/cli.rdb.zst"
 done
 echo "median speed ratio dbkeeper/redis-cli over $rounds rounds: $(sort -n "$work/ratios" | python3 -c "import sys, statistics; print(statistics.median(float(l) for l in sys.stdin))")"
@@ -114,5 +143,15 @@ echo "median speed ratio dbkeeper/redis-cli over $rounds rounds: $(sort -n "$wor
 # median (the host's speed drifts within a series).
 echo "speed ratio of the summed times over $rounds rounds: $(python3 -c "
 import sys
-pairs = [tuple(map(float, l.split())) for l in open(sys.argv[1])]
-print(f'{sum(c for c, _ in pairs) / sum(o for _, o in pairs):.3f}')" "$work/times")"
+rows = [tuple(map(float, l.split())) for l in open(sys.argv[1])]
+print(f'{sum(r[0] for r in rows) / sum(r[1] for r in rows):.3f}')" "$work/times")"
+# The host's speed moves the fork's CPU time, and with it both walls, by up to ±10% from round
+# to round; what each client adds beyond the fork's own CPU time moves much less.
+echo "medians over $rounds rounds: $(python3 -c "
+import statistics, sys
+rows = [tuple(map(float, l.split())) for l in open(sys.argv[1])]
+cli = statistics.median(r[0] - r[2] for r in rows)
+ours = statistics.median(r[1] - r[3] for r in rows)
+fork = statistics.median(r[3] / r[2] for r in rows)
+print(f'wall beyond the fork\'s CPU: redis-cli {cli:.2f} s, dbkeeper {ours:.2f} s; '
+      f'fork CPU with dbkeeper / with redis-cli {fork:.3f}')" "$work/times")"
