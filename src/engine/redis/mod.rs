@@ -716,9 +716,10 @@ impl Read for PolledSocket<'_, '_> {
     }
 }
 
-/// Bytes the kernel queues before it wakes the snapshot's reader (`SO_RCVLOWAT`). The server
-/// writes the snapshot in 16 KiB pieces; waking for each cost more CPU than reading them.
-const SNAPSHOT_LOWAT: i32 = 256 << 10;
+/// Bytes the kernel queues before it wakes the snapshot's reader (`SO_RCVLOWAT`): one of the
+/// server's 16 KiB writes, so that the reader takes each as it comes (see
+/// `snapshot_pipeline`) without waking for a part of one.
+const SNAPSHOT_LOWAT: i32 = 16 << 10;
 /// The snapshot socket's read timeout: with a low-water mark, how long the last bytes (fewer
 /// than the mark) can wait before a read hands them out.
 const SNAPSHOT_POLL: Duration = Duration::from_millis(20);
@@ -874,140 +875,100 @@ impl<R: Read> Read for Payload<R> {
     }
 }
 
-/// Bytes the reading thread hands the writer at once, and so the size of a zstd frame and of
-/// the writer's longest burst of CPU (about half a millisecond). When the server's parent
-/// wakes up to forward the fork's pipe while that burst holds the other CPU, it waits, and the
-/// fork stops once the pipe (64 KiB, half a millisecond of snapshot) is full: with 1 MiB
-/// chunks a 1 GB backup on 2 CPUs was 0.95x of `redis-cli --rdb`'s speed, with 128 or 256
-/// KiB 0.98-1.0x in the same series. 256 KiB frames also compress as well as one stream.
-const CHUNK: usize = 256 << 10;
-/// Chunks queued for the writer (8 MiB). With the socket drained into these, the server's
-/// fork never waits on us while a chunk is being compressed or written.
-const QUEUED_CHUNKS: usize = 32;
+/// The snapshot artifact's zstd frames: each holds this much of the RDB, compressed in
+/// blocks of [`SNAPSHOT_BLOCK`] as they arrive (see `FramedArtifactWriter`).
+const SNAPSHOT_FRAME: usize = 256 << 10;
+const SNAPSHOT_BLOCK: usize = 64 << 10;
 
-/// Streams the snapshot on two threads. This one reads the socket and parses the RDB as it
-/// arrives (key counts, structure, CRC64); every byte it reads goes, in [`CHUNK`]s, to the
-/// other, which compresses, hashes and writes them.
+/// Streams the snapshot on the calling thread: the socket is read as the server writes it,
+/// every byte is parsed (key counts, structure, CRC64) and handed to the artifact, which
+/// compresses, hashes and writes it.
 ///
-/// Two threads, not one per stage: on a small host the server's fork needs a whole CPU, and
-/// every thread of ours that wakes up may take it from the fork. With a third thread parsing
-/// apart from reading, a 1 GB snapshot on 2 CPUs preempted the fork several times as often
-/// (10–25 thousand times against 2–8 thousand) and kept it waiting for a CPU 2–3 times as
-/// long. Parsing costs a fraction of compressing, so the reader keeps up with both.
-fn snapshot_pipeline<R: Read + Send>(
+/// One thread, in short bursts, because on a small host the server's fork needs a whole CPU
+/// and its parent wakes up every 16 KiB to forward the fork's pipe to our socket. Each read
+/// takes what the parent forwarded, and the work on it (under 0.2 ms) is done before the
+/// parent's next wake-up, as `redis-cli --rdb` does with its 4 KiB reads and writes. The
+/// earlier design, a second thread compressing 256 KiB at a time from a queue, held the CPU
+/// for half a millisecond or more at a stretch: the parent, woken onto that CPU, waited, the
+/// fork filled the pipe (64 KiB) and stopped, 1,200–1,800 times per GB against 150–400 with
+/// redis-cli, and the parent was more often placed on the fork's own CPU instead. Measured in
+/// the README.
+fn snapshot_pipeline<R: Read>(
     payload: R,
-    artifact: crate::repo::writer::FramedArtifactWriter,
+    mut artifact: crate::repo::writer::FramedArtifactWriter,
     artifact_path: &Path,
     cancel: &CancellationToken,
 ) -> Result<(crate::repo::manifest::FileEntry, u64, rdb::RdbSummary)> {
-    let (to_writer, chunks) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUED_CHUNKS);
-    // Written chunks come back to be filled again, rather than freed and allocated anew.
-    let (recycle, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUED_CHUNKS + 2);
-    std::thread::scope(|s| {
-        let writer = s.spawn(
-            move || -> io::Result<crate::repo::writer::FramedArtifactWriter> {
-                let mut artifact = artifact;
-                let (start, mut last_report, mut bytes) = (Instant::now(), Instant::now(), 0u64);
-                for chunk in chunks {
-                    artifact.write_frame(&chunk)?;
-                    bytes += chunk.len() as u64;
-                    let _ = recycle.try_send(chunk);
-                    if last_report.elapsed() >= PROGRESS_EVERY {
-                        last_report = Instant::now();
-                        info!(
-                            engine = ENGINE,
-                            bytes,
-                            mb_per_s = format!(
-                                "{:.1}",
-                                bytes as f64 / 1e6 / start.elapsed().as_secs_f64()
-                            ),
-                            "snapshot in progress"
-                        );
-                    }
-                }
-                Ok(artifact)
-            },
-        );
-
-        let mut tee = Tee {
-            inner: payload,
-            to_writer,
-            spare,
-            chunk: Vec::with_capacity(CHUNK),
-            received: 0,
-        };
-        let opts = rdb::ParseOptions {
-            decode_values: false,
-            capture_payload: false,
-        };
-        let parsed = rdb::read(&mut tee, &opts, &mut CountOnly(cancel), false);
-        // Whatever follows the RDB's own end inside the payload still belongs to the file.
-        let rest = match parsed {
-            Ok(_) => io::copy(&mut tee, &mut io::sink()).and_then(|_| tee.send()),
-            Err(_) => Ok(()),
-        };
-        let received = tee.received;
-        drop(tee);
-        let written = writer
-            .join()
-            .map_err(|_| Error::engine(ENGINE, "the writer thread failed"))?;
-        if cancel.is_cancelled() {
-            return Err(Error::Interrupted(0));
-        }
-        // The first cause wins: the disk, then the connection, then the snapshot itself.
-        let artifact = written.map_err(|e| Error::io(artifact_path, e))?;
-        let summary = match parsed {
-            Err(rdb::RdbError::Io { source, .. }) => {
-                return Err(Error::engine(ENGINE, format!("snapshot: {source}")));
-            }
-            other => other?,
-        };
-        rest.map_err(|e| Error::engine(ENGINE, format!("snapshot: {e}")))?;
-        Ok((artifact.finish()?, received, summary))
-    })
-}
-
-/// Hands everything read through it to the writer thread, in [`CHUNK`]-sized pieces.
-struct Tee<R> {
-    inner: R,
-    to_writer: std::sync::mpsc::SyncSender<Vec<u8>>,
-    spare: std::sync::mpsc::Receiver<Vec<u8>>,
-    chunk: Vec<u8>,
-    received: u64,
-}
-
-impl<R> Tee<R> {
-    /// Sends the chunk being filled, if it holds anything.
-    fn send(&mut self) -> io::Result<()> {
-        if self.chunk.is_empty() {
-            return Ok(());
-        }
-        let mut next = self
-            .spare
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
-        next.clear();
-        let full = std::mem::replace(&mut self.chunk, next);
-        // A writer that hung up failed; its own error says why.
-        self.to_writer
-            .send(full)
-            .map_err(|_| io::Error::other("the writer stopped"))
+    let mut tee = Tee {
+        inner: payload,
+        artifact: &mut artifact,
+        disk: None,
+        received: 0,
+        start: Instant::now(),
+        last_report: Instant::now(),
+    };
+    let opts = rdb::ParseOptions {
+        decode_values: false,
+        capture_payload: false,
+    };
+    let parsed = rdb::read(&mut tee, &opts, &mut CountOnly(cancel), false);
+    // Whatever follows the RDB's own end inside the payload still belongs to the file.
+    let rest = match parsed {
+        Ok(_) => io::copy(&mut tee, &mut io::sink()).map(|_| ()),
+        Err(_) => Ok(()),
+    };
+    let (received, disk) = (tee.received, tee.disk.take());
+    if cancel.is_cancelled() {
+        return Err(Error::Interrupted(0));
     }
+    // The first cause wins: the disk, then the connection, then the snapshot itself.
+    if let Some(e) = disk {
+        return Err(Error::io(artifact_path, e));
+    }
+    let summary = match parsed {
+        Err(rdb::RdbError::Io { source, .. }) => {
+            return Err(Error::engine(ENGINE, format!("snapshot: {source}")));
+        }
+        other => other?,
+    };
+    rest.map_err(|e| Error::engine(ENGINE, format!("snapshot: {e}")))?;
+    Ok((artifact.finish()?, received, summary))
 }
 
-impl<R: Read> Read for Tee<R> {
+/// Hands everything read through it to the artifact. A failed write is kept apart, so that
+/// it is reported as the disk's error and not as the snapshot's.
+struct Tee<'a, R> {
+    inner: R,
+    artifact: &'a mut crate::repo::writer::FramedArtifactWriter,
+    disk: Option<io::Error>,
+    received: u64,
+    start: Instant,
+    last_report: Instant,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.disk.is_some() {
+            return Err(io::Error::other("the artifact could not be written"));
+        }
         let n = self.inner.read(buf)?;
-        let mut rest = &buf[..n];
-        while !rest.is_empty() {
-            let take = rest.len().min(CHUNK - self.chunk.len());
-            self.chunk.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            if self.chunk.len() == CHUNK {
-                self.send()?;
-            }
+        if let Err(e) = self.artifact.write(&buf[..n]) {
+            self.disk = Some(e);
+            return Err(io::Error::other("the artifact could not be written"));
         }
         self.received += n as u64;
+        if self.last_report.elapsed() >= PROGRESS_EVERY {
+            self.last_report = Instant::now();
+            info!(
+                engine = ENGINE,
+                bytes = self.received,
+                mb_per_s = format!(
+                    "{:.1}",
+                    self.received as f64 / 1e6 / self.start.elapsed().as_secs_f64()
+                ),
+                "snapshot in progress"
+            );
+        }
         Ok(n)
     }
 }
@@ -1095,9 +1056,14 @@ fn dump_blocking(
         }
     }
 
-    // One thread of zstd level 1, a frame per chunk, compresses several times faster than a
-    // server writes a snapshot; multithreaded mode would only add copies and wake-ups.
-    let artifact = out.create_framed(DUMP_REL, SNAPSHOT_ZSTD_LEVEL)?;
+    // zstd level 1 on the reading thread compresses several times faster than a server
+    // writes a snapshot; zstd's own threads would only add copies and wake-ups.
+    let artifact = out.create_framed(
+        DUMP_REL,
+        SNAPSHOT_ZSTD_LEVEL,
+        SNAPSHOT_FRAME,
+        SNAPSHOT_BLOCK,
+    )?;
     let artifact_path = out.dir().join(format!("{DUMP_REL}.zst"));
     let payload = Payload::new(
         PolledSocket {
