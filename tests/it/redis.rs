@@ -829,3 +829,35 @@ fn sigterm_stops_a_backup_with_128_plus_15_and_no_set() {
     assert!(sets(repo.path()).is_empty(), "{:?}", sets(repo.path()));
     assert!(temps(repo.path()).is_empty(), "{:?}", temps(repo.path()));
 }
+
+/// A backup whose artifact cannot be written (here: past the file size limit, `ulimit -f`)
+/// fails with the disk's error naming the artifact, not with a snapshot or connection
+/// error, publishes no set, and the next backup works.
+#[test]
+fn an_artifact_that_cannot_be_written_fails_the_backup_with_the_disk_error() {
+    let repo = tempfile::tempdir().unwrap();
+    let src = big_server();
+    let ours = with_url(repo.path(), &src.url());
+    // The shell ignores SIGXFSZ (an ignored signal stays ignored across exec), so a write past
+    // the limit fails with EFBIG instead of killing the process.
+    let mut limited = Command::new("sh");
+    limited
+        .args(["-c", "trap '' XFSZ; ulimit -f 512; exec \"$0\" backup"])
+        .arg(ours.get_program());
+    for (k, v) in ours.get_envs() {
+        match v {
+            Some(v) => limited.env(k, v),
+            None => limited.env_remove(k),
+        };
+    }
+    let o = run(&mut limited);
+    assert_code(&o, 1);
+    let err = stderr(&o);
+    assert!(err.contains("dump.rdb.zst"), "{err}");
+    assert!(err.contains("too large"), "{err}");
+    assert!(!err.contains("snapshot:"), "{err}");
+    assert!(sets(repo.path()).is_empty(), "{:?}", sets(repo.path()));
+
+    assert_code(&backup(repo.path(), &src), 0);
+    assert_eq!(sets(repo.path()).len(), 1);
+}
