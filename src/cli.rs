@@ -32,9 +32,22 @@ pub struct Cli {
 /// `_FILE` twins by `config`.
 #[derive(Debug, Args, Clone)]
 pub struct GlobalArgs {
-    /// Backup repository directory [env: DBKEEPER_REPO]
+    /// Backup repository: a directory or s3://bucket/prefix [env: DBKEEPER_REPO]
     #[arg(long, global = true, env = "DBKEEPER_REPO", default_value = "/backups")]
-    pub repo: PathBuf,
+    pub repo: String,
+
+    /// Off-host copy of every verified set: s3://bucket/prefix [env: DBKEEPER_REMOTE]
+    #[arg(
+        long = "remote-repo",
+        global = true,
+        env = "DBKEEPER_REMOTE",
+        value_name = "URL"
+    )]
+    pub remote_repo: Option<String>,
+
+    /// How long an object-storage lock lives unless its holder renews it
+    #[arg(long, global = true, env = "DBKEEPER_LOCK_LEASE", default_value = "60s", value_parser = parse_duration)]
+    pub lock_lease: Duration,
 
     /// MongoDB URI [env: DBKEEPER_MONGODB_URI, DBKEEPER_MONGODB_URI_FILE]
     #[arg(long, global = true, value_name = "URI")]
@@ -120,6 +133,26 @@ pub struct GlobalArgs {
 
     #[command(flatten)]
     pub retention: RetentionArgs,
+
+    #[command(flatten)]
+    pub remote_retention: RemoteRetentionArgs,
+}
+
+/// The remote's own retention; each unset value is the local one.
+#[derive(Debug, Args, Clone)]
+pub struct RemoteRetentionArgs {
+    /// Remote: keep the N newest good sets (default: DBKEEPER_KEEP_LAST)
+    #[arg(long, global = true, env = "DBKEEPER_REMOTE_KEEP_LAST")]
+    pub remote_keep_last: Option<u32>,
+    /// Remote: daily sets kept (default: DBKEEPER_KEEP_DAILY)
+    #[arg(long, global = true, env = "DBKEEPER_REMOTE_KEEP_DAILY")]
+    pub remote_keep_daily: Option<u32>,
+    /// Remote: weekly sets kept (default: DBKEEPER_KEEP_WEEKLY)
+    #[arg(long, global = true, env = "DBKEEPER_REMOTE_KEEP_WEEKLY")]
+    pub remote_keep_weekly: Option<u32>,
+    /// Remote: monthly sets kept (default: DBKEEPER_KEEP_MONTHLY)
+    #[arg(long, global = true, env = "DBKEEPER_REMOTE_KEEP_MONTHLY")]
+    pub remote_keep_monthly: Option<u32>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -172,6 +205,9 @@ pub enum Command {
         /// Machine-readable output on stdout
         #[arg(long, env = "DBKEEPER_LIST_JSON")]
         json: bool,
+        /// The off-host copy (DBKEEPER_REMOTE) instead of the repository
+        #[arg(long)]
+        remote: bool,
     },
     /// Check a set's checksums (and with --deep decode every record)
     Verify {
@@ -181,6 +217,9 @@ pub enum Command {
         /// Also decode every record and compare counts with the manifest
         #[arg(long, env = "DBKEEPER_VERIFY_DEEP")]
         deep: bool,
+        /// The off-host copy (DBKEEPER_REMOTE) instead of the repository
+        #[arg(long)]
+        remote: bool,
     },
     /// Restore a set into the configured engines
     Restore {
@@ -205,6 +244,9 @@ pub enum Command {
         /// Say what would be deleted, delete nothing
         #[arg(long, env = "DBKEEPER_PRUNE_DRY_RUN")]
         dry_run: bool,
+        /// The off-host copy (DBKEEPER_REMOTE) with its own policy (DBKEEPER_REMOTE_KEEP_*)
+        #[arg(long)]
+        remote: bool,
     },
     /// Copy this binary and its role names (dbkeeper-health, dbkeeper-init) into DIR
     Install {
@@ -265,4 +307,7 @@ pub struct SidecarArgs {
     /// When to run test-restore into the scratch servers (5-field cron; off when unset)
     #[arg(long, env = "DBKEEPER_TEST_RESTORE_SCHEDULE")]
     pub test_restore_schedule: Option<String>,
+    /// Newest set on the remote older than this makes /health 503 (default: DBKEEPER_MAX_BACKUP_AGE)
+    #[arg(long, env = "DBKEEPER_REMOTE_MAX_AGE", value_parser = parse_duration)]
+    pub remote_max_age: Option<Duration>,
 }

@@ -1,17 +1,26 @@
 //! Flags and environment → one validated [`Config`], built once at start-up.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cli::{GlobalArgs, SidecarArgs};
 use crate::engine::{Engine, EngineKind, EngineOps, EngineOptions};
 use crate::error::{Error, Result};
+use crate::repo::crypt::Crypto;
 use crate::repo::retention::Policy;
+use crate::repo::{Repo, RepoSpec};
 use crate::secret::{self, Secret};
 use crate::sidecar::schedule::Schedule;
 
 pub struct Config {
-    pub repo: PathBuf,
+    pub repo: RepoSpec,
+    /// The off-host copy (`DBKEEPER_REMOTE`).
+    pub remote: Option<RepoSpec>,
+    pub remote_retention: Policy,
+    /// age keys (`DBKEEPER_AGE_*`); `None` when sets are not encrypted.
+    pub crypto: Option<Arc<Crypto>>,
+    pub lock_lease: Duration,
     /// Configured engine URLs, in the order mongodb, redis, chroma.
     pub urls: Vec<(EngineKind, Secret)>,
     pub engine_options: EngineOptions,
@@ -48,8 +57,44 @@ impl Config {
             }
         }
         let chroma_token = secret::resolve("DBKEEPER_CHROMA_TOKEN", g.chroma_token.clone(), env)?;
+        let repo = RepoSpec::parse("DBKEEPER_REPO", &g.repo, env)?;
+        let remote = match g
+            .remote_repo
+            .as_deref()
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+        {
+            None => None,
+            Some(r) => match RepoSpec::parse("DBKEEPER_REMOTE", r, env)? {
+                s @ RepoSpec::S3(_) => Some(s),
+                RepoSpec::Local(_) => {
+                    return Err(Error::config(format!(
+                        "DBKEEPER_REMOTE={r:?}: expected s3://bucket/prefix (the off-host copy lives on object storage)"
+                    )));
+                }
+            },
+        };
+        if g.lock_lease < Duration::from_secs(3) {
+            return Err(Error::config("DBKEEPER_LOCK_LEASE must be at least 3s"));
+        }
+        let local = Policy {
+            keep_last: g.retention.keep_last,
+            keep_daily: g.retention.keep_daily,
+            keep_weekly: g.retention.keep_weekly,
+            keep_monthly: g.retention.keep_monthly,
+        };
+        let r = &g.remote_retention;
         let cfg = Config {
-            repo: g.repo.clone(),
+            repo,
+            remote,
+            remote_retention: Policy {
+                keep_last: r.remote_keep_last.unwrap_or(local.keep_last),
+                keep_daily: r.remote_keep_daily.unwrap_or(local.keep_daily),
+                keep_weekly: r.remote_keep_weekly.unwrap_or(local.keep_weekly),
+                keep_monthly: r.remote_keep_monthly.unwrap_or(local.keep_monthly),
+            },
+            crypto: Crypto::from_env(env)?.map(Arc::new),
+            lock_lease: g.lock_lease,
             urls,
             engine_options: EngineOptions {
                 chroma_token,
@@ -61,12 +106,7 @@ impl Config {
                 chroma_auth_header: Some(g.chroma_auth_header.clone()),
             },
             redis_data_dir: g.redis_data_dir.clone(),
-            retention: Policy {
-                keep_last: g.retention.keep_last,
-                keep_daily: g.retention.keep_daily,
-                keep_weekly: g.retention.keep_weekly,
-                keep_monthly: g.retention.keep_monthly,
-            },
+            retention: local,
             lock_wait: g.lock_wait,
         };
         // Validate every URL now, so a typo fails at start-up with exit 2.
@@ -114,6 +154,19 @@ impl Config {
         Ok(engines)
     }
 
+    /// Opens the repository (one request to check a bucket).
+    pub fn open_repo(&self) -> Result<Repo> {
+        Ok(Repo::open(&self.repo, self.crypto.clone())?.with_lease(self.lock_lease))
+    }
+
+    /// Opens the off-host copy, when one is configured.
+    pub fn open_remote(&self) -> Result<Option<Repo>> {
+        self.remote
+            .as_ref()
+            .map(|r| Ok(Repo::open(r, self.crypto.clone())?.with_lease(self.lock_lease)))
+            .transpose()
+    }
+
     /// One line for the start-up banner: what is configured, URLs redacted.
     pub fn describe(&self) -> String {
         let engines: Vec<String> = self
@@ -121,15 +174,32 @@ impl Config {
             .iter()
             .map(|(k, u)| format!("{k}={}", secret::redact_url(u.expose())))
             .collect();
-        format!(
-            "repo={} engines=[{}] retention=last:{},daily:{},weekly:{},monthly:{}",
+        let policy = |p: &Policy| {
+            format!(
+                "last:{},daily:{},weekly:{},monthly:{}",
+                p.keep_last, p.keep_daily, p.keep_weekly, p.keep_monthly
+            )
+        };
+        let mut line = format!(
+            "repo={} engines=[{}] retention={}",
             self.repo.display(),
             engines.join(" "),
-            self.retention.keep_last,
-            self.retention.keep_daily,
-            self.retention.keep_weekly,
-            self.retention.keep_monthly
-        )
+            policy(&self.retention)
+        );
+        if let Some(r) = &self.remote {
+            line += &format!(
+                " remote={} remote_retention={}",
+                r.display(),
+                policy(&self.remote_retention)
+            );
+        }
+        line += &format!(
+            " encryption={}",
+            self.crypto
+                .as_ref()
+                .map_or_else(|| "off".to_owned(), |c| c.describe())
+        );
+        line
     }
 }
 
@@ -263,6 +333,8 @@ pub struct SidecarConfig {
     pub stop_timeout: Duration,
     pub test_restore: Option<Schedule>,
     pub scratch: Vec<Secret>,
+    /// The newest set on the remote may be this old before `/health` fails.
+    pub remote_max_age: Duration,
 }
 
 impl SidecarConfig {
@@ -321,6 +393,13 @@ impl SidecarConfig {
             stop_timeout: a.stop_timeout,
             test_restore,
             scratch,
+            remote_max_age: match a.remote_max_age {
+                Some(d) if d.is_zero() => {
+                    return Err(Error::config("DBKEEPER_REMOTE_MAX_AGE must be above 0s"));
+                }
+                Some(d) => d,
+                None => max_backup_age,
+            },
         })
     }
 

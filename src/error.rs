@@ -80,6 +80,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An encrypted set that no configured key opens (missing or wrong age identity).
+    /// The message names the set and the recipients it was sealed to.
+    #[error("{0}")]
+    Key(String),
+
     /// The operation was cancelled by signal `n` (or by an API cancel, with n = 0).
     #[error("interrupted{}", if *.0 > 0 { format!(" by signal {}", .0) } else { String::new() })]
     Interrupted(i32),
@@ -122,9 +127,10 @@ impl Error {
         match self {
             Error::Config(_) => ExitCode::Usage,
             Error::Unreachable { .. } | Error::Deadline { .. } => ExitCode::Unreachable,
-            Error::Refused { .. } | Error::Engine { .. } | Error::NotEmpty { .. } => {
-                ExitCode::Failed
-            }
+            Error::Refused { .. }
+            | Error::Engine { .. }
+            | Error::NotEmpty { .. }
+            | Error::Key(_) => ExitCode::Failed,
             Error::Repository { .. } | Error::Corrupt { .. } | Error::Locked { .. } => {
                 ExitCode::Repository
             }

@@ -1,6 +1,7 @@
 //! The repository's writer lock: one backup or prune at a time, across processes and
 //! containers sharing the volume (`flock` on `<repo>/.lock`, released by the kernel if the
-//! holder dies, so a SIGKILLed backup never leaves the repository locked).
+//! holder dies, so a SIGKILLed backup never leaves the repository locked). On object storage
+//! the lock is an object with a lease (see `s3`).
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -15,13 +16,30 @@ pub const LOCK_FILE: &str = ".lock";
 
 /// Held while writing; dropping it releases the lock.
 #[derive(Debug)]
-pub struct RepoLock {
+pub enum RepoLock {
+    Local(LocalLock),
+    S3(super::s3::S3Lock),
+}
+
+#[derive(Debug)]
+pub struct LocalLock {
     _file: File,
     path: PathBuf,
 }
 
-impl RepoLock {
-    pub(super) async fn acquire(root: &Path, wait: Duration) -> Result<RepoLock> {
+/// Who holds a lock, for the message a second writer prints.
+pub(super) fn holder_note() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!(
+        "pid {} on {} since {}",
+        std::process::id(),
+        host.trim(),
+        chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
+    )
+}
+
+impl LocalLock {
+    pub(super) async fn acquire(root: &Path, wait: Duration) -> Result<LocalLock> {
         let path = root.join(LOCK_FILE);
         let mut file = OpenOptions::new()
             .read(true)
@@ -51,17 +69,11 @@ impl RepoLock {
                 Err(TryLockError::Error(e)) => return Err(Error::io(&path, e)),
             }
         }
-        // Who holds it, for the message a second writer prints.
-        let note = format!(
-            "pid {} since {}",
-            std::process::id(),
-            chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
-        );
         let _ = file
             .set_len(0)
             .and_then(|_| file.rewind())
-            .and_then(|_| file.write_all(note.as_bytes()));
-        Ok(RepoLock { _file: file, path })
+            .and_then(|_| file.write_all(holder_note().as_bytes()));
+        Ok(LocalLock { _file: file, path })
     }
 
     pub fn path(&self) -> &Path {

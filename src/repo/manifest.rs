@@ -7,8 +7,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Counts, EngineKind};
 
-/// The manifest's own format version; readers refuse a newer one instead of guessing.
-pub const FORMAT: u32 = 1;
+/// The manifest's own format version; readers refuse a newer one instead of guessing. Plain
+/// sets are still written as format 1 (the layout older releases read); encrypted sets are
+/// format 2, which adds `encryption` and each file's `stored` name.
+pub const FORMAT: u32 = 2;
+/// The format plain sets are written in.
+pub const FORMAT_PLAIN: u32 = 1;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
@@ -19,8 +23,35 @@ pub struct Manifest {
     pub finished_at: DateTime<Utc>,
     /// The application's schema version (migrations); `null` until migrations exist.
     pub schema_version: Option<String>,
+    /// How the set is encrypted; absent for plain sets. See [`Encryption`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
     pub engines: BTreeMap<EngineKind, EngineEntry>,
 }
+
+/// An encrypted set keeps two manifests. `manifest.json` stays readable without any key and
+/// holds only what listing, checksum verification and retention need: the set's id and
+/// times, each engine's times and server version, and every stored file's opaque name, size
+/// and SHA-256. Everything that can name the data (file paths with database and collection
+/// names, record counts, the engines' details and sources) is in the full manifest, sealed
+/// with age beside it as `manifest.json.age`; its stored files are named
+/// `<engine>/<n>.zst.age`. In passphrase mode the set also holds `identity.age`, the set's own
+/// age identity sealed with the passphrase (see `crypt`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Encryption {
+    /// Always `age`.
+    pub scheme: String,
+    /// Fingerprints of the recipients the set is sealed to (`x25519:<16 hex>`, `scrypt`, …).
+    pub recipients: Vec<String>,
+    /// The sealed full manifest.
+    pub manifest: FileEntry,
+    /// Passphrase mode: the set's identity, sealed with the passphrase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<FileEntry>,
+}
+
+pub const SEALED_MANIFEST: &str = "manifest.json.age";
+pub const SET_IDENTITY: &str = "identity.age";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Tool {
@@ -73,6 +104,9 @@ impl EngineEntry {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FileEntry {
     pub path: String,
+    /// The name the file is stored under when it differs from `path` (encrypted sets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored: Option<String>,
     /// Bytes on disk (compressed).
     pub size: u64,
     /// SHA-256 of the bytes on disk, so `sha256sum` can check a set without dbkeeper.
@@ -81,8 +115,74 @@ pub struct FileEntry {
     pub raw_size: u64,
 }
 
+impl FileEntry {
+    /// Where the bytes are, relative to the set.
+    pub fn stored_path(&self) -> &str {
+        self.stored.as_deref().unwrap_or(&self.path)
+    }
+}
+
 impl Manifest {
     pub fn stored_bytes(&self) -> u64 {
-        self.engines.values().map(EngineEntry::stored_bytes).sum()
+        self.engines
+            .values()
+            .map(EngineEntry::stored_bytes)
+            .sum::<u64>()
+            + self.encryption.as_ref().map_or(0, |e| {
+                e.manifest.size + e.identity.as_ref().map_or(0, |i| i.size)
+            })
+    }
+
+    /// Every stored file but `manifest.json`: the engines' artifacts, then the sealed
+    /// manifest and identity of an encrypted set.
+    pub fn stored_files(&self) -> Vec<&FileEntry> {
+        let mut v: Vec<&FileEntry> = self.engines.values().flat_map(|e| &e.files).collect();
+        if let Some(enc) = &self.encryption {
+            v.push(&enc.manifest);
+            v.extend(enc.identity.as_ref());
+        }
+        v
+    }
+
+    /// The manifest readable without a key, for a full manifest of an encrypted set: the
+    /// stored names, sizes and checksums of its files, nothing that names the data.
+    pub fn public(&self, encryption: Encryption) -> Manifest {
+        let engines = self
+            .engines
+            .iter()
+            .map(|(k, e)| {
+                let files = e
+                    .files
+                    .iter()
+                    .map(|f| FileEntry {
+                        path: f.stored_path().to_owned(),
+                        stored: None,
+                        size: f.size,
+                        sha256: f.sha256.clone(),
+                        raw_size: f.raw_size,
+                    })
+                    .collect();
+                let entry = EngineEntry {
+                    source: String::new(),
+                    server_version: e.server_version.clone(),
+                    started_at: e.started_at,
+                    finished_at: e.finished_at,
+                    files,
+                    counts: Counts::new(),
+                    details: serde_json::Value::Null,
+                };
+                (*k, entry)
+            })
+            .collect();
+        Manifest {
+            format: FORMAT,
+            id: self.id.clone(),
+            tool: self.tool.clone(),
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            schema_version: self.schema_version.clone(),
+            encryption: Some(encryption),
+            engines,
+        }
     }
 }

@@ -1,33 +1,42 @@
-//! The backup repository on disk: set naming, listing, locking, verification and the
-//! "newest good set" rule. A local directory today; the interface is what object storage
-//! would implement tomorrow.
+//! The backup repository: set naming, listing, locking, verification and the "newest good
+//! set" rule, over a local directory or an S3-compatible bucket (`backend`), with sets
+//! optionally encrypted with age (`crypt`).
 
+pub mod backend;
+pub mod crypt;
 pub mod lock;
 pub mod manifest;
 pub mod reader;
 pub mod retention;
+pub mod s3;
 pub mod writer;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::engine::EngineKind;
 use crate::error::{Error, Result};
+use backend::{Backend, SetPlace};
+use crypt::Crypto;
 pub use lock::RepoLock;
 use manifest::Manifest;
 use reader::SetReader;
+use s3::{S3Config, S3Store};
 use writer::SetWriter;
 
 pub const MANIFEST: &str = "manifest.json";
 pub const TMP_PREFIX: &str = ".tmp-";
 /// Set names: UTC time of the start, as the seed runbook names them.
 pub const SET_NAME_FORMAT: &str = "%Y-%m-%d_%H-%M-%S";
+/// The lock object on object storage.
+const S3_LOCK: &str = ".lock";
 
 /// Parses a set directory name into its time. Anything else in the repository is not a set.
 pub fn parse_set_name(name: &str) -> Option<DateTime<Utc>> {
@@ -48,18 +57,54 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(dir, e))
 }
 
+/// Where a repository is, as configured: a local directory or `s3://bucket/prefix`.
+#[derive(Debug, Clone)]
+pub enum RepoSpec {
+    Local(PathBuf),
+    S3(S3Config),
+}
+
+impl RepoSpec {
+    /// `value` of the variable `name`: `s3://…` (with the `DBKEEPER_S3_*` settings from `env`)
+    /// or a local path.
+    pub fn parse(name: &str, value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
+        if value.starts_with("s3://") {
+            return S3Config::from_url(value, env)
+                .map(RepoSpec::S3)
+                .map_err(|e| match e {
+                    Error::Config(m) => Error::config(format!("{name}: {m}")),
+                    other => other,
+                });
+        }
+        if value.contains("://") {
+            return Err(Error::config(format!(
+                "{name}={value:?}: expected a directory or s3://bucket/prefix"
+            )));
+        }
+        Ok(RepoSpec::Local(PathBuf::from(value)))
+    }
+
+    pub fn display(&self) -> String {
+        match self {
+            RepoSpec::Local(p) => p.display().to_string(),
+            RepoSpec::S3(c) => c.url(),
+        }
+    }
+}
+
 /// A set found in the repository. `manifest` is `Err` when it cannot be read.
 #[derive(Debug, Clone)]
 pub struct SetInfo {
     pub id: String,
     pub time: DateTime<Utc>,
-    pub dir: PathBuf,
+    pub place: SetPlace,
     pub manifest: std::result::Result<Manifest, String>,
+    crypto: Option<Arc<Crypto>>,
 }
 
 impl SetInfo {
     pub fn reader(&self) -> Result<SetReader> {
-        SetReader::open(&self.dir)
+        SetReader::open(self.place.clone(), &self.id, self.crypto.as_deref())
     }
 }
 
@@ -80,97 +125,210 @@ pub struct VerifyReport {
     pub records: u64,
 }
 
+/// An open repository. Cheap to clone (into blocking tasks).
+#[derive(Debug, Clone)]
 pub struct Repo {
-    root: PathBuf,
+    backend: Backend,
+    crypto: Option<Arc<Crypto>>,
+    /// How long an object-storage lock lives without renewal.
+    lease: Duration,
 }
 
+/// The lease of an object-storage lock: a holder renews it every third of it; a holder that
+/// died is taken over once it has passed.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+
 impl Repo {
-    /// Opens an existing repository directory. A missing one is an error rather than created:
-    /// in a container, a missing `/backups` usually means the volume is not mounted, and
-    /// writing there would lose every backup with the container.
-    pub fn open(root: &Path) -> Result<Repo> {
-        match fs::metadata(root) {
-            Ok(m) if m.is_dir() => Ok(Repo {
-                root: root.to_owned(),
-            }),
-            Ok(_) => Err(Error::repo(root, "is not a directory")),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::repo(
-                root,
-                "does not exist; mount the backup volume there or set DBKEEPER_REPO",
-            )),
-            Err(e) => Err(Error::io(root, e)),
+    /// Opens an existing repository. A missing local directory is an error rather than
+    /// created: in a container, a missing `/backups` usually means the volume is not mounted,
+    /// and writing there would lose every backup with the container. A bucket is checked
+    /// with one request, so a missing bucket or refused credentials fail here, in one line.
+    pub fn open(spec: &RepoSpec, crypto: Option<Arc<Crypto>>) -> Result<Repo> {
+        let backend = match spec {
+            RepoSpec::Local(root) => {
+                match fs::metadata(root) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => return Err(Error::repo(root, "is not a directory")),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(Error::repo(
+                            root,
+                            "does not exist; mount the backup volume there or set DBKEEPER_REPO",
+                        ));
+                    }
+                    Err(e) => return Err(Error::io(root, e)),
+                }
+                Backend::Local(root.clone())
+            }
+            RepoSpec::S3(cfg) => {
+                let store = S3Store::connect(cfg)?;
+                store.check()?;
+                Backend::S3(store)
+            }
+        };
+        Ok(Repo {
+            backend,
+            crypto,
+            lease: DEFAULT_LEASE,
+        })
+    }
+
+    /// A plain local repository (tests and tools).
+    pub fn local(root: &Path) -> Result<Repo> {
+        Repo::open(&RepoSpec::Local(root.to_owned()), None)
+    }
+
+    /// Sets the object-storage lock's lease.
+    pub fn with_lease(mut self, lease: Duration) -> Repo {
+        self.lease = lease;
+        self
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// The repository as an operator names it: a path or `s3://bucket/prefix`.
+    pub fn display(&self) -> String {
+        self.backend.display()
+    }
+
+    /// The directory of a local repository.
+    pub fn local_root(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Local(p) => Some(p),
+            Backend::S3(_) => None,
         }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    pub fn crypto(&self) -> Option<&Crypto> {
+        self.crypto.as_deref()
     }
 
-    /// Every set, newest first. Temp directories and stray files are not sets.
+    /// Every set, newest first. Temp directories, stray files and (on object storage) set
+    /// prefixes without a manifest are not sets.
     pub fn list(&self) -> Result<Vec<SetInfo>> {
+        let names: Vec<String> = match &self.backend {
+            Backend::Local(root) => {
+                let mut v = Vec::new();
+                for entry in fs::read_dir(root).map_err(|e| Error::io(root, e))? {
+                    let entry = entry.map_err(|e| Error::io(root, e))?;
+                    if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        v.push(entry.file_name().to_string_lossy().into_owned());
+                    }
+                }
+                v
+            }
+            Backend::S3(store) => store.list_dirs("")?,
+        };
         let mut sets = Vec::new();
-        for entry in fs::read_dir(&self.root).map_err(|e| Error::io(&self.root, e))? {
-            let entry = entry.map_err(|e| Error::io(&self.root, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+        for name in names {
             let Some(time) = parse_set_name(&name) else {
                 continue;
             };
-            if !entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            let place = self.backend.set(&name);
+            if let SetPlace::S3 { .. } = place
+                && place.read_small(MANIFEST)?.is_none()
+            {
                 continue;
             }
-            let dir = entry.path();
-            let manifest = SetReader::open(&dir)
+            let manifest = SetReader::open(place.clone(), &name, self.crypto.as_deref())
                 .map(|r| r.manifest)
                 .map_err(|e| e.to_string());
             sets.push(SetInfo {
                 id: name,
                 time,
-                dir,
+                place,
                 manifest,
+                crypto: self.crypto.clone(),
             });
         }
         sets.sort_by(|a, b| b.id.cmp(&a.id));
         Ok(sets)
     }
 
-    /// Takes the writer lock, waiting up to `wait`. Holding it, removes the temp directories
-    /// that interrupted writers left behind.
+    /// Takes the writer lock, waiting up to `wait`. Holding it, removes what interrupted
+    /// writers left behind: temp directories, or on object storage the objects of sets that
+    /// never got a manifest and the multipart uploads that were never completed.
     pub async fn lock(&self, wait: Duration) -> Result<RepoLock> {
-        let lock = RepoLock::acquire(&self.root, wait).await?;
-        self.remove_stale_temps();
-        Ok(lock)
-    }
-
-    fn remove_stale_temps(&self) {
-        let Ok(entries) = fs::read_dir(&self.root) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(TMP_PREFIX) && entry.path().is_dir() {
-                match fs::remove_dir_all(entry.path()) {
-                    Ok(()) => {
-                        warn!(dir = %name, "removed an incomplete set left by an interrupted backup")
-                    }
-                    Err(e) => warn!(dir = %name, error = %e, "cannot remove an incomplete set"),
-                }
+        match &self.backend {
+            Backend::Local(root) => {
+                let lock = lock::LocalLock::acquire(root, wait).await?;
+                remove_stale_temps(root);
+                Ok(RepoLock::Local(lock))
+            }
+            Backend::S3(store) => {
+                let store = store.clone();
+                let lease = self.lease;
+                tokio::task::spawn_blocking(move || -> Result<RepoLock> {
+                    let lock = store.lock(S3_LOCK, &lock::holder_note(), lease, wait)?;
+                    remove_stale_objects(&store);
+                    Ok(RepoLock::S3(lock))
+                })
+                .await
+                .map_err(|e| Error::engine("repo", format!("lock task failed: {e}")))?
             }
         }
     }
 
     /// Starts a new set named after `now` (UTC). Two sets in the same second get successive
-    /// seconds rather than a suffix, so every name stays a plain timestamp.
+    /// seconds rather than a suffix, so every name stays a plain timestamp. With age
+    /// recipients configured, the set is encrypted.
     pub fn begin_set(&self, _lock: &RepoLock, now: DateTime<Utc>) -> Result<SetWriter> {
+        let keys = match &self.crypto {
+            None => None,
+            Some(c) if c.can_encrypt() => Some(c.new_set()?),
+            Some(_) => {
+                return Err(Error::config(
+                    "DBKEEPER_AGE_IDENTITY_FILE is set without DBKEEPER_AGE_RECIPIENTS: this host can restore encrypted sets but not write them; set the recipients to back up",
+                ));
+            }
+        };
         let mut t = now;
         loop {
             let id = set_name(t);
-            let taken = self.root.join(&id).exists()
-                || self.root.join(format!("{TMP_PREFIX}{id}")).exists();
-            if !taken {
-                return SetWriter::create(&self.root, id, now);
+            if !self.is_taken(&id)? {
+                return self.create_writer(id, now, keys);
             }
             t += chrono::TimeDelta::seconds(1);
         }
+    }
+
+    /// Starts a byte-for-byte copy of a set of another repository, under its own id.
+    pub fn begin_copy(&self, _lock: &RepoLock, set: &SetReader) -> Result<SetWriter> {
+        if self.is_taken(set.id())? {
+            return Err(Error::repo(
+                self.display(),
+                format!("already holds set {}; refusing to replace it", set.id()),
+            ));
+        }
+        self.create_writer(set.id().to_owned(), set.manifest.started_at, None)
+    }
+
+    fn create_writer(
+        &self,
+        id: String,
+        started_at: DateTime<Utc>,
+        keys: Option<(crypt::SetSealer, Option<Vec<u8>>)>,
+    ) -> Result<SetWriter> {
+        match &self.backend {
+            Backend::Local(root) => SetWriter::create_local(root, id, started_at, keys),
+            Backend::S3(store) => Ok(SetWriter::create_s3(store, id, started_at, keys)),
+        }
+    }
+
+    /// Whether a set, or anything under its name, exists.
+    fn is_taken(&self, id: &str) -> Result<bool> {
+        Ok(match &self.backend {
+            Backend::Local(root) => {
+                root.join(id).exists() || root.join(format!("{TMP_PREFIX}{id}")).exists()
+            }
+            Backend::S3(store) => !store.list_files(id)?.is_empty(),
+        })
+    }
+
+    /// Whether a published set of this id exists.
+    pub fn has_set(&self, id: &str) -> Result<bool> {
+        Ok(self.backend.set(id).read_small(MANIFEST)?.is_some())
     }
 
     /// Finds a set by id. `latest` is the newest set that verifies (checksums).
@@ -178,7 +336,7 @@ impl Repo {
         if id == "latest" {
             return match self.newest_good(kind)? {
                 Some(set) => Ok(set),
-                None => Err(Error::repo(&self.root, "holds no set that verifies")),
+                None => Err(Error::repo(self.display(), "holds no set that verifies")),
             };
         }
         if parse_set_name(id).is_none() {
@@ -186,11 +344,14 @@ impl Repo {
                 "{id:?} is not a set id (YYYY-MM-DD_HH-MM-SS) or `latest`"
             )));
         }
-        let dir = self.root.join(id);
-        if !dir.is_dir() {
-            return Err(Error::repo(&self.root, format!("has no set {id}")));
+        let exists = match &self.backend {
+            Backend::Local(root) => root.join(id).is_dir(),
+            Backend::S3(_) => self.has_set(id)?,
+        };
+        if !exists {
+            return Err(Error::repo(self.display(), format!("has no set {id}")));
         }
-        SetReader::open(&dir)
+        SetReader::open(self.backend.set(id), id, self.crypto.as_deref())
     }
 
     /// The newest set that holds `kind` (any set when `None`) and whose checksums verify.
@@ -200,7 +361,7 @@ impl Repo {
             let reader = match info.reader() {
                 Ok(r) => r,
                 Err(e) => {
-                    warn!(set = %info.id, error = %e, "skipping a set that does not verify");
+                    warn!(set = %info.id, repo = %self.display(), error = %e, "skipping a set that does not verify");
                     continue;
                 }
             };
@@ -211,10 +372,83 @@ impl Repo {
             }
             match verify(&reader, VerifyLevel::Checksums, &CancellationToken::new()) {
                 Ok(_) => return Ok(Some(reader)),
-                Err(e) => warn!(set = %info.id, error = %e, "skipping a set that does not verify"),
+                Err(e) => {
+                    warn!(set = %info.id, repo = %self.display(), error = %e, "skipping a set that does not verify")
+                }
             }
         }
         Ok(None)
+    }
+
+    /// Deletes a set (retention). A local set is first renamed to a temp name, and on
+    /// object storage its manifest goes first, so a crash half-way never leaves a set that
+    /// looks complete but lacks files.
+    pub fn delete_set(&self, id: &str) -> Result<()> {
+        match &self.backend {
+            Backend::Local(root) => {
+                let dir = root.join(id);
+                let doomed = root.join(format!("{TMP_PREFIX}deleting-{id}"));
+                fs::rename(&dir, &doomed).map_err(|e| Error::io(&dir, e))?;
+                fsync_dir(root)?;
+                fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
+            }
+            Backend::S3(store) => {
+                store.delete(&format!("{id}/{MANIFEST}"))?;
+                store.delete_prefix(id).map(|_| ())
+            }
+        }
+    }
+}
+
+fn remove_stale_temps(root: &Path) {
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(TMP_PREFIX) && entry.path().is_dir() {
+            match fs::remove_dir_all(entry.path()) {
+                Ok(()) => {
+                    warn!(dir = %name, "removed an incomplete set left by an interrupted backup")
+                }
+                Err(e) => warn!(dir = %name, error = %e, "cannot remove an incomplete set"),
+            }
+        }
+    }
+}
+
+/// On object storage, what a writer that died or lost its store left: open multipart
+/// uploads, and objects under a set name that never got its manifest.
+fn remove_stale_objects(store: &S3Store) {
+    match store.abort_stale_uploads() {
+        Ok(0) => {}
+        Ok(n) => info!(
+            uploads = n,
+            "aborted multipart uploads left by an interrupted backup"
+        ),
+        Err(e) => warn!(error = %e, "cannot abort the multipart uploads of an interrupted backup"),
+    }
+    let dirs = match store.list_dirs("") {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(error = %e, "cannot look for incomplete sets");
+            return;
+        }
+    };
+    for name in dirs {
+        if parse_set_name(&name).is_none() {
+            continue;
+        }
+        match store.size(&format!("{name}/{MANIFEST}")) {
+            Ok(Some(_)) => {}
+            Ok(None) => match store.delete_prefix(&name) {
+                Ok(n) => {
+                    warn!(set = %name, objects = n, "removed an incomplete set left by an interrupted backup")
+                }
+                Err(e) => warn!(set = %name, error = %e, "cannot remove an incomplete set"),
+            },
+            Err(e) => warn!(set = %name, error = %e, "cannot check an incomplete set"),
+        }
     }
 }
 
@@ -266,16 +500,6 @@ pub fn verify(
 fn describe_counts(c: &crate::engine::Counts) -> String {
     let parts: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();
     format!("{{{}}}", parts.join(", "))
-}
-
-/// Deletes a set directory (retention). It is first renamed to a temp name so a crash
-/// half-way never leaves a set that looks complete but lacks files.
-pub fn delete_set(repo: &Repo, id: &str) -> Result<()> {
-    let dir = repo.root.join(id);
-    let doomed = repo.root.join(format!("{TMP_PREFIX}deleting-{id}"));
-    fs::rename(&dir, &doomed).map_err(|e| Error::io(&dir, e))?;
-    fsync_dir(&repo.root)?;
-    fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
 }
 
 #[cfg(test)]

@@ -1,52 +1,111 @@
-//! Reading a published set: its manifest, and artifacts decompressed while their checksum is
-//! checked on the fly.
+//! Reading a published set: its manifest (for an encrypted set, the sealed full manifest when
+//! a key opens it), and artifacts decrypted and decompressed while their checksum is checked
+//! on the fly.
 
-use std::fs::File;
 use std::io::{self, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
 use super::MANIFEST;
+use super::backend::SetPlace;
+use super::crypt::{self, Crypto, SetOpener};
 use super::manifest::{FORMAT, FileEntry, Manifest};
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SetReader {
-    pub dir: PathBuf,
+    pub place: SetPlace,
+    /// The full manifest; for an encrypted set that no configured key opens, the public one
+    /// (stored names, sizes and checksums only).
     pub manifest: Manifest,
+    /// `manifest.json` as stored, for a byte-exact copy.
+    pub raw_manifest: Vec<u8>,
+    opener: Option<SetOpener>,
+    /// Why an encrypted set cannot be opened here.
+    key_error: Option<String>,
+}
+
+impl std::fmt::Debug for SetReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetReader")
+            .field("place", &self.place)
+            .field("id", &self.manifest.id)
+            .field("sealed", &self.is_sealed())
+            .field("key_error", &self.key_error)
+            .finish()
+    }
 }
 
 impl SetReader {
-    /// Reads and parses `dir/manifest.json`. A missing or unparseable manifest is a corrupt set.
-    pub fn open(dir: &Path) -> Result<Self> {
-        let id = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let path = dir.join(MANIFEST);
-        let bytes = std::fs::read(&path)
-            .map_err(|e| Error::corrupt(&id, format!("cannot read {MANIFEST}: {e}")))?;
-        let manifest: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::corrupt(&id, format!("{MANIFEST} does not parse: {e}")))?;
-        if manifest.format > FORMAT {
+    /// Reads and parses the set's `manifest.json`. A missing or unparseable manifest is a
+    /// corrupt set. An encrypted set whose key is missing or wrong still opens (listing and
+    /// checksums need no key); reading its data then fails with [`Error::Key`].
+    pub fn open(place: SetPlace, id: &str, crypto: Option<&Crypto>) -> Result<Self> {
+        let raw = place
+            .read_small(MANIFEST)
+            .map_err(|e| Error::corrupt(id, format!("cannot read {MANIFEST}: {e}")))?
+            .ok_or_else(|| Error::corrupt(id, format!("cannot read {MANIFEST}: not found")))?;
+        let public = parse(id, &raw)?;
+        let Some(enc) = public.encryption.clone() else {
+            return Ok(SetReader {
+                place,
+                manifest: public,
+                raw_manifest: raw,
+                opener: None,
+                key_error: None,
+            });
+        };
+        // The sealed files must match the public manifest whether or not we can open them.
+        let sealed = read_checked(&place, id, &enc.manifest)?;
+        let identity = match &enc.identity {
+            Some(f) => Some(read_checked(&place, id, f)?),
+            None => None,
+        };
+        let opened = match crypto.filter(|c| c.can_decrypt()) {
+            None => Err(crypt::no_key_error(id, &enc.recipients).to_string()),
+            Some(c) => c
+                .open_set(id, &enc.recipients, identity.as_deref())
+                .and_then(|o| Ok((o.open_bytes(&sealed)?, o)))
+                .map_err(|e| e.to_string()),
+        };
+        let (full, opener) = match opened {
+            Ok(x) => x,
+            Err(why) => {
+                return Ok(SetReader {
+                    place,
+                    manifest: public,
+                    raw_manifest: raw,
+                    opener: None,
+                    key_error: Some(why),
+                });
+            }
+        };
+        let mut full = parse(id, &full)?;
+        let same = full.engines.len() == public.engines.len()
+            && full.engines.iter().all(|(k, e)| {
+                public.engines.get(k).is_some_and(|p| {
+                    p.files.len() == e.files.len()
+                        && p.files.iter().zip(&e.files).all(|(a, b)| {
+                            a.path == b.stored_path() && a.sha256 == b.sha256 && a.size == b.size
+                        })
+                })
+            });
+        if !same {
             return Err(Error::corrupt(
-                &id,
-                format!(
-                    "manifest format {} is newer than this dbkeeper understands ({FORMAT}); upgrade dbkeeper",
-                    manifest.format
-                ),
+                id,
+                "the sealed manifest does not describe the same files as manifest.json",
             ));
         }
-        if manifest.id != id {
-            return Err(Error::corrupt(
-                &id,
-                format!("manifest names set {:?}, not its directory", manifest.id),
-            ));
-        }
+        full.format = public.format;
+        full.encryption = public.encryption;
         Ok(SetReader {
-            dir: dir.to_owned(),
-            manifest,
+            place,
+            manifest: full,
+            raw_manifest: raw,
+            opener: Some(opener),
+            key_error: None,
         })
     }
 
@@ -54,95 +113,183 @@ impl SetReader {
         &self.manifest.id
     }
 
+    /// Whether the set is encrypted.
+    pub fn is_sealed(&self) -> bool {
+        self.manifest.encryption.is_some()
+    }
+
+    /// Fails, naming the set and its recipients, when the set is encrypted and no configured
+    /// key opens it. Restores call this before they touch their target.
+    pub fn require_key(&self) -> Result<()> {
+        match &self.key_error {
+            Some(why) => Err(Error::Key(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Where the set is, for messages.
+    pub fn location(&self) -> String {
+        self.place.display()
+    }
+
     /// Opens a stored file for reading its decompressed bytes. The checksum and sizes are
     /// checked when the reader reaches the end; call [`VerifyingReader::finish`] to get the
     /// verdict (it drains whatever the caller did not read).
     pub fn open_file(&self, entry: &FileEntry) -> Result<VerifyingReader> {
-        let path = self.dir.join(&entry.path);
-        // Paths come from a manifest that may be hand-edited: stay inside the set.
-        if entry.path.split('/').any(|c| c == ".." || c.is_empty()) || entry.path.starts_with('/') {
-            return Err(Error::corrupt(
-                self.id(),
-                format!("manifest names an unsafe path {:?}", entry.path),
-            ));
-        }
-        let file = File::open(&path)
+        self.require_key()?;
+        let rel = checked_path(self.id(), entry.stored_path())?;
+        let raw = self
+            .place
+            .open(rel)
             .map_err(|e| Error::corrupt(self.id(), format!("{}: {e}", entry.path)))?;
+        let state = Arc::new(Mutex::new((Sha256::new(), 0u64)));
         let hashing = HashingReader {
-            inner: BufReader::with_capacity(1 << 20, file),
-            hasher: Sha256::new(),
-            read: 0,
+            inner: BufReader::with_capacity(1 << 20, raw),
+            state: state.clone(),
+        };
+        let source: Box<dyn Read + Send> = match (&self.opener, entry.stored.is_some()) {
+            (Some(opener), true) => Box::new(
+                opener
+                    .open(hashing)
+                    .map_err(|e| Error::corrupt(self.id(), format!("{}: {e}", entry.path)))?,
+            ),
+            _ => Box::new(hashing),
         };
         let decoder =
-            zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(1 << 17, hashing))
-                .map_err(|e| Error::io(&path, e))?;
+            zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(1 << 17, source))
+                .map_err(|e| Error::io(self.place.path(rel), e))?;
         Ok(VerifyingReader {
             decoder,
             raw: 0,
+            state,
             entry: entry.clone(),
             set: self.id().to_owned(),
         })
     }
 
-    /// Checks one file's size and checksum without decompressing it.
+    /// Checks one stored file's size and checksum without decrypting or decompressing it.
     pub fn check_file(&self, entry: &FileEntry) -> Result<()> {
-        let path = self.dir.join(&entry.path);
-        let mut file = File::open(&path)
+        let rel = checked_path(self.id(), entry.stored_path())?;
+        let mut r = self
+            .place
+            .open(rel)
             .map_err(|e| Error::corrupt(self.id(), format!("{}: {e}", entry.path)))?;
-        let mut hasher = Sha256::new();
-        let n = io::copy(&mut file, &mut HashSink(&mut hasher))
+        let (n, sha) = hash_all(&mut r)
             .map_err(|e| Error::corrupt(self.id(), format!("{}: {e}", entry.path)))?;
-        if n != entry.size {
-            return Err(Error::corrupt(
-                self.id(),
-                format!(
-                    "{}: {n} bytes on disk, manifest says {}",
-                    entry.path, entry.size
-                ),
-            ));
-        }
-        let got = hex::encode(hasher.finalize());
-        if got != entry.sha256 {
-            return Err(Error::corrupt(
-                self.id(),
-                format!("{}: checksum mismatch", entry.path),
-            ));
-        }
-        Ok(())
+        compare(self.id(), entry, n, &sha)
+    }
+
+    /// Streams a stored file as stored (encrypted, compressed), for a copy.
+    pub fn open_stored(&self, entry: &FileEntry) -> Result<Box<dyn Read + Send>> {
+        let rel = checked_path(self.id(), entry.stored_path())?;
+        self.place
+            .open(rel)
+            .map_err(|e| Error::corrupt(self.id(), format!("{}: {e}", entry.path)))
     }
 }
 
-struct HashSink<'a>(&'a mut Sha256);
-
-impl io::Write for HashSink<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
+fn parse(id: &str, bytes: &[u8]) -> Result<Manifest> {
+    let manifest: Manifest = serde_json::from_slice(bytes)
+        .map_err(|e| Error::corrupt(id, format!("{MANIFEST} does not parse: {e}")))?;
+    if manifest.format > FORMAT {
+        return Err(Error::corrupt(
+            id,
+            format!(
+                "manifest format {} is newer than this dbkeeper understands ({FORMAT}); upgrade dbkeeper",
+                manifest.format
+            ),
+        ));
     }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+    if manifest.id != id {
+        return Err(Error::corrupt(
+            id,
+            format!("manifest names set {:?}, not its directory", manifest.id),
+        ));
     }
+    Ok(manifest)
 }
 
+/// Paths come from a manifest that may be hand-edited: stay inside the set.
+fn checked_path<'a>(id: &str, rel: &'a str) -> Result<&'a str> {
+    if rel.split('/').any(|c| c == ".." || c.is_empty()) || rel.starts_with('/') {
+        return Err(Error::corrupt(
+            id,
+            format!("manifest names an unsafe path {rel:?}"),
+        ));
+    }
+    Ok(rel)
+}
+
+/// A small stored file whole, checked against its entry.
+fn read_checked(place: &SetPlace, id: &str, entry: &FileEntry) -> Result<Vec<u8>> {
+    let rel = checked_path(id, &entry.path)?;
+    let bytes = place
+        .read_small(rel)?
+        .ok_or_else(|| Error::corrupt(id, format!("{rel}: missing")))?;
+    let sha = hex::encode(Sha256::digest(&bytes));
+    compare(id, entry, bytes.len() as u64, &sha)?;
+    Ok(bytes)
+}
+
+fn compare(id: &str, entry: &FileEntry, size: u64, sha256: &str) -> Result<()> {
+    if size != entry.size {
+        return Err(Error::corrupt(
+            id,
+            format!(
+                "{}: {size} bytes stored, manifest says {}",
+                entry.path, entry.size
+            ),
+        ));
+    }
+    if sha256 != entry.sha256 {
+        return Err(Error::corrupt(
+            id,
+            format!("{}: checksum mismatch", entry.path),
+        ));
+    }
+    Ok(())
+}
+
+fn hash_all(r: &mut dyn Read) -> io::Result<(u64, String)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => {
+                hasher.update(&buf[..k]);
+                n += k as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((n, hex::encode(hasher.finalize())))
+}
+
+/// Hashes and counts the stored bytes as they are read. The state is shared so that the
+/// verdict can be read after the decrypting and decompressing layers above are drained.
 struct HashingReader {
-    inner: BufReader<File>,
-    hasher: Sha256,
-    read: u64,
+    inner: BufReader<Box<dyn Read + Send>>,
+    state: Arc<Mutex<(Sha256, u64)>>,
 }
 
 impl Read for HashingReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.read += n as u64;
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0.update(&buf[..n]);
+        s.1 += n as u64;
         Ok(n)
     }
 }
 
 /// Decompressed bytes of one stored file, checked against the manifest as they stream.
 pub struct VerifyingReader {
-    decoder: zstd::stream::read::Decoder<'static, BufReader<HashingReader>>,
+    decoder: zstd::stream::read::Decoder<'static, BufReader<Box<dyn Read + Send>>>,
     raw: u64,
+    state: Arc<Mutex<(Sha256, u64)>>,
     entry: FileEntry,
     set: String,
 }
@@ -163,21 +310,27 @@ impl VerifyingReader {
         let VerifyingReader {
             decoder,
             raw,
+            state,
             entry,
             set,
         } = self;
         let corrupt = |msg: String| Error::corrupt(&set, format!("{}: {msg}", entry.path));
         let mut buffered = decoder.finish();
-        // Bytes the decoder never asked for still belong to the file (trailing garbage).
+        // Bytes the decoder never asked for still belong to the file (trailing garbage); for
+        // an encrypted file this also reads and authenticates its last chunk.
         io::copy(&mut buffered, &mut io::sink()).map_err(|e| corrupt(e.to_string()))?;
-        let hashing = buffered.into_inner();
-        if hashing.read != entry.size {
+        drop(buffered);
+        let (hasher, read) = {
+            let s = state.lock().unwrap_or_else(|p| p.into_inner());
+            (s.0.clone(), s.1)
+        };
+        if read != entry.size {
             return Err(corrupt(format!(
-                "{} bytes on disk, manifest says {}",
-                hashing.read, entry.size
+                "{read} bytes stored, manifest says {}",
+                entry.size
             )));
         }
-        if hex::encode(hashing.hasher.finalize()) != entry.sha256 {
+        if hex::encode(hasher.finalize()) != entry.sha256 {
             return Err(corrupt("checksum mismatch".into()));
         }
         if raw != entry.raw_size {
@@ -205,4 +358,9 @@ impl Read for VerifyingReader {
         self.raw += n as u64;
         Ok(n)
     }
+}
+
+/// The path of a stored file, for callers that name it in messages.
+pub fn describe(place: &SetPlace, entry: &FileEntry) -> PathBuf {
+    place.path(entry.stored_path())
 }

@@ -1,18 +1,26 @@
-//! Writing a set: a hidden temp directory, zstd-compressed artifacts hashed as they are
-//! written, fsync, then an atomic rename that makes the set visible.
+//! Writing a set: zstd-compressed (and, with age, encrypted) artifacts hashed as they are
+//! stored, then the manifest last. A local set is written into a hidden temp directory,
+//! fsynced and made visible by an atomic rename; on object storage the objects go under the
+//! set's prefix and the manifest, written last, is what makes the set exist.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
+use tracing::warn;
 
-use super::manifest::{EngineEntry, FORMAT, FileEntry, Manifest, Tool};
-use super::{MANIFEST, TMP_PREFIX, fsync_dir};
+use super::crypt::SetSealer;
+use super::manifest::{
+    Encryption, EngineEntry, FORMAT_PLAIN, FileEntry, Manifest, SEALED_MANIFEST, SET_IDENTITY, Tool,
+};
+use super::s3::{S3Store, S3Writer};
+use super::{MANIFEST, fsync_dir};
 use crate::engine::EngineKind;
 use crate::error::{Error, Result};
 
@@ -24,46 +32,144 @@ const ZSTD_LEVEL: i32 = 2;
 /// The job size of multithreaded compression.
 const MT_JOB_BYTES: u32 = 2 << 20;
 
-/// A set being written. Invisible (a `.tmp-` directory) until [`SetWriter::publish`]; dropped
-/// unpublished, it removes its directory.
+/// Where a set's files go while it is written.
+#[derive(Debug)]
+enum Target {
+    /// `<repo>/.tmp-<id>`, renamed to `<repo>/<id>` when published.
+    Local { repo: PathBuf, tmp: PathBuf },
+    /// `<prefix>/<id>/…`; the set exists once `<id>/manifest.json` does.
+    S3 { store: S3Store, id: String },
+}
+
+impl Target {
+    fn path(&self, rel: &str) -> PathBuf {
+        match self {
+            Target::Local { tmp, .. } => tmp.join(rel),
+            Target::S3 { store, id } => PathBuf::from(format!("{}/{id}/{rel}", store.url())),
+        }
+    }
+
+    /// Opens a new stored file, hashing what it stores.
+    fn create(&self, rel: &str) -> Result<Plain> {
+        match self {
+            Target::Local { tmp, .. } => {
+                let path = tmp.join(rel);
+                if let Some(parent) = path.parent() {
+                    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+                }
+                let out = DirectWriter::create(&path).map_err(|e| Error::io(&path, e))?;
+                Ok(Plain::Direct(out))
+            }
+            Target::S3 { store, id } => Ok(Plain::S3 {
+                out: store.writer(&format!("{id}/{rel}"))?,
+                hasher: Sha256::new(),
+                written: 0,
+            }),
+        }
+    }
+
+    /// Stores a small file whole and describes it.
+    fn put_small(&self, rel: &str, data: &[u8]) -> Result<FileEntry> {
+        let mut out = self.create(rel)?;
+        out.write_all(data)
+            .map_err(|e| Error::io(self.path(rel), e))?;
+        let (size, sha256) = out.finish(&self.path(rel))?;
+        Ok(FileEntry {
+            path: rel.to_owned(),
+            stored: None,
+            size,
+            sha256,
+            raw_size: data.len() as u64,
+        })
+    }
+}
+
+/// A set being written. Invisible until [`SetWriter::publish`]; dropped unpublished, it removes
+/// what it wrote (what a crash leaves is removed by the next holder of the repository lock).
 pub struct SetWriter {
-    repo: PathBuf,
+    target: Arc<Target>,
     id: String,
-    tmp: PathBuf,
     started_at: DateTime<Utc>,
     engines: BTreeMap<EngineKind, EngineEntry>,
+    sealer: Option<Arc<SetSealer>>,
+    /// Passphrase mode: the set's identity, sealed with the passphrase.
+    identity_age: Option<Vec<u8>>,
+    /// Numbers the opaque names of an encrypted set's files.
+    seq: Arc<AtomicU32>,
     published: bool,
 }
 
 impl SetWriter {
-    pub(super) fn create(repo: &Path, id: String, started_at: DateTime<Utc>) -> Result<Self> {
-        let tmp = repo.join(format!("{TMP_PREFIX}{id}"));
+    pub(super) fn create_local(
+        repo: &Path,
+        id: String,
+        started_at: DateTime<Utc>,
+        keys: Option<(SetSealer, Option<Vec<u8>>)>,
+    ) -> Result<Self> {
+        let tmp = repo.join(format!("{}{id}", super::TMP_PREFIX));
         fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        Ok(SetWriter {
+        let target = Target::Local {
             repo: repo.to_owned(),
-            id,
             tmp,
+        };
+        Ok(Self::new(target, id, started_at, keys))
+    }
+
+    pub(super) fn create_s3(
+        store: &S3Store,
+        id: String,
+        started_at: DateTime<Utc>,
+        keys: Option<(SetSealer, Option<Vec<u8>>)>,
+    ) -> Self {
+        let target = Target::S3 {
+            store: store.clone(),
+            id: id.clone(),
+        };
+        Self::new(target, id, started_at, keys)
+    }
+
+    fn new(
+        target: Target,
+        id: String,
+        started_at: DateTime<Utc>,
+        keys: Option<(SetSealer, Option<Vec<u8>>)>,
+    ) -> Self {
+        let (sealer, identity_age) = match keys {
+            Some((s, i)) => (Some(Arc::new(s)), i),
+            None => (None, None),
+        };
+        SetWriter {
+            target: Arc::new(target),
+            id,
             started_at,
             engines: BTreeMap::new(),
+            sealer,
+            identity_age,
+            seq: Arc::new(AtomicU32::new(1)),
             published: false,
-        })
+        }
     }
 
     pub fn id(&self) -> &str {
         &self.id
     }
 
-    pub fn tmp_dir(&self) -> &Path {
-        &self.tmp
+    /// Where the set is being written, for messages.
+    pub fn location(&self) -> PathBuf {
+        self.target.path("")
     }
 
     /// Where an engine writes its artifacts (`<set>/<engine>/…`).
     pub fn engine_writer(&self, kind: EngineKind) -> Result<EngineWriter> {
-        let dir = self.tmp.join(kind.name());
-        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        if let Target::Local { tmp, .. } = &*self.target {
+            let dir = tmp.join(kind.name());
+            fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
         Ok(EngineWriter {
-            set_root: Arc::from(self.tmp.as_path()),
+            target: self.target.clone(),
             kind,
+            sealer: self.sealer.clone(),
+            seq: self.seq.clone(),
         })
     }
 
@@ -75,56 +181,118 @@ impl SetWriter {
         self.engines.is_empty()
     }
 
-    /// Writes the manifest, fsyncs every directory of the set, renames it into view and
-    /// fsyncs the repository directory. Artifact files were fsynced when finished.
+    /// Copies one stored file of another set byte for byte (an off-host copy), checking it
+    /// against its manifest entry on the way.
+    pub fn copy_file(&self, entry: &FileEntry, from: &mut dyn Read) -> Result<()> {
+        let rel = entry.stored_path();
+        let path = self.target.path(rel);
+        let mut out = self.target.create(rel)?;
+        io::copy(from, &mut out).map_err(|e| Error::io(&path, e))?;
+        let (size, sha256) = out.finish(&path)?;
+        if size != entry.size || sha256 != entry.sha256 {
+            return Err(Error::corrupt(
+                &self.id,
+                format!("{rel}: the copy read {size} bytes that do not match the manifest"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes the manifest (for an encrypted set: the sealed full manifest, the set's
+    /// identity in passphrase mode, then the public manifest) and makes the set visible.
     pub fn publish(mut self) -> Result<Manifest> {
-        let manifest = Manifest {
-            format: FORMAT,
+        let mut manifest = Manifest {
+            format: FORMAT_PLAIN,
             id: self.id.clone(),
             tool: Tool::current(),
             started_at: self.started_at,
             finished_at: Utc::now(),
             schema_version: None,
+            encryption: None,
             engines: std::mem::take(&mut self.engines),
         };
-        let path = self.tmp.join(MANIFEST);
-        let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-        let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-        f.write_all(&json)
-            .and_then(|_| f.write_all(b"\n"))
-            .and_then(|_| f.sync_all())
-            .map_err(|e| Error::io(&path, e))?;
-        for kind in manifest.engines.keys() {
-            sync_tree(&self.tmp.join(kind.name()))?;
-        }
-        fsync_dir(&self.tmp)?;
-        let dest = self.repo.join(&self.id);
-        if dest.exists() {
-            return Err(Error::repo(
-                &dest,
-                "a set with this id already exists; refusing to replace it",
-            ));
-        }
-        fs::rename(&self.tmp, &dest).map_err(|e| Error::io(&dest, e))?;
-        self.published = true;
-        fsync_dir(&self.repo)?;
+        let public = match &self.sealer {
+            None => manifest.clone(),
+            Some(sealer) => {
+                let identity = match &self.identity_age {
+                    Some(bytes) => Some(self.target.put_small(SET_IDENTITY, bytes)?),
+                    None => None,
+                };
+                let full = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+                let sealed = sealer.seal_bytes(&full)?;
+                let mut sealed_entry = self.target.put_small(SEALED_MANIFEST, &sealed)?;
+                sealed_entry.raw_size = full.len() as u64;
+                let public = manifest.public(Encryption {
+                    scheme: "age".into(),
+                    recipients: sealer.fingerprints(),
+                    manifest: sealed_entry,
+                    identity,
+                });
+                manifest.format = public.format;
+                manifest.encryption = public.encryption.clone();
+                public
+            }
+        };
+        let mut json = serde_json::to_vec_pretty(&public).expect("manifest serializes");
+        json.push(b'\n');
+        self.publish_manifest(&json)?;
         Ok(manifest)
+    }
+
+    /// Writes `manifest.json` as given (a copy's source bytes) and makes the set visible.
+    pub fn publish_bytes(mut self, manifest: &[u8]) -> Result<()> {
+        self.publish_manifest(manifest)
+    }
+
+    fn publish_manifest(&mut self, json: &[u8]) -> Result<()> {
+        match &*self.target {
+            Target::Local { repo, tmp } => {
+                let path = tmp.join(MANIFEST);
+                let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+                f.write_all(json)
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| Error::io(&path, e))?;
+                sync_tree(tmp)?;
+                let dest = repo.join(&self.id);
+                if dest.exists() {
+                    return Err(Error::repo(
+                        &dest,
+                        "a set with this id already exists; refusing to replace it",
+                    ));
+                }
+                fs::rename(tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+                self.published = true;
+                fsync_dir(repo)
+            }
+            Target::S3 { store, id } => {
+                store.put_small(&format!("{id}/{MANIFEST}"), json.to_vec())?;
+                self.published = true;
+                Ok(())
+            }
+        }
     }
 }
 
 impl Drop for SetWriter {
     fn drop(&mut self) {
-        if !self.published {
-            let _ = fs::remove_dir_all(&self.tmp);
+        if self.published {
+            return;
+        }
+        match &*self.target {
+            Target::Local { tmp, .. } => {
+                let _ = fs::remove_dir_all(tmp);
+            }
+            Target::S3 { store, id } => {
+                if let Err(e) = store.delete_prefix(id) {
+                    warn!(set = %id, error = %e, "cannot remove the objects of an unpublished set; the next backup removes them");
+                }
+            }
         }
     }
 }
 
-/// fsyncs every directory below `dir` (files are synced as they finish).
+/// fsyncs `dir` and every directory below it (files are synced as they finish).
 fn sync_tree(dir: &Path) -> Result<()> {
-    if !dir.is_dir() {
-        return Ok(());
-    }
     for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
@@ -134,11 +302,21 @@ fn sync_tree(dir: &Path) -> Result<()> {
     fsync_dir(dir)
 }
 
-/// An engine's directory inside a set being written. Cheap to clone into worker threads.
+/// An engine's part of a set being written. Cheap to clone into worker threads.
 #[derive(Clone)]
 pub struct EngineWriter {
-    set_root: Arc<Path>,
+    target: Arc<Target>,
     kind: EngineKind,
+    sealer: Option<Arc<SetSealer>>,
+    seq: Arc<AtomicU32>,
+}
+
+/// A stored file being opened: what it will be called in the manifest, and its bytes' sink.
+struct Opened {
+    out: Stored,
+    path: String,
+    stored: Option<String>,
+    display: PathBuf,
 }
 
 impl EngineWriter {
@@ -149,9 +327,10 @@ impl EngineWriter {
     /// Creates `<engine>/<rel>.zst`, compressed with zstd on `threads` worker threads
     /// (0: compress on the writing thread). Parent directories are created.
     pub fn create(&self, rel: &str, threads: u32) -> Result<ArtifactWriter> {
-        let (out, rel_path, path) = self.open(rel)?;
-        let mut enc =
-            zstd::stream::write::Encoder::new(out, ZSTD_LEVEL).map_err(|e| Error::io(&path, e))?;
+        let o = self.open(rel)?;
+        let path = o.display;
+        let mut enc = zstd::stream::write::Encoder::new(o.out, ZSTD_LEVEL)
+            .map_err(|e| Error::io(&path, e))?;
         if threads > 0 {
             enc.multithread(threads).map_err(|e| Error::io(&path, e))?;
             // Each worker holds a job's input and output; the default job (four windows)
@@ -162,7 +341,8 @@ impl EngineWriter {
         Ok(ArtifactWriter {
             enc,
             raw: 0,
-            rel_path,
+            rel_path: o.path,
+            stored: o.stored,
             path,
         })
     }
@@ -176,44 +356,205 @@ impl EngineWriter {
         frame: usize,
         block: usize,
     ) -> Result<FramedArtifactWriter> {
-        let (out, rel_path, path) = self.open(rel)?;
-        let cctx = zstd::bulk::Compressor::new(level).map_err(|e| Error::io(&path, e))?;
+        let o = self.open(rel)?;
+        let cctx = zstd::bulk::Compressor::new(level).map_err(|e| Error::io(&o.display, e))?;
         Ok(FramedArtifactWriter {
             cctx,
-            out,
+            out: o.out,
+            scratch: Vec::new(),
             frame: frame.max(1),
             block: block.clamp(1, frame.max(1)),
             in_frame: 0,
             in_block: 0,
             raw: 0,
-            rel_path,
-            path,
+            rel_path: o.path,
+            stored: o.stored,
+            path: o.display,
         })
     }
 
-    fn open(&self, rel: &str) -> Result<(DirectWriter, String, PathBuf)> {
-        let rel_path = format!("{}/{rel}.zst", self.kind.name());
-        let path = self.set_root.join(&rel_path);
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
-        let out = DirectWriter::create(&path).map_err(|e| Error::io(&path, e))?;
-        Ok((out, rel_path, path))
+    /// Plain sets store `<engine>/<rel>.zst`; encrypted ones `<engine>/<n>.zst.age`, so that
+    /// no stored name says which database or collection it holds.
+    fn open(&self, rel: &str) -> Result<Opened> {
+        let path = format!("{}/{rel}.zst", self.kind.name());
+        let display = self.target.path(&path);
+        let (out, stored) = match &self.sealer {
+            None => (Stored::Plain(self.target.create(&path)?), None),
+            Some(sealer) => {
+                let n = self.seq.fetch_add(1, Ordering::Relaxed);
+                let name = format!("{}/{n:04}.zst.age", self.kind.name());
+                let plain = self.target.create(&name)?;
+                let sealed = sealer.seal(plain).map_err(|e| Error::io(&display, e))?;
+                (Stored::Sealed(Box::new(sealed)), Some(name))
+            }
+        };
+        Ok(Opened {
+            out,
+            path,
+            stored,
+            display,
+        })
     }
 
-    /// The directory of this engine's artifacts, for engines that lay out files themselves.
+    /// This engine's part of the set, for messages.
     pub fn dir(&self) -> PathBuf {
-        self.set_root.join(self.kind.name())
+        self.target.path(self.kind.name())
     }
+}
+
+/// The sink of a stored file: a local file (see [`DirectWriter`]) or an object upload, each
+/// hashing and counting the bytes as stored.
+enum Plain {
+    Direct(DirectWriter),
+    S3 {
+        out: S3Writer,
+        hasher: Sha256,
+        written: u64,
+    },
+}
+
+impl Plain {
+    /// Makes the file durable (written and fsynced, or the upload completed) and returns its
+    /// size and SHA-256.
+    fn finish(self, path: &Path) -> Result<(u64, String)> {
+        match self {
+            Plain::Direct(out) => {
+                let (file, hasher, written) = out.finish().map_err(|e| Error::io(path, e))?;
+                file.sync_all().map_err(|e| Error::io(path, e))?;
+                Ok((written, hex::encode(hasher.finalize())))
+            }
+            Plain::S3 {
+                out,
+                hasher,
+                written,
+            } => {
+                out.finish()?;
+                Ok((written, hex::encode(hasher.finalize())))
+            }
+        }
+    }
+}
+
+impl Write for Plain {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Plain::Direct(d) => d.write(data),
+            Plain::S3 {
+                out,
+                hasher,
+                written,
+            } => {
+                let n = out.write(data)?;
+                hasher.update(&data[..n]);
+                *written += n as u64;
+                Ok(n)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Plain::Direct(d) => d.flush(),
+            Plain::S3 { out, .. } => out.flush(),
+        }
+    }
+}
+
+type Sealed = crate::repo::crypt::SealWriter<Plain>;
+
+/// What an artifact's compressed bytes go into: the sink itself, or age encrypting into it.
+enum Stored {
+    Plain(Plain),
+    Sealed(Box<Sealed>),
+}
+
+impl Stored {
+    /// Ends encryption (its last chunk) and returns the sink.
+    fn into_plain(self) -> io::Result<Plain> {
+        match self {
+            Stored::Plain(p) => Ok(p),
+            Stored::Sealed(s) => s.finish(),
+        }
+    }
+
+    /// Gives `data` to zstd's stream with `end`. A local plain file takes the compressed
+    /// bytes straight into its write buffer; other sinks get them through `scratch`.
+    fn compress_stream(
+        &mut self,
+        cctx: &mut zstd::zstd_safe::CCtx<'_>,
+        data: &[u8],
+        end: zstd::zstd_safe::zstd_sys::ZSTD_EndDirective,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        use zstd::zstd_safe::{InBuffer, OutBuffer, zstd_sys::ZSTD_EndDirective as End};
+        if let Stored::Plain(Plain::Direct(d)) = self {
+            return d.compress_stream(cctx, data, end);
+        }
+        if scratch.is_empty() {
+            scratch.resize(zstd::zstd_safe::CCtx::out_size(), 0);
+        }
+        let mut src = InBuffer::around(data);
+        loop {
+            let (left, n) = {
+                let mut dst = OutBuffer::around(&mut scratch[..]);
+                let left = cctx
+                    .compress_stream2(&mut dst, &mut src, end)
+                    .map_err(|code| {
+                        io::Error::other(format!("zstd: {}", zstd::zstd_safe::get_error_name(code)))
+                    })?;
+                (left, dst.pos())
+            };
+            self.write_all(&scratch[..n])?;
+            if src.pos() == data.len() && (left == 0 || matches!(end, End::ZSTD_e_continue)) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Write for Stored {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Stored::Plain(p) => p.write(data),
+            Stored::Sealed(s) => s.write(data),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stored::Plain(p) => p.flush(),
+            Stored::Sealed(s) => s.flush(),
+        }
+    }
+}
+
+/// Ends an artifact: the last of the encryption, then the file itself.
+fn finish_stored(
+    out: Stored,
+    rel_path: String,
+    stored: Option<String>,
+    path: &Path,
+    raw: u64,
+) -> Result<FileEntry> {
+    let plain = out.into_plain().map_err(|e| Error::io(path, e))?;
+    let (size, sha256) = plain.finish(path)?;
+    Ok(FileEntry {
+        path: rel_path,
+        stored,
+        size,
+        sha256,
+        raw_size: raw,
+    })
 }
 
 /// One artifact being written. Write raw bytes to it; [`ArtifactWriter::finish`] completes the
 /// zstd frame, fsyncs, and returns the manifest entry. Dropped unfinished, the file is left
-/// incomplete inside the temp set, which is never published.
+/// incomplete inside the unpublished set, which is never published.
 pub struct ArtifactWriter {
-    enc: zstd::stream::write::Encoder<'static, DirectWriter>,
+    enc: zstd::stream::write::Encoder<'static, Stored>,
     raw: u64,
     rel_path: String,
+    stored: Option<String>,
     path: PathBuf,
 }
 
@@ -225,7 +566,7 @@ impl ArtifactWriter {
 
     pub fn finish(self) -> Result<FileEntry> {
         let out = self.enc.finish().map_err(|e| Error::io(&self.path, e))?;
-        finish_file(out, self.rel_path, &self.path, self.raw)
+        finish_stored(out, self.rel_path, self.stored, &self.path, self.raw)
     }
 }
 
@@ -255,7 +596,9 @@ impl Write for ArtifactWriter {
 /// 256 KiB frames, and 128 KiB frames 3% larger; base64 values 0.02%).
 pub struct FramedArtifactWriter {
     cctx: zstd::bulk::Compressor<'static>,
-    out: DirectWriter,
+    out: Stored,
+    /// Compressed bytes on their way to a sink that is not a local plain file.
+    scratch: Vec<u8>,
     frame: usize,
     block: usize,
     /// Bytes given to the open frame, and to its open block.
@@ -263,6 +606,7 @@ pub struct FramedArtifactWriter {
     in_block: usize,
     raw: u64,
     rel_path: String,
+    stored: Option<String>,
     path: PathBuf,
 }
 
@@ -281,8 +625,12 @@ impl FramedArtifactWriter {
             } else {
                 End::ZSTD_e_flush
             };
-            self.out
-                .compress_stream(self.cctx.context_mut(), &data[..take], end)?;
+            self.out.compress_stream(
+                self.cctx.context_mut(),
+                &data[..take],
+                end,
+                &mut self.scratch,
+            )?;
             (self.in_frame, self.in_block) = match end {
                 End::ZSTD_e_continue => (self.in_frame + take, self.in_block + take),
                 End::ZSTD_e_flush => (self.in_frame + take, 0),
@@ -298,23 +646,16 @@ impl FramedArtifactWriter {
         if self.in_frame > 0 {
             use zstd::zstd_safe::zstd_sys::ZSTD_EndDirective as End;
             self.out
-                .compress_stream(self.cctx.context_mut(), &[], End::ZSTD_e_end)
+                .compress_stream(
+                    self.cctx.context_mut(),
+                    &[],
+                    End::ZSTD_e_end,
+                    &mut self.scratch,
+                )
                 .map_err(|e| Error::io(&self.path, e))?;
         }
-        finish_file(self.out, self.rel_path, &self.path, self.raw)
+        finish_stored(self.out, self.rel_path, self.stored, &self.path, self.raw)
     }
-}
-
-/// Writes what is pending, fsyncs the file and describes it for the manifest.
-fn finish_file(out: DirectWriter, rel_path: String, path: &Path, raw: u64) -> Result<FileEntry> {
-    let (file, hasher, written) = out.finish().map_err(|e| Error::io(path, e))?;
-    file.sync_all().map_err(|e| Error::io(path, e))?;
-    Ok(FileEntry {
-        path: rel_path,
-        size: written,
-        sha256: hex::encode(hasher.finalize()),
-        raw_size: raw,
-    })
 }
 
 /// Bytes pending before the writer writes them out.
@@ -594,8 +935,13 @@ mod tests {
             ];
             let dir = tempfile::tempdir().unwrap();
             let w = EngineWriter {
-                set_root: Arc::from(dir.path()),
+                target: Arc::new(Target::Local {
+                    repo: dir.path().to_owned(),
+                    tmp: dir.path().to_owned(),
+                }),
                 kind: EngineKind::Redis,
+                sealer: None,
+                seq: Arc::new(AtomicU32::new(1)),
             };
             fs::create_dir_all(w.dir()).unwrap();
             let mut a = w.create_framed("dump.rdb", 1, frame, block).unwrap();

@@ -9,7 +9,6 @@ use tracing::info;
 use crate::config::Config;
 use crate::engine::{Engine, EngineOps};
 use crate::error::{Error, Result};
-use crate::repo::Repo;
 use crate::repo::manifest::Manifest;
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -21,7 +20,7 @@ pub async fn backup(
     engines: &[Engine],
     cancel: &CancellationToken,
 ) -> Result<Manifest> {
-    let repo = Repo::open(&cfg.repo)?;
+    let repo = cfg.open_repo()?;
     let lock = repo.lock(cfg.lock_wait).await?;
     // Fail before creating anything if an engine is down.
     for e in engines {
@@ -29,7 +28,7 @@ pub async fn backup(
     }
     let mut set = repo.begin_set(&lock, Utc::now())?;
     let start = Instant::now();
-    info!(set = set.id(), repo = %cfg.repo.display(), "backup started");
+    info!(set = set.id(), repo = %repo.display(), encrypted = repo.crypto().is_some(), "backup started");
     for e in engines {
         let t = Instant::now();
         let writer = set.engine_writer(e.kind())?;

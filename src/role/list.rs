@@ -12,20 +12,18 @@ fn status(info: &SetInfo) -> String {
     match &info.manifest {
         Err(e) => format!("corrupt: {e}"),
         Ok(m) => {
-            for entry in m.engines.values() {
-                for f in &entry.files {
-                    match std::fs::metadata(info.dir.join(&f.path)) {
-                        Ok(md) if md.len() == f.size => {}
-                        Ok(md) => {
-                            return format!(
-                                "corrupt: {} is {} bytes, expected {}",
-                                f.path,
-                                md.len(),
-                                f.size
-                            );
-                        }
-                        Err(_) => return format!("corrupt: {} is missing", f.path),
+            let sizes = match info.place.sizes() {
+                Ok(s) => s,
+                Err(e) => return format!("corrupt: {e}"),
+            };
+            for f in m.stored_files() {
+                let name = f.stored_path();
+                match sizes.get(name) {
+                    Some(&n) if n == f.size => {}
+                    Some(&n) => {
+                        return format!("corrupt: {name} is {n} bytes, expected {}", f.size);
                     }
+                    None => return format!("corrupt: {name} is missing"),
                 }
             }
             "ok".to_owned()
@@ -57,6 +55,7 @@ pub fn set_json(s: &SetInfo, now: chrono::DateTime<Utc>) -> serde_json::Value {
         "age_seconds": (now - s.time).num_seconds(),
         "status": status(s),
         "bytes": s.manifest.as_ref().map(|m| m.stored_bytes()).unwrap_or(0),
+        "encrypted": s.manifest.as_ref().map(|m| m.encryption.is_some()).unwrap_or(false),
         "engines": engines.unwrap_or_default(),
     })
 }
@@ -73,7 +72,7 @@ pub fn list(repo: &Repo, as_json: bool) -> Result<()> {
         return Ok(());
     }
     if sets.is_empty() {
-        println!("no backup sets in {}", repo.root().display());
+        println!("no backup sets in {}", repo.display());
         return Ok(());
     }
     println!(

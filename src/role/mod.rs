@@ -6,6 +6,7 @@ pub mod init;
 pub mod install;
 pub mod list;
 pub mod prune;
+pub mod remote;
 pub mod restore;
 pub mod test_restore;
 pub mod verify;
@@ -15,9 +16,12 @@ use std::time::Duration;
 
 use crate::cli::{Cli, Command};
 use crate::config::{Config, SidecarConfig, process_env};
+use crate::engine::EngineKind;
 use crate::error::{Error, Result};
 use crate::repo::Repo;
+use crate::repo::reader::SetReader;
 use crate::shutdown::Shutdown;
+use tracing::{info, warn};
 
 /// How long a role may take to clean up (remove its temp set) after a signal.
 const CLEANUP_GRACE: Duration = Duration::from_secs(5);
@@ -108,12 +112,30 @@ async fn dispatch(
             let engines = cfg.engines_required(&only)?;
             let m = backup::backup(cfg, &engines, cancel).await?;
             println!("{}", m.id);
+            // The off-host copy, as the sidecar makes it after each run.
+            if let Some(remote) = cfg.open_remote()? {
+                let local = cfg.open_repo()?;
+                remote::sync(cfg, &local, &remote, cancel)
+                    .await
+                    .map_err(|e| match e {
+                        Error::Interrupted(n) => Error::Interrupted(n),
+                        e => Error::repo(
+                            remote.display(),
+                            format!(
+                                "set {} is safe in the repository, but copying it failed: {e:#}",
+                                m.id
+                            ),
+                        ),
+                    })?;
+            }
             Ok(())
         }
-        Command::List { json } => list::list(&Repo::open(&cfg.repo)?, json),
-        Command::Verify { id, deep } => verify::verify(Repo::open(&cfg.repo)?, id, deep, cancel)
-            .await
-            .map(|_| ()),
+        Command::List { json, remote } => list::list(&pick(cfg, remote)?, json),
+        Command::Verify { id, deep, remote } => {
+            verify::verify(pick(cfg, remote)?, id, deep, cancel)
+                .await
+                .map(|_| ())
+        }
         Command::Restore { id, only, force } => {
             if id != "latest" && crate::repo::parse_set_name(&id).is_none() {
                 return Err(Error::config(format!(
@@ -127,7 +149,16 @@ async fn dispatch(
             let engines = cfg.engines_required(&only)?;
             restore::preseed(cfg, &engines, cancel).await.map(|_| ())
         }
-        Command::Prune { dry_run } => prune::prune(cfg, dry_run, true, cancel).await.map(|_| ()),
+        Command::Prune { dry_run, remote } => {
+            let (repo, policy) = if remote {
+                (pick(cfg, true)?, cfg.remote_retention)
+            } else {
+                (cfg.open_repo()?, cfg.retention)
+            };
+            prune::prune_repo(repo, policy, cfg.lock_wait, dry_run, true, cancel)
+                .await
+                .map(|_| ())
+        }
         Command::Install { dir } => install::install(&dir),
         Command::Init { timeout } => init::init(cfg, timeout, cancel).await,
         // `run` starts the sidecar itself, with its own stop rules.
@@ -144,4 +175,83 @@ async fn dispatch(
                 .map(|_| ())
         }
     }
+}
+
+/// The repository, or with `remote` the off-host copy (`list --remote`, `verify --remote`).
+fn pick(cfg: &Config, remote: bool) -> Result<Repo> {
+    if !remote {
+        return cfg.open_repo();
+    }
+    cfg.open_remote()?
+        .ok_or_else(|| Error::config("--remote needs DBKEEPER_REMOTE=s3://bucket/prefix"))
+}
+
+/// Where restores look for sets, in order: the repository, then the off-host copy. A
+/// repository that cannot be opened (a new host without the backup volume) is passed over
+/// when a remote is configured.
+fn sources(cfg: &Config) -> Result<Vec<Repo>> {
+    let mut out = Vec::new();
+    let local = cfg.open_repo();
+    let remote = cfg.open_remote()?;
+    match (local, &remote) {
+        (Ok(r), _) => out.push(r),
+        (Err(e), Some(rem)) => {
+            warn!(error = %e, remote = %rem.display(), "repository unavailable; reading sets from the remote")
+        }
+        (Err(e), None) => return Err(e),
+    }
+    out.extend(remote);
+    Ok(out)
+}
+
+/// The newest good set holding `kind`: from the repository, else from the remote (disaster
+/// recovery on a new host).
+pub(crate) async fn newest_good(cfg: &Config, kind: EngineKind) -> Result<Option<SetReader>> {
+    let repos = sources(cfg)?;
+    tokio::task::spawn_blocking(move || -> Result<Option<SetReader>> {
+        for (i, repo) in repos.iter().enumerate() {
+            if let Some(set) = repo.newest_good(Some(kind))? {
+                if i > 0 {
+                    info!(set = set.id(), remote = %repo.display(), engine = %kind, "no good set in the repository; using the remote's");
+                }
+                return Ok(Some(set));
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .map_err(|e| Error::engine("repo", format!("task failed: {e}")))?
+}
+
+/// A set by id (or `latest`), from the repository or else the remote.
+pub(crate) async fn find_set(
+    cfg: &Config,
+    id: &str,
+    kind: Option<EngineKind>,
+) -> Result<SetReader> {
+    let repos = sources(cfg)?;
+    let id = id.to_owned();
+    tokio::task::spawn_blocking(move || -> Result<SetReader> {
+        let mut first_err = None;
+        for repo in &repos {
+            if id == "latest" {
+                if let Some(set) = repo.newest_good(kind)? {
+                    return Ok(set);
+                }
+                continue;
+            }
+            match repo.resolve(&id, kind) {
+                Ok(set) => return Ok(set),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| {
+            let names: Vec<String> = repos.iter().map(|r| r.display()).collect();
+            Error::repo(names.join(" and "), "holds no set that verifies")
+        }))
+    })
+    .await
+    .map_err(|e| Error::engine("repo", format!("task failed: {e}")))?
 }

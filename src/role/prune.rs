@@ -5,20 +5,38 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::repo::retention::{self, Candidate, Decision};
+use crate::repo::retention::{self, Candidate, Decision, Policy};
 use crate::repo::{self, Repo, VerifyLevel};
 
-/// Applies the policy. `print` lists every decision on stdout (the `prune` verb); the sidecar
-/// passes false and gets the deletions in its log only.
+/// Applies the policy to the repository. `print` lists every decision on stdout (the `prune`
+/// verb); the sidecar passes false and gets the deletions in its log only.
 pub async fn prune(
     cfg: &Config,
     dry_run: bool,
     print: bool,
     cancel: &CancellationToken,
 ) -> Result<Decision> {
-    let repo = Repo::open(&cfg.repo)?;
-    let lock = repo.lock(cfg.lock_wait).await?;
-    let policy = cfg.retention;
+    prune_repo(
+        cfg.open_repo()?,
+        cfg.retention,
+        cfg.lock_wait,
+        dry_run,
+        print,
+        cancel,
+    )
+    .await
+}
+
+/// Applies `policy` to `repo` (the repository, or the remote with its own policy).
+pub async fn prune_repo(
+    repo: Repo,
+    policy: Policy,
+    lock_wait: std::time::Duration,
+    dry_run: bool,
+    print: bool,
+    cancel: &CancellationToken,
+) -> Result<Decision> {
+    let lock = repo.lock(lock_wait).await?;
     let cancel = cancel.clone();
     let decision = tokio::task::spawn_blocking(move || -> Result<Decision> {
         // Only sets whose checksums verify count toward the policy.
@@ -65,9 +83,9 @@ pub async fn prune(
             if dry_run {
                 say(format!("would delete {id}"));
             } else {
-                repo::delete_set(&repo, id)?;
+                repo.delete_set(id)?;
                 say(format!("deleted {id}"));
-                info!(set = %id, "set deleted by retention");
+                info!(set = %id, repo = %repo.display(), "set deleted by retention");
             }
         }
         Ok(decision)

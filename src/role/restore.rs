@@ -9,7 +9,6 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::engine::{Emptiness, Engine, EngineKind, EngineOps, RestoreOptions};
 use crate::error::{Error, Result};
-use crate::repo::Repo;
 use crate::repo::reader::SetReader;
 
 /// What preseed did for one engine.
@@ -28,7 +27,6 @@ pub async fn restore(
     force: bool,
     cancel: &CancellationToken,
 ) -> Result<()> {
-    let repo = Repo::open(&cfg.repo)?;
     // Check every target before touching any, so a refusal changes nothing anywhere.
     let mut states = Vec::new();
     for e in engines {
@@ -45,7 +43,8 @@ pub async fn restore(
         states.push(state);
     }
     for (e, state) in engines.iter().zip(states) {
-        let set = find_set(&repo, id, e.kind()).await?;
+        let set = super::find_set(cfg, id, Some(e.kind())).await?;
+        set.require_key()?;
         if state != Emptiness::Empty {
             info!(engine = %e.kind(), state = ?state, "wiping the target before restoring");
             e.wipe().await?;
@@ -61,14 +60,13 @@ pub async fn preseed(
     engines: &[Engine],
     cancel: &CancellationToken,
 ) -> Result<Vec<(EngineKind, Outcome)>> {
-    let repo = Repo::open(&cfg.repo)?;
     let mut outcomes = Vec::new();
     for e in engines {
         let outcome = if e.kind() == EngineKind::Redis && cfg.redis_data_dir.is_some() {
             let dir = cfg.redis_data_dir.as_deref().expect("checked");
-            preseed_redis_dir(&repo, dir).await?
+            preseed_redis_dir(cfg, dir).await?
         } else {
-            preseed_one(&repo, e, cancel).await?
+            preseed_one(cfg, e, cancel).await?
         };
         match &outcome {
             Outcome::Restored { set, records } => {
@@ -86,12 +84,12 @@ pub async fn preseed(
     Ok(outcomes)
 }
 
-async fn preseed_one(repo: &Repo, e: &Engine, cancel: &CancellationToken) -> Result<Outcome> {
+async fn preseed_one(cfg: &Config, e: &Engine, cancel: &CancellationToken) -> Result<Outcome> {
     let state = e.is_empty().await?;
     if let Emptiness::HasData(what) = state {
         return Ok(Outcome::SkippedHasData(what));
     }
-    let Some(set) = newest_good(repo, e.kind()).await? else {
+    let Some(set) = super::newest_good(cfg, e.kind()).await? else {
         if state == Emptiness::Interrupted {
             warn!(engine = %e.kind(), "an interrupted preseed left partial data and no backup is left to redo it; wiping");
             e.wipe().await?;
@@ -110,14 +108,15 @@ async fn preseed_one(repo: &Repo, e: &Engine, cancel: &CancellationToken) -> Res
     })
 }
 
-async fn preseed_redis_dir(repo: &Repo, dir: &std::path::Path) -> Result<Outcome> {
+async fn preseed_redis_dir(cfg: &Config, dir: &std::path::Path) -> Result<Outcome> {
     use crate::engine::redis;
     if let Emptiness::HasData(what) = redis::data_dir_state(dir)? {
         return Ok(Outcome::SkippedHasData(what));
     }
-    let Some(set) = newest_good(repo, EngineKind::Redis).await? else {
+    let Some(set) = super::newest_good(cfg, EngineKind::Redis).await? else {
         return Ok(Outcome::FirstStart);
     };
+    set.require_key()?;
     let entry = set.manifest.engines[&EngineKind::Redis].clone();
     let records = entry.total_records();
     let dir = dir.to_owned();
@@ -138,10 +137,12 @@ async fn restore_into(
 ) -> Result<u64> {
     let entry = set.manifest.engines.get(&e.kind()).ok_or_else(|| {
         Error::repo(
-            &set.dir,
+            set.location(),
             format!("set {} holds no {} backup", set.id(), e.kind()),
         )
     })?;
+    // A set this host cannot decrypt fails here, before the target is marked or touched.
+    set.require_key()?;
     let start = Instant::now();
     info!(engine = %e.kind(), set = set.id(), records = entry.total_records(), "restore started");
     e.set_marker(true).await?;
@@ -168,19 +169,4 @@ async fn restore_into(
         "restore finished"
     );
     Ok(entry.total_records())
-}
-
-async fn newest_good(repo: &Repo, kind: EngineKind) -> Result<Option<SetReader>> {
-    let root = repo.root().to_owned();
-    tokio::task::spawn_blocking(move || Repo::open(&root)?.newest_good(Some(kind)))
-        .await
-        .map_err(|e| Error::engine("repo", format!("task failed: {e}")))?
-}
-
-async fn find_set(repo: &Repo, id: &str, kind: EngineKind) -> Result<SetReader> {
-    let root = repo.root().to_owned();
-    let id = id.to_owned();
-    tokio::task::spawn_blocking(move || Repo::open(&root)?.resolve(&id, Some(kind)))
-        .await
-        .map_err(|e| Error::engine("repo", format!("task failed: {e}")))?
 }

@@ -11,7 +11,6 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::engine::{Engine, EngineKind, EngineOps, RestoreOptions};
 use crate::error::{Error, Result};
-use crate::repo::Repo;
 use crate::secret::Secret;
 use crate::sidecar::state::{EngineResult, JobStatus};
 
@@ -41,16 +40,13 @@ pub async fn test_restore(
         .map(|u| Engine::from_url(u, &cfg.engine_options))
         .collect::<Result<_>>()?;
     let kinds: Vec<EngineKind> = targets.iter().map(|t| t.kind()).collect();
-    let root = cfg.repo.clone();
-    let wanted = id.to_owned();
     let only = (kinds.len() == 1).then(|| kinds[0]);
-    let set = tokio::task::spawn_blocking(move || Repo::open(&root)?.resolve(&wanted, only))
-        .await
-        .map_err(|e| Error::engine("repo", format!("task failed: {e}")))??;
+    let set = super::find_set(cfg, id, only).await?;
+    set.require_key()?;
     for k in &kinds {
         if !set.manifest.engines.contains_key(k) {
             return Err(Error::repo(
-                &set.dir,
+                set.location(),
                 format!("set {} holds no {k} backup to test", set.id()),
             ));
         }

@@ -15,7 +15,6 @@ use tracing::info;
 
 use super::state::{JobKind, Trigger};
 use super::{NotStarted, Sidecar};
-use crate::repo::Repo;
 
 type App = Arc<Sidecar>;
 
@@ -79,6 +78,10 @@ pub fn health_body(app: &Sidecar) -> (bool, Value) {
     if let Err(why) = &fresh {
         reasons.push(why.clone());
     }
+    let remote = app.remote_freshness(now);
+    if let Some(Err(why)) = &remote {
+        reasons.push(why.clone());
+    }
     let g = app.state.lock();
     let engines: serde_json::Map<String, Value> = g
         .engines
@@ -91,7 +94,27 @@ pub fn health_body(app: &Sidecar) -> (bool, Value) {
         })
         .collect();
     let healthy = reasons.is_empty();
+    let remote = app.remote.as_ref().map(|r| {
+        json!({
+            "url": r.display(),
+            "newest": g.remote.newest.as_ref().map(|(id, _)| id),
+            "last_success": g.remote.last_success,
+            "last_error": g.remote.last_error,
+            "max_age_seconds": app.sc.remote_max_age.as_secs_f64(),
+            "fresh": !matches!(remote, Some(Err(_))),
+        })
+    });
+    let encryption = app.cfg.crypto.as_ref().map(|c| {
+        json!({
+            "scheme": "age",
+            "recipients": c.fingerprints(),
+            "can_decrypt": c.can_decrypt(),
+            "detail": c.describe(),
+        })
+    });
     let body = json!({
+        "remote": remote,
+        "encryption": encryption,
         "status": if healthy { "ok" } else { "unhealthy" },
         "reasons": reasons,
         "engines": engines,
@@ -147,6 +170,18 @@ pub fn active_alerts(app: &Sidecar) -> Vec<Value> {
     if let Some(err) = &g.repo.error {
         out.push(json!({"alert": "repository_error", "message": err}));
     }
+    if let Some(err) = &g.remote.last_error {
+        out.push(json!({
+            "alert": "remote_copy_failed",
+            "attempted_at": g.remote.last_attempt,
+            "message": err,
+        }));
+    }
+    drop(g);
+    if let Some(Err(why)) = app.remote_freshness(now) {
+        out.push(json!({"alert": "remote_stale", "message": why}));
+    }
+    let g = app.state.lock();
     if let (Some(free), Some(total)) = (g.repo.free_bytes, g.repo.total_bytes)
         && app.sc.min_free.is_low(free, total)
     {
@@ -179,11 +214,11 @@ async fn metrics(State(app): State<App>) -> Response {
 }
 
 async fn list_backups(State(app): State<App>) -> Response {
-    let root = app.cfg.repo.clone();
+    let repo = app.repo.clone();
     let verified = app.state.lock().newest_verified.clone().map(|(id, _)| id);
     let listed = tokio::task::spawn_blocking(move || -> crate::Result<Value> {
         let now = Utc::now();
-        let sets = Repo::open(&root)?.list()?;
+        let sets = repo.list()?;
         let items: Vec<Value> = sets
             .iter()
             .map(|s| {
@@ -244,8 +279,8 @@ async fn get_job(State(app): State<App>, Path(id): Path<String>) -> Response {
     };
     let mut v = serde_json::to_value(&job).unwrap_or_default();
     if !job.status.is_finished() {
-        let root = app.cfg.repo.clone();
-        let bytes = tokio::task::spawn_blocking(move || super::temp_bytes(&root))
+        let root = app.repo.local_root().map(std::path::Path::to_path_buf);
+        let bytes = tokio::task::spawn_blocking(move || root.map_or(0, |r| super::temp_bytes(&r)))
             .await
             .unwrap_or(0);
         v["progress"] = json!({

@@ -237,6 +237,73 @@ pub fn render(app: &Sidecar) -> String {
         );
         o.sample("dbkeeper_repository_size_bytes", &[], total as f64);
     }
+    if app.remote.is_some() {
+        let r = &g.remote;
+        if let Some(t) = r.last_success {
+            o.family(
+                "dbkeeper_remote_last_success_timestamp_seconds",
+                "gauge",
+                "When the off-host copy was last brought up to date (Unix time).",
+            );
+            o.sample(
+                "dbkeeper_remote_last_success_timestamp_seconds",
+                &[],
+                t.timestamp_millis() as f64 / 1000.0,
+            );
+        }
+        if let Some((_, t)) = &r.newest {
+            o.family(
+                "dbkeeper_remote_newest_set_timestamp_seconds",
+                "gauge",
+                "When the newest set on the remote was started (Unix time).",
+            );
+            o.sample(
+                "dbkeeper_remote_newest_set_timestamp_seconds",
+                &[],
+                t.timestamp_millis() as f64 / 1000.0,
+            );
+        }
+        o.family(
+            "dbkeeper_remote_uploaded_bytes_total",
+            "counter",
+            "Bytes copied to the remote by this process.",
+        );
+        o.sample(
+            "dbkeeper_remote_uploaded_bytes_total",
+            &[],
+            r.uploaded_bytes_total as f64,
+        );
+        o.family(
+            "dbkeeper_remote_uploaded_sets_total",
+            "counter",
+            "Sets copied to the remote by this process.",
+        );
+        o.sample(
+            "dbkeeper_remote_uploaded_sets_total",
+            &[],
+            r.uploaded_sets_total as f64,
+        );
+        o.family(
+            "dbkeeper_remote_failures_total",
+            "counter",
+            "Attempts to bring the remote up to date that failed.",
+        );
+        o.sample(
+            "dbkeeper_remote_failures_total",
+            &[],
+            r.failures_total as f64,
+        );
+        o.family(
+            "dbkeeper_remote_up_to_date",
+            "gauge",
+            "Whether the last copy to the remote succeeded (1) or failed (0).",
+        );
+        o.sample(
+            "dbkeeper_remote_up_to_date",
+            &[],
+            (r.last_error.is_none()) as u8 as f64,
+        );
+    }
     o.0
 }
 

@@ -37,6 +37,10 @@ pub const FAILED_VERIFY_SUFFIX: &str = ".failed-verify";
 
 pub struct Sidecar {
     pub cfg: Config,
+    /// The repository, opened (and for a bucket, checked) once at start.
+    pub repo: Repo,
+    /// The off-host copy, when configured.
+    pub remote: Option<Repo>,
     pub sc: SidecarConfig,
     pub engines: Vec<Engine>,
     pub state: State,
@@ -49,13 +53,26 @@ pub struct Sidecar {
 /// stop is success: the sidecar is a service, not a one-shot job.
 pub async fn run(cfg: Config, sc: SidecarConfig, root: CancellationToken) -> Result<()> {
     let engines = cfg.engines_required(&[])?;
-    Repo::open(&cfg.repo)?;
+    let repo = cfg.open_repo()?;
+    let remote = cfg.open_remote()?;
+    if let Some(c) = &cfg.crypto {
+        // Refuse to start when the identity cannot open what the recipients seal: every set
+        // written from now on would be unreadable by the key meant to restore it.
+        c.probe()?;
+        if c.can_decrypt() {
+            info!(encryption = %c.describe(), "age encryption on; the identity opens what the recipients seal");
+        } else {
+            warn!(encryption = %c.describe(), "age encryption on, write-only: this host can back up and checksum-verify, not decrypt; sets are verified by checksum only");
+        }
+    }
     info!(config = %cfg.describe(), sidecar = %sc.describe(), "dbkeeper sidecar starting");
     let listener = tokio::net::TcpListener::bind(sc.listen)
         .await
         .map_err(|e| Error::config(format!("DBKEEPER_LISTEN={}: cannot listen: {e}", sc.listen)))?;
     let app = Arc::new(Sidecar {
         cfg,
+        repo,
+        remote,
         sc,
         engines,
         state: State::new(Utc::now()),
@@ -234,8 +251,8 @@ impl Sidecar {
                 r = &mut work => return r,
                 _ = tick.tick() => {
                     let phase = self.state.job(id).map(|j| j.phase).unwrap_or("?");
-                    let root = self.cfg.repo.clone();
-                    let bytes = tokio::task::spawn_blocking(move || temp_bytes(&root)).await.unwrap_or(0);
+                    let root = self.repo.local_root().map(Path::to_path_buf);
+                    let bytes = tokio::task::spawn_blocking(move || root.map_or(0, |r| temp_bytes(&r))).await.unwrap_or(0);
                     info!(job = %id, phase, bytes_written = bytes, elapsed_s = start.elapsed().as_secs(), "job progress");
                 }
             }
@@ -341,8 +358,43 @@ impl Sidecar {
             }
             _ => warn!(job = %id, error = error.as_deref().unwrap_or(""), "backup run failed"),
         }
+        if status == JobStatus::Succeeded {
+            self.sync_remote(id, cancel).await;
+        }
         self.refresh_repo().await;
         self.notify(id, status);
+    }
+
+    /// Copies the new set (and any an earlier run failed to copy) to the remote, then applies
+    /// the remote's retention. A failure is recorded and alerted on; it never fails the run,
+    /// whose set is safe in the repository, and the next run tries again.
+    async fn sync_remote(&self, id: &str, cancel: &CancellationToken) {
+        let Some(remote) = &self.remote else {
+            return;
+        };
+        self.state.update_job(id, |j| j.phase = "remote");
+        let started = Utc::now();
+        let r = role::remote::sync(&self.cfg, &self.repo, remote, cancel).await;
+        let mut g = self.state.lock();
+        g.remote.last_attempt = Some(started);
+        match r {
+            Ok(rep) => {
+                info!(remote = %remote.display(), uploaded = rep.uploaded.len(), bytes = rep.bytes, deleted = rep.deleted.len(), "remote copy up to date");
+                g.remote.last_success = Some(Utc::now());
+                g.remote.last_error = None;
+                g.remote.uploaded_bytes_total += rep.bytes;
+                g.remote.uploaded_sets_total += rep.uploaded.len() as u64;
+                g.remote.newest = rep.newest;
+            }
+            Err(e) => {
+                warn!(remote = %remote.display(), error = %format!("{e:#}"), "copy to the remote failed; the next run retries");
+                g.remote.failures_total += 1;
+                g.remote.last_error = Some(format!("{e:#}"));
+                if let Some(j) = g.jobs.iter_mut().find(|j| j.id == id) {
+                    j.remote_error = Some(format!("{e:#}"));
+                }
+            }
+        }
     }
 
     /// One run: backup, deep verify, then retention, only after the set verified.
@@ -357,19 +409,24 @@ impl Sidecar {
             j.phase = "verify";
             j.set = Some(m.id.clone());
         });
-        let root = self.cfg.repo.clone();
+        let repo = self.repo.clone();
         let set_id = m.id.clone();
         let c = cancel.clone();
+        // A write-only host (age recipients, no identity) cannot decode its own sets: their
+        // checksums are what it can check.
+        let level = match &self.cfg.crypto {
+            Some(k) if !k.can_decrypt() => VerifyLevel::Checksums,
+            _ => VerifyLevel::Deep,
+        };
         let verified = tokio::task::spawn_blocking(move || {
-            let repo = Repo::open(&root)?;
             let set = repo.resolve(&set_id, None)?;
-            repo::verify(&set, VerifyLevel::Deep, &c)
+            repo::verify(&set, level, &c)
         })
         .await
         .map_err(|e| Error::engine("verify", format!("task failed: {e}")))?;
         match verified {
             Ok(report) => {
-                info!(set = %m.id, files = report.files, records = report.records, "new set verifies deeply")
+                info!(set = %m.id, files = report.files, records = report.records, deep = level == VerifyLevel::Deep, "new set verifies")
             }
             Err(Error::Interrupted(n)) => {
                 // Stopped mid-verify: the set is complete and checksummed, only unverified;
@@ -409,8 +466,15 @@ impl Sidecar {
 
     /// Moves a set that failed its deep verification out of view.
     fn quarantine(&self, id: &str) {
-        let from = self.cfg.repo.join(id);
-        let to: PathBuf = self.cfg.repo.join(format!("{id}{FAILED_VERIFY_SUFFIX}"));
+        let Some(root) = self.repo.local_root() else {
+            // No rename on object storage: the set goes, and the error says why.
+            if let Err(e) = self.repo.delete_set(id) {
+                warn!(set = %id, error = %e, "set failed deep verification and cannot be deleted");
+            }
+            return;
+        };
+        let from = root.join(id);
+        let to: PathBuf = root.join(format!("{id}{FAILED_VERIFY_SUFFIX}"));
         match std::fs::rename(&from, &to) {
             Ok(()) => {
                 warn!(set = %id, dir = %to.display(), "set failed deep verification; moved out of view")
@@ -479,8 +543,8 @@ impl Sidecar {
     /// Looks for the newest set whose checksums verify, once at start-up (sets written by
     /// earlier runs). Runs in the background so the API answers at once.
     async fn find_newest_verified(self: Arc<Self>) {
-        let root = self.cfg.repo.clone();
-        let found = tokio::task::spawn_blocking(move || Repo::open(&root)?.newest_good(None)).await;
+        let repo = self.repo.clone();
+        let found = tokio::task::spawn_blocking(move || repo.newest_good(None)).await;
         match found {
             Ok(Ok(Some(set))) => {
                 let t = set.manifest.started_at;
@@ -496,6 +560,26 @@ impl Sidecar {
             Ok(Ok(None)) => info!("no verified set in the repository yet"),
             Ok(Err(e)) => warn!(error = %e, "cannot look for the newest verified set"),
             Err(e) => warn!(error = %e, "newest verified set: task failed"),
+        }
+        if let Some(remote) = self.remote.clone() {
+            let found = tokio::task::spawn_blocking(move || {
+                remote.list().map(|sets| {
+                    sets.into_iter()
+                        .find(|s| s.manifest.is_ok())
+                        .map(|s| (s.id, s.time))
+                })
+            })
+            .await;
+            match found {
+                Ok(Ok(newest)) => {
+                    let mut g = self.state.lock();
+                    if g.remote.newest.is_none() {
+                        g.remote.newest = newest;
+                    }
+                }
+                Ok(Err(e)) => warn!(error = %e, "cannot list the remote"),
+                Err(e) => warn!(error = %e, "remote listing: task failed"),
+            }
         }
         self.refresh_repo().await;
     }
@@ -559,9 +643,9 @@ impl Sidecar {
     /// Re-reads set count, bytes and free space; forgets a newest verified set that was
     /// deleted behind our back.
     async fn refresh_repo(&self) {
-        let root = self.cfg.repo.clone();
+        let repo = self.repo.clone();
         let known = self.state.lock().newest_verified.clone();
-        let stats = tokio::task::spawn_blocking(move || repo_stats(&root, known.as_ref()))
+        let stats = tokio::task::spawn_blocking(move || repo_stats(&repo, known.as_ref()))
             .await
             .unwrap_or_else(|e| {
                 (
@@ -596,6 +680,40 @@ impl Sidecar {
                 None => Some((e.kind(), "not probed yet".into())),
             })
             .collect()
+    }
+
+    /// The remote's newest set against `DBKEEPER_REMOTE_MAX_AGE`; `None` without a remote. With
+    /// no set there yet, the sidecar's uptime counts, as for the repository.
+    pub fn remote_freshness(&self, now: DateTime<Utc>) -> Option<std::result::Result<(), String>> {
+        let remote = self.remote.as_ref()?;
+        let g = self.state.lock();
+        let max = self.sc.remote_max_age;
+        let limit = humantime::format_duration(max);
+        Some(match &g.remote.newest {
+            Some((id, t)) => {
+                let age = (now - *t).to_std().unwrap_or_default();
+                if age > max {
+                    Err(format!(
+                        "newest set on the remote {} is {id}, {} old, more than DBKEEPER_REMOTE_MAX_AGE={limit}",
+                        remote.display(),
+                        humantime::format_duration(Duration::from_secs(age.as_secs()))
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+            None => {
+                let up = (now - self.state.started_at).to_std().unwrap_or_default();
+                if up > max {
+                    Err(format!(
+                        "no set on the remote {}, and the sidecar has been up longer than DBKEEPER_REMOTE_MAX_AGE={limit}",
+                        remote.display()
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+        })
     }
 
     /// The newest verified set's age against the limit: `Err(reason)` when stale. With no set
@@ -648,10 +766,10 @@ fn label(s: JobStatus) -> &'static str {
 }
 
 /// Set count, stored bytes and free space of the repository, and whether `known` still exists.
-fn repo_stats(root: &Path, known: Option<&(String, DateTime<Utc>)>) -> (state::RepoStats, bool) {
+fn repo_stats(repo: &Repo, known: Option<&(String, DateTime<Utc>)>) -> (state::RepoStats, bool) {
     let mut s = state::RepoStats::default();
-    let known_exists = known.is_none_or(|(id, _)| root.join(id).is_dir());
-    match Repo::open(root).and_then(|r| r.list()) {
+    let known_exists = known.is_none_or(|(id, _)| repo.has_set(id).unwrap_or(true));
+    match repo.list() {
         Ok(sets) => {
             s.sets = sets.len() as u64;
             s.bytes = sets
@@ -662,6 +780,9 @@ fn repo_stats(root: &Path, known: Option<&(String, DateTime<Utc>)>) -> (state::R
         }
         Err(e) => s.error = Some(format!("{e:#}")),
     }
+    let Some(root) = repo.local_root() else {
+        return (s, known_exists);
+    };
     match nix::sys::statvfs::statvfs(root) {
         Ok(v) => {
             let frsize = v.fragment_size();

@@ -88,6 +88,9 @@ pub struct Job {
     pub engines: BTreeMap<EngineKind, EngineResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why the copy to the remote failed (the run itself succeeded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_error: Option<String>,
     #[serde(skip)]
     pub cancel: CancellationToken,
     #[serde(skip)]
@@ -125,6 +128,20 @@ pub struct RepoStats {
     pub error: Option<String>,
 }
 
+/// The off-host copy as last synchronised.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteStats {
+    pub last_attempt: Option<DateTime<Utc>>,
+    pub last_success: Option<DateTime<Utc>>,
+    /// The last attempt's error; cleared by a success.
+    pub last_error: Option<String>,
+    pub failures_total: u64,
+    pub uploaded_bytes_total: u64,
+    pub uploaded_sets_total: u64,
+    /// The newest set on the remote and when it was started.
+    pub newest: Option<(String, DateTime<Utc>)>,
+}
+
 #[derive(Default)]
 pub struct Inner {
     pub jobs: VecDeque<Job>,
@@ -138,6 +155,7 @@ pub struct Inner {
     pub runs: BTreeMap<&'static str, u64>,
     pub skipped: u64,
     pub repo: RepoStats,
+    pub remote: RemoteStats,
 }
 
 /// Why a job could not start.
@@ -195,6 +213,7 @@ impl State {
             set: None,
             engines: BTreeMap::new(),
             error: None,
+            remote_error: None,
             cancel: cancel.clone(),
             started: None,
         });
