@@ -13,6 +13,9 @@ use tracing::info;
 use crate::error::{Error, Result};
 
 pub const LOCK_FILE: &str = ".lock";
+/// Held by a sidecar for as long as it runs: a second sidecar on the same repository (two
+/// stacks pointed at one bucket, say) would write colliding sets and prune each other's.
+pub const SIDECAR_LOCK_FILE: &str = ".sidecar.lock";
 
 /// Held while writing; dropping it releases the lock.
 #[derive(Debug)]
@@ -39,8 +42,8 @@ pub(super) fn holder_note() -> String {
 }
 
 impl LocalLock {
-    pub(super) async fn acquire(root: &Path, wait: Duration) -> Result<LocalLock> {
-        let path = root.join(LOCK_FILE);
+    pub(super) async fn acquire(root: &Path, name: &str, wait: Duration) -> Result<LocalLock> {
+        let path = root.join(name);
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)

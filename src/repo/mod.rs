@@ -35,8 +35,6 @@ pub const MANIFEST: &str = "manifest.json";
 pub const TMP_PREFIX: &str = ".tmp-";
 /// Set names: UTC time of the start, as the seed runbook names them.
 pub const SET_NAME_FORMAT: &str = "%Y-%m-%d_%H-%M-%S";
-/// The lock object on object storage.
-const S3_LOCK: &str = ".lock";
 
 /// Parses a set directory name into its time. Anything else in the repository is not a set.
 pub fn parse_set_name(name: &str) -> Option<DateTime<Utc>> {
@@ -144,6 +142,16 @@ impl Repo {
     /// and writing there would lose every backup with the container. A bucket is checked
     /// with one request, so a missing bucket or refused credentials fail here, in one line.
     pub fn open(spec: &RepoSpec, crypto: Option<Arc<Crypto>>) -> Result<Repo> {
+        let repo = Repo::connect(spec, crypto)?;
+        if let Backend::S3(store) = &repo.backend {
+            store.check()?;
+        }
+        Ok(repo)
+    }
+
+    /// Like [`Repo::open`], but a bucket is not checked: for the sidecar's remote, whose
+    /// store may be down at start without that stopping local backups.
+    pub fn connect(spec: &RepoSpec, crypto: Option<Arc<Crypto>>) -> Result<Repo> {
         let backend = match spec {
             RepoSpec::Local(root) => {
                 match fs::metadata(root) {
@@ -159,11 +167,7 @@ impl Repo {
                 }
                 Backend::Local(root.clone())
             }
-            RepoSpec::S3(cfg) => {
-                let store = S3Store::connect(cfg)?;
-                store.check()?;
-                Backend::S3(store)
-            }
+            RepoSpec::S3(cfg) => Backend::S3(S3Store::connect(cfg)?),
         };
         Ok(Repo {
             backend,
@@ -250,19 +254,37 @@ impl Repo {
     /// writers left behind: temp directories, or on object storage the objects of sets that
     /// never got a manifest and the multipart uploads that were never completed.
     pub async fn lock(&self, wait: Duration) -> Result<RepoLock> {
+        let lock = self.lock_named(lock::LOCK_FILE, wait).await?;
         match &self.backend {
-            Backend::Local(root) => {
-                let lock = lock::LocalLock::acquire(root, wait).await?;
-                remove_stale_temps(root);
-                Ok(RepoLock::Local(lock))
+            Backend::Local(root) => remove_stale_temps(root),
+            Backend::S3(store) => {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || remove_stale_objects(&store))
+                    .await
+                    .map_err(|e| Error::engine("repo", format!("cleanup task failed: {e}")))?;
             }
+        }
+        Ok(lock)
+    }
+
+    /// Takes the lock a sidecar holds for as long as it runs (see
+    /// [`lock::SIDECAR_LOCK_FILE`]); backups and prunes still take the writer lock.
+    pub async fn lock_sidecar(&self, wait: Duration) -> Result<RepoLock> {
+        self.lock_named(lock::SIDECAR_LOCK_FILE, wait).await
+    }
+
+    async fn lock_named(&self, name: &'static str, wait: Duration) -> Result<RepoLock> {
+        match &self.backend {
+            Backend::Local(root) => Ok(RepoLock::Local(
+                lock::LocalLock::acquire(root, name, wait).await?,
+            )),
             Backend::S3(store) => {
                 let store = store.clone();
                 let lease = self.lease;
-                tokio::task::spawn_blocking(move || -> Result<RepoLock> {
-                    let lock = store.lock(S3_LOCK, &lock::holder_note(), lease, wait)?;
-                    remove_stale_objects(&store);
-                    Ok(RepoLock::S3(lock))
+                tokio::task::spawn_blocking(move || {
+                    store
+                        .lock(name, &lock::holder_note(), lease, wait)
+                        .map(RepoLock::S3)
                 })
                 .await
                 .map_err(|e| Error::engine("repo", format!("lock task failed: {e}")))?

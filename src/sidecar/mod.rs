@@ -54,7 +54,25 @@ pub struct Sidecar {
 pub async fn run(cfg: Config, sc: SidecarConfig, root: CancellationToken) -> Result<()> {
     let engines = cfg.engines_required(&[])?;
     let repo = cfg.open_repo()?;
-    let remote = cfg.open_remote()?;
+    let remote = cfg
+        .remote
+        .as_ref()
+        .map(|r| Repo::connect(r, cfg.crypto.clone()).map(|x| x.with_lease(cfg.lock_lease)))
+        .transpose()?;
+    // One sidecar per repository and per remote, for as long as it runs. A remote that is
+    // down at start does not stop local backups: its copies fail and alert until it is back.
+    let _held = repo.lock_sidecar(cfg.lock_wait).await?;
+    let _held_remote = match &remote {
+        Some(r) => match r.lock_sidecar(cfg.lock_wait).await {
+            Ok(l) => Some(l),
+            Err(e @ Error::Locked { .. }) => return Err(e),
+            Err(e) => {
+                warn!(remote = %r.display(), error = %e, "the remote does not answer at start; copies to it fail and alert until it does");
+                None
+            }
+        },
+        None => None,
+    };
     if let Some(c) = &cfg.crypto {
         // Refuse to start when the identity cannot open what the recipients seal: every set
         // written from now on would be unreadable by the key meant to restore it.
@@ -426,7 +444,11 @@ impl Sidecar {
         .map_err(|e| Error::engine("verify", format!("task failed: {e}")))?;
         match verified {
             Ok(report) => {
-                info!(set = %m.id, files = report.files, records = report.records, deep = level == VerifyLevel::Deep, "new set verifies")
+                if level == VerifyLevel::Deep {
+                    info!(set = %m.id, files = report.files, records = report.records, "new set verifies deeply")
+                } else {
+                    info!(set = %m.id, files = report.files, "new set verifies by checksum (write-only host: no key to decode it)")
+                }
             }
             Err(Error::Interrupted(n)) => {
                 // Stopped mid-verify: the set is complete and checksummed, only unverified;

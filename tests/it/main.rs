@@ -7,4 +7,6 @@ mod cli;
 mod install;
 mod mongodb;
 mod redis;
+mod remote;
+mod s3store;
 mod sidecar;

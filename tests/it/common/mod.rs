@@ -6,6 +6,7 @@
 pub mod chroma;
 pub mod mongodb;
 pub mod redis;
+pub mod s3;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
