@@ -134,6 +134,8 @@ impl Error {
             Error::Repository { .. } | Error::Corrupt { .. } | Error::Locked { .. } => {
                 ExitCode::Repository
             }
+            // An object of the repository on object storage could not be written or read.
+            Error::Io { path, .. } if path.starts_with("s3:") => ExitCode::Repository,
             Error::Io { source, .. } => match source.raw_os_error() {
                 // ENOSPC and EDQUOT: the repository is full.
                 Some(28) | Some(122) => ExitCode::Repository,

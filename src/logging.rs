@@ -8,8 +8,15 @@ use tracing_subscriber::EnvFilter;
 use crate::error::{Error, Result};
 
 pub fn init(filter: &str, format: &str) -> Result<()> {
-    let filter = EnvFilter::try_new(filter)
+    let mut env_filter = EnvFilter::try_new(filter)
         .map_err(|e| Error::config(format!("DBKEEPER_LOG={filter:?}: {e}")))?;
+    // object_store logs every retried request at info; the failure, if it comes, is ours to
+    // report in one line. A filter that names object_store decides for itself.
+    if !filter.contains("object_store") {
+        env_filter =
+            env_filter.add_directive("object_store=warn".parse().expect("static directive"));
+    }
+    let filter = env_filter;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

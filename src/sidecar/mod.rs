@@ -293,6 +293,12 @@ impl Sidecar {
         let result = self
             .with_progress(id, self.backup_verify_prune(id, cancel))
             .await;
+        // The copy to the remote is part of the run (the job is not finished before it), but
+        // its failure does not fail the run: the set is safe in the repository.
+        let remote_error = match &result {
+            Ok(_) => self.sync_remote(id, cancel).await,
+            Err(_) => None,
+        };
         let status = status_of(&result);
         let finished = Utc::now();
         let mut engines = std::collections::BTreeMap::new();
@@ -348,6 +354,7 @@ impl Sidecar {
                 j.finished_at = Some(finished);
                 j.engines = engines.clone();
                 j.error = error.clone();
+                j.remote_error = remote_error;
                 if set.is_some() {
                     j.set = set.clone();
                 }
@@ -376,20 +383,15 @@ impl Sidecar {
             }
             _ => warn!(job = %id, error = error.as_deref().unwrap_or(""), "backup run failed"),
         }
-        if status == JobStatus::Succeeded {
-            self.sync_remote(id, cancel).await;
-        }
         self.refresh_repo().await;
         self.notify(id, status);
     }
 
     /// Copies the new set (and any an earlier run failed to copy) to the remote, then applies
     /// the remote's retention. A failure is recorded and alerted on; it never fails the run,
-    /// whose set is safe in the repository, and the next run tries again.
-    async fn sync_remote(&self, id: &str, cancel: &CancellationToken) {
-        let Some(remote) = &self.remote else {
-            return;
-        };
+    /// whose set is safe in the repository, and the next run tries again. Returns the error.
+    async fn sync_remote(&self, id: &str, cancel: &CancellationToken) -> Option<String> {
+        let remote = self.remote.as_ref()?;
         self.state.update_job(id, |j| j.phase = "remote");
         let started = Utc::now();
         let r = role::remote::sync(&self.cfg, &self.repo, remote, cancel).await;
@@ -403,14 +405,14 @@ impl Sidecar {
                 g.remote.uploaded_bytes_total += rep.bytes;
                 g.remote.uploaded_sets_total += rep.uploaded.len() as u64;
                 g.remote.newest = rep.newest;
+                None
             }
             Err(e) => {
-                warn!(remote = %remote.display(), error = %format!("{e:#}"), "copy to the remote failed; the next run retries");
+                let msg = format!("{e:#}");
+                warn!(remote = %remote.display(), error = %msg, "copy to the remote failed; the next run retries");
                 g.remote.failures_total += 1;
-                g.remote.last_error = Some(format!("{e:#}"));
-                if let Some(j) = g.jobs.iter_mut().find(|j| j.id == id) {
-                    j.remote_error = Some(format!("{e:#}"));
-                }
+                g.remote.last_error = Some(msg.clone());
+                Some(msg)
             }
         }
     }

@@ -443,10 +443,26 @@ rm /tmp/full-manifest-$$.json"#,
     assert_eq!(r.total_keys(), 3000);
 }
 
-/// A Redis large enough that its backup takes a few seconds.
+/// A Redis whose backup uploads for a few seconds: 192 MiB of values that do not compress.
 fn big_redis() -> RedisServer {
     let r = RedisServer::start();
-    r.cli(&["DEBUG", "POPULATE", "400000", "big", "400"]);
+    let mut c = r.client();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..192 {
+        let value: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        redis::cmd("SET")
+            .arg(format!("big:{i}"))
+            .arg(value)
+            .query::<()>(&mut c)
+            .unwrap();
+    }
     r
 }
 
@@ -458,8 +474,10 @@ fn the_store_killed_mid_upload_fails_the_run_and_leaves_nothing_open() {
     s3.create_bucket("fault");
     let r = big_redis();
     let repo = "s3://fault/p";
+    // A short lease: the dead run cannot release its lock, so the next one waits it out.
     let mut child = dk(&s3, repo)
         .env("DBKEEPER_REDIS_URL", r.url())
+        .env("DBKEEPER_LOCK_LEASE", "3s")
         .arg("backup")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -488,6 +506,7 @@ fn the_store_killed_mid_upload_fails_the_run_and_leaves_nothing_open() {
     assert_eq!(json(&o).as_array().unwrap().len(), 0, "{}", stdout(&o));
     let o = run(dk(&s3, repo)
         .env("DBKEEPER_REDIS_URL", r.url())
+        .env("DBKEEPER_LOCK_WAIT", "30s")
         .arg("backup"));
     assert_code(&o, 0);
     assert!(
@@ -594,6 +613,14 @@ fn sidecar(s3: &S3Server, repo: &str, r: &RedisServer, port: u16) -> Command {
     c
 }
 
+/// SIGTERM, as `docker stop`: the sidecar releases its locks.
+fn stop(mut child: std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
 fn http(port: u16, method: &str, path: &str) -> (u16, String) {
     let o = Command::new("curl")
         .args(["-s", "-m", "10", "-X", method, "-w", "\n%{http_code}"])
@@ -660,6 +687,7 @@ fn a_failed_copy_to_the_remote_never_blocks_local_backups_and_is_retried() {
     let mut sc = sidecar(&s3, &local, &r, port)
         .env("DBKEEPER_REMOTE", "s3://remote/copy")
         .env("DBKEEPER_REMOTE_MAX_AGE", "1h")
+        .env("DBKEEPER_KEEP_LAST", "10")
         .spawn()
         .unwrap();
     assert!(wait_until(Duration::from_secs(30), || http(
@@ -721,8 +749,7 @@ fn a_failed_copy_to_the_remote_never_blocks_local_backups_and_is_retried() {
     );
     let alerts = http(port, "GET", "/alerts").1;
     assert!(!alerts.contains("remote_copy_failed"), "{alerts}");
-    let _ = sc.kill();
-    let _ = sc.wait();
+    stop(sc);
 
     // A remote whose newest set is too old makes /health 503 (remote_stale).
     let port = free_port();
@@ -736,8 +763,7 @@ fn a_failed_copy_to_the_remote_never_blocks_local_backups_and_is_retried() {
         st == 503 && body.contains("DBKEEPER_REMOTE_MAX_AGE")
     });
     let alerts = http(port, "GET", "/alerts").1;
-    let _ = sc.kill();
-    let _ = sc.wait();
+    stop(sc);
     assert!(stale, "a stale remote did not make /health 503");
     assert!(alerts.contains("remote_stale"), "{alerts}");
 }
