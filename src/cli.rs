@@ -248,6 +248,8 @@ pub enum Command {
         #[arg(long)]
         remote: bool,
     },
+    /// Copy every verified set the remote lacks to it (DBKEEPER_REMOTE), then apply its retention
+    Sync,
     /// Copy this binary and its role names (dbkeeper-health, dbkeeper-init) into DIR
     Install {
         /// Target directory, usually a volume shared with the database containers

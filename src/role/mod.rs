@@ -159,6 +159,19 @@ async fn dispatch(
                 .await
                 .map(|_| ())
         }
+        Command::Sync => {
+            let remote = pick(cfg, true)?;
+            let local = cfg.open_repo()?;
+            let r = remote::sync(cfg, &local, &remote, cancel).await?;
+            println!(
+                "copied {} set(s), {} bytes, to {}; retention deleted {} there",
+                r.uploaded.len(),
+                r.bytes,
+                remote.display(),
+                r.deleted.len()
+            );
+            Ok(())
+        }
         Command::Install { dir } => install::install(&dir),
         Command::Init { timeout } => init::init(cfg, timeout, cancel).await,
         // `run` starts the sidecar itself, with its own stop rules.
