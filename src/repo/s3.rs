@@ -572,8 +572,20 @@ impl S3Store {
     pub fn lock(&self, rel: &str, holder: &str, lease: Duration, wait: Duration) -> Result<S3Lock> {
         let key = self.key(rel);
         let deadline = Instant::now() + wait;
+        // A store that has just restarted may answer 5xx for a moment: errors are retried for
+        // a few seconds (or the whole wait, when longer) before they are reported.
+        let patience = Instant::now() + wait.max(Duration::from_secs(5));
         loop {
-            match self.try_lock(&key, rel, holder, lease)? {
+            let attempt = match self.try_lock(&key, rel, holder, lease) {
+                Ok(a) => a,
+                Err(e) if Instant::now() < patience => {
+                    debug!(error = %e, "taking the repository lock failed; retrying");
+                    std::thread::sleep(LOCK_POLL);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match attempt {
                 Attempt::Held(e_tag) => return Ok(S3Lock::start(self, key, holder, lease, e_tag)),
                 Attempt::Retry => continue,
                 Attempt::Busy(body) => {
