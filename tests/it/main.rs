@@ -4,6 +4,7 @@ mod common;
 
 mod chroma;
 mod cli;
+mod encryption;
 mod install;
 mod mongodb;
 mod redis;

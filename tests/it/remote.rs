@@ -684,7 +684,7 @@ fn a_failed_copy_to_the_remote_never_blocks_local_backups_and_is_retried() {
     let tmp = tempfile::tempdir().unwrap();
     let local = tmp.path().to_str().unwrap().to_owned();
     let port = free_port();
-    let mut sc = sidecar(&s3, &local, &r, port)
+    let sc = sidecar(&s3, &local, &r, port)
         .env("DBKEEPER_REMOTE", "s3://remote/copy")
         .env("DBKEEPER_REMOTE_MAX_AGE", "1h")
         .env("DBKEEPER_KEEP_LAST", "10")
@@ -753,7 +753,7 @@ fn a_failed_copy_to_the_remote_never_blocks_local_backups_and_is_retried() {
 
     // A remote whose newest set is too old makes /health 503 (remote_stale).
     let port = free_port();
-    let mut sc = sidecar(&s3, &local, &r, port)
+    let sc = sidecar(&s3, &local, &r, port)
         .env("DBKEEPER_REMOTE", "s3://remote/copy")
         .env("DBKEEPER_REMOTE_MAX_AGE", "1s")
         .spawn()

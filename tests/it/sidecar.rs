@@ -1004,3 +1004,73 @@ col.add(ids=[f"n{i}" for i in range(200)], embeddings=[[float(i), 1.0, 2.0, 3.0]
         stderr(&o)
     );
 }
+
+/// An age key pair made by the stock `age-keygen`: (identity file, public key).
+fn age_key(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let o = Command::new("age-keygen")
+        .arg("-o")
+        .arg(&path)
+        .output()
+        .expect("age-keygen (Debian's age) is installed by .ci/install");
+    assert!(o.status.success(), "age-keygen: {o:?}");
+    let public = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("# public key: ").map(str::to_owned))
+        .unwrap();
+    (path, public)
+}
+
+/// With an identity that cannot open what the recipients seal, every set the sidecar would
+/// write is unreadable by the key meant to restore it: it refuses to start (exit 2, one line).
+/// A host with only the recipients starts, says it is write-only, and verifies its sets by
+/// checksum.
+#[test]
+fn the_sidecar_probes_its_age_keys_and_says_when_it_is_write_only() {
+    let repo = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let (_id1, pub1) = age_key(keys.path(), "one.txt");
+    let (id2, _pub2) = age_key(keys.path(), "two.txt");
+    let r = RedisServer::start();
+    r.cli(&["SET", "k", "v"]);
+    let o = dbkeeper(repo.path())
+        .arg("sidecar")
+        .env("DBKEEPER_REDIS_URL", r.url())
+        .env("DBKEEPER_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("DBKEEPER_AGE_RECIPIENTS", &pub1)
+        .env("DBKEEPER_AGE_IDENTITY_FILE", &id2)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("dbkeeper:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains("x25519:"), "{err}");
+    assert!(!err.contains("AGE-SECRET-KEY"), "{err}");
+
+    let (k, url) = redis_env(&r);
+    let sc = Sidecar::start(
+        repo.path(),
+        &[(k, &url), ("DBKEEPER_AGE_RECIPIENTS", pub1.as_str())],
+    );
+    assert!(sc.log().contains("write-only"), "{}", sc.log());
+    let (_, health) = sc.get("/health");
+    assert_eq!(health["encryption"]["can_decrypt"], false, "{health}");
+    assert!(
+        health["encryption"]["recipients"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("x25519:"),
+        "{health}"
+    );
+    let job = backup_via_api(&sc, None);
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", sc.log());
+    assert!(
+        sc.log().contains("new set verifies by checksum"),
+        "{}",
+        sc.log()
+    );
+    let set = job["set"].as_str().unwrap();
+    assert!(repo.path().join(set).join("redis/0001.zst.age").is_file());
+}
