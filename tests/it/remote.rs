@@ -379,23 +379,13 @@ fn stock_tools_read_what_dbkeeper_wrote_and_dbkeeper_reads_what_they_copied() {
         fetched.to_str().unwrap(),
     ]);
     let out = tmp.path().join("plain");
-    let recipe = format!(
-        r#"set -euo pipefail
-cd "{set}"
-age -d -i "{key}" manifest.json.age > /tmp/full-manifest-$$.json
-jq -r '.engines[].files[] | [.stored, .path] | @tsv' /tmp/full-manifest-$$.json |
-  while IFS=$'\t' read -r stored path; do
-    mkdir -p "{out}/$(dirname "$path")"
-    age -d -i "{key}" "$stored" | zstd -q -d -o "{out}/${{path%.zst}}"
-  done
-rm /tmp/full-manifest-$$.json"#,
-        set = fetched.display(),
-        key = key.0.display(),
-        out = out.display()
-    );
+    std::fs::create_dir(&out).unwrap();
     let o = Command::new("bash")
         .arg("-c")
-        .arg(&recipe)
+        .arg(format!("set -euo pipefail\n{}", readme_recipe()))
+        .env("SET", &fetched)
+        .env("KEY", &key.0)
+        .env("OUT", &out)
         .output()
         .unwrap();
     assert!(o.status.success(), "recipe: {o:?}");
@@ -441,6 +431,19 @@ rm /tmp/full-manifest-$$.json"#,
         .args(["restore", &id2]));
     assert_code(&o, 0);
     assert_eq!(r.total_keys(), 3000);
+}
+
+/// The README's recipe for an encrypted set, run as written: the bash block that starts with
+/// `# recover an encrypted set`.
+fn readme_recipe() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    readme
+        .split("```bash\n")
+        .find(|b| b.starts_with("# recover an encrypted set"))
+        .and_then(|b| b.split("```").next())
+        .expect("the README's recipe for an encrypted set")
+        .to_owned()
 }
 
 /// A Redis whose backup uploads for a few seconds: 192 MiB of values that do not compress.
