@@ -125,6 +125,10 @@ fn redis_backs_up_to_a_bucket_and_restores_bit_exact_plain_and_encrypted() {
                 assert!(!text.contains(secret), "{secret} readable in:\n{text}");
             }
             assert!(text.contains("x25519:"), "{text}");
+            assert!(
+                !text.contains(&s3.secret_key) && !text.contains(&s3.access_key),
+                "{text}"
+            );
         } else {
             assert!(
                 stored.contains(&"redis/dump.rdb.zst".to_owned()),
@@ -769,4 +773,34 @@ fn a_failed_copy_to_the_remote_never_blocks_local_backups_and_is_retried() {
     stop(sc);
     assert!(stale, "a stale remote did not make /health 503");
     assert!(alerts.contains("remote_stale"), "{alerts}");
+}
+
+/// A private endpoint over HTTPS: its CA in `DBKEEPER_S3_CA_FILE` is what makes it trusted.
+#[test]
+fn a_private_https_endpoint_is_trusted_through_its_ca_bundle() {
+    let Some(mut s3) = S3Server::start_or_skip() else {
+        return;
+    };
+    s3.create_bucket("tls");
+    let certs = tempfile::tempdir().unwrap();
+    crate::common::make_certs(certs.path());
+    let https = s3.serve_tls(certs.path());
+    let r = RedisServer::start();
+    r.cli(&["SET", "k", "v"]);
+    let tls = |ca: bool| {
+        let mut c = dk(&s3, "s3://tls/p");
+        c.env("DBKEEPER_S3_ENDPOINT", &https)
+            .env("DBKEEPER_REDIS_URL", r.url());
+        if ca {
+            c.env("DBKEEPER_S3_CA_FILE", certs.path().join("ca.crt"));
+        }
+        c
+    };
+    let o = run(tls(false).arg("backup"));
+    assert_code(&o, 4);
+    let line = one_line_error(&o, &s3);
+    assert!(line.to_lowercase().contains("certificate"), "{line}");
+    let o = run(tls(true).arg("backup"));
+    assert_code(&o, 0);
+    assert_code(&run(tls(true).args(["verify", "--deep"])), 0);
 }

@@ -27,6 +27,8 @@ pub struct S3Server {
     /// master, volume, filer, s3, admin: each HTTP port p has its gRPC port at p + 10000,
     /// the offset some of weed's components assume whatever the flags say.
     ports: [u16; 5],
+    /// With TLS: the directory of `make_certs`' files and the HTTPS port.
+    tls: Option<(PathBuf, u16)>,
     tmp: tempfile::TempDir,
 }
 
@@ -87,10 +89,20 @@ impl S3Server {
             started_in: Duration::ZERO,
             bin,
             ports,
+            tls: None,
             tmp,
         };
         s.spawn();
         s
+    }
+
+    /// Also serves S3 over HTTPS, with the certificate `make_certs` wrote into `certs`
+    /// (a private CA's, for 127.0.0.1). Returns the HTTPS endpoint.
+    pub fn serve_tls(&mut self, certs: &Path) -> String {
+        let port = port_pair();
+        self.tls = Some((certs.to_owned(), port));
+        self.restart();
+        format!("https://127.0.0.1:{port}")
     }
 
     fn spawn(&mut self) {
@@ -118,6 +130,13 @@ impl S3Server {
                 "-admin.ui=false",
                 "-master.telemetry=false",
             ])
+            .args(self.tls.iter().flat_map(|(d, port)| {
+                [
+                    format!("-s3.cert.file={}", d.join("server.crt").display()),
+                    format!("-s3.key.file={}", d.join("server.key").display()),
+                    format!("-s3.port.https={port}"),
+                ]
+            }))
             .current_dir(t)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
