@@ -48,6 +48,7 @@ SIZES = {
     "chroma_records": 5_000 if QUICK else 100_000,
     "chroma_dim": 384,
     "idle_seconds": 15 if QUICK else 60,
+    "s3_redis_keys": 150_000 if QUICK else 1_000_000,  # 1 KiB random values: ~155 MB / ~1 GB set
 }
 
 RESULTS = []
@@ -107,10 +108,11 @@ def free_port():
     return port
 
 
-def start(name, argv, env=None, ready=None):
+def start(name, argv, env=None, ready=None, cwd=None):
     """A background server with its log in WORK; `ready()` is polled until true."""
     logf = open(WORK / f"{name}.log", "wb")
-    p = subprocess.Popen([str(a) for a in argv], stdout=logf, stderr=subprocess.STDOUT, env=env)
+    p = subprocess.Popen([str(a) for a in argv], stdout=logf, stderr=subprocess.STDOUT, env=env,
+                         cwd=cwd)
     PROCS.append(p)
     for _ in range(600):
         if p.poll() is not None:
@@ -297,8 +299,8 @@ def case_health(redis_port, mongo_uri):
                "lower", target)
 
 
-def seed_redis(port):
-    n = SIZES["redis_keys"]
+def seed_redis(port, n=None):
+    n = n or SIZES["redis_keys"]
     rng = random.Random(7)
     h = hashlib.sha256()
     p = subprocess.Popen(["redis-cli", "-p", str(port), "--pipe"], stdin=subprocess.PIPE,
@@ -684,6 +686,257 @@ def case_footprint():
            note="the target is the absolute 2 ms bound")
 
 
+# --- object storage and encryption (s3) ------------------------------------------------------
+
+WEED = os.environ.get("DBKEEPER_TEST_WEED", str(CACHE / "venv/bin/weed"))
+GIVEN_PORTS = set()
+
+
+def port_pair():
+    """A port p with p and p + 10000 both free: weed puts each component's gRPC port at
+    p + 10000, whatever its flags say (as tests/it/common/s3.rs)."""
+    rng = random.Random()
+    while True:
+        p = rng.randrange(20000, 30000)
+        if p in GIVEN_PORTS:
+            continue
+        free = True
+        for q in (p, p + 10000):
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", q))
+            except OSError:
+                free = False
+            finally:
+                s.close()
+        if free:
+            GIVEN_PORTS.add(p)
+            return p
+
+
+class ObjectStore:
+    """A private SeaweedFS `weed mini` (master, volume, filer and S3 gateway in one process) on
+    loopback, data in WORK, static credentials, telemetry off; rclone reaches it as remote `s:`
+    from environment variables only, without the machine's AWS_*/RCLONE_* settings."""
+
+    def __init__(self):
+        d = WORK / "weed"
+        (d / "data").mkdir(parents=True)
+        self.access, self.secret = "dbkeeper-bench", f"bench-secret-{os.getpid()}"
+        (d / "s3.json").write_text(json.dumps({"identities": [{
+            "name": "dbkeeper",
+            "credentials": [{"accessKey": self.access, "secretKey": self.secret}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        ports = {n: port_pair() for n in ("master", "volume", "filer", "s3", "admin")}
+        self.endpoint = f"http://127.0.0.1:{ports['s3']}"
+        argv = [WEED, "mini", f"-dir={d / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        for n, p in ports.items():
+            argv += [f"-{n}.port={p}", f"-{n}.port.grpc={p + 10000}"]
+        argv += [f"-filer.localSocket={d / 'filer.sock'}", f"-s3.localSocket={d / 's3.sock'}",
+                 f"-s3.config={d / 's3.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                 "-webdav=false", "-admin.ui=false", "-master.telemetry=false"]
+        self.rclone_env = {k: v for k, v in os.environ.items()
+                           if not k.startswith(("AWS_", "RCLONE_", "DBKEEPER_"))}
+        self.rclone_env.update(
+            RCLONE_CONFIG=str(d / "rclone.conf"), RCLONE_CONFIG_S_TYPE="s3",
+            RCLONE_CONFIG_S_PROVIDER="SeaweedFS", RCLONE_CONFIG_S_ENDPOINT=self.endpoint,
+            RCLONE_CONFIG_S_ACCESS_KEY_ID=self.access,
+            RCLONE_CONFIG_S_SECRET_ACCESS_KEY=self.secret)
+        t0 = time.monotonic()
+        start("weed", argv, cwd=d, ready=lambda: self.rclone("lsd", "s:").returncode == 0)
+        log(f"weed mini (SeaweedFS {weed_version()}) answering S3 at {self.endpoint} after "
+            f"{time.monotonic() - t0:.1f} s")
+
+    def rclone(self, *args):
+        """An untimed rclone call (setup, checks)."""
+        return subprocess.run(["rclone", "--retries", "1", "--low-level-retries", "1",
+                               *map(str, args)], env=self.rclone_env, capture_output=True)
+
+    def rclone_ok(self, *args):
+        p = self.rclone(*args)
+        if p.returncode != 0:
+            raise RuntimeError(f"rclone {' '.join(map(str, args))}: {p.stderr.decode()[-2000:]}")
+        return p.stdout
+
+    def env(self):
+        """dbkeeper's settings for this store (on top of dbk_env)."""
+        return {"DBKEEPER_S3_ENDPOINT": self.endpoint, "DBKEEPER_S3_REGION": "us-east-1",
+                "AWS_ACCESS_KEY_ID": self.access, "AWS_SECRET_ACCESS_KEY": self.secret}
+
+
+def weed_version():
+    out = subprocess.run([WEED, "version"], capture_output=True, text=True).stdout.split()
+    return out[2] if len(out) > 2 else "?"
+
+
+def set_bytes(set_dir):
+    return sum(f.stat().st_size for f in set_dir.rglob("*") if f.is_file())
+
+
+def engine_file(set_dir, engine):
+    """The manifest's entry of an engine's only file: path, size, raw_size."""
+    m = json.loads((set_dir / "manifest.json").read_text())
+    return m["engines"][engine]["files"][0]
+
+
+def case_s3(mongo_uri):
+    """Object storage and encryption, ratios in one run against the same local object store:
+    the upload of a set (`dbkeeper sync`) vs `rclone copy`, the cost of age encryption on a
+    MongoDB dump, the decryption of a Redis set vs `age -d | zstd -d`, and a Redis data-dir
+    preseed from the bucket vs `rclone cat | zstd -d`."""
+    store = ObjectStore()
+    store.rclone_ok("mkdir", "s:bench")
+    port = redis_server()
+    url = f"redis://127.0.0.1:{port}"
+    seed_redis(port, SIZES["s3_redis_keys"])
+    key = WORK / "age-key.txt"
+    subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
+    recipient = subprocess.run(["age-keygen", "-y", str(key)], check=True, capture_output=True,
+                               text=True).stdout.strip()
+    # The sets (untimed): a plain one and an encrypted one of the same server.
+    local, enc = WORK / "repo-s3-local", WORK / "repo-s3-enc"
+    clear_repo(local)
+    clear_repo(enc)
+    run([BIN, "backup"], env=dbk_env(local, DBKEEPER_REDIS_URL=url))
+    run([BIN, "backup"], env=dbk_env(enc, DBKEEPER_REDIS_URL=url,
+                                     DBKEEPER_AGE_RECIPIENTS=recipient))
+    subprocess.run(["redis-cli", "-p", str(port), "flushall"], check=True, capture_output=True)
+    set_dir, enc_dir = newest_set(local), newest_set(enc)
+    sid, nbytes = set_dir.name, set_bytes(set_dir)
+    rdb_file = engine_file(set_dir, "redis")
+    rdb_bytes = rdb_file["raw_size"]
+    log(f"s3: local set {sid}, {nbytes / 1e6:.1f} MB stored ({rdb_bytes / 1e6:.1f} MB RDB); "
+        f"encrypted set {enc_dir.name}, {set_bytes(enc_dir) / 1e6:.1f} MB stored")
+    size = f"{nbytes / 1e6:.0f} MB set"
+
+    # 1. Upload: `dbkeeper sync` to an empty prefix vs `rclone copy` of the set's directory.
+    n = {"ours": 0, "peer": 0}
+
+    def sync():
+        n["ours"] += 1
+        return run([BIN, "sync"], env=dbk_env(local, DBKEEPER_REMOTE=f"s3://bench/sync-{n['ours']}",
+                                              **store.env()))
+
+    def rclone_copy():
+        n["peer"] += 1
+        return run(["rclone", "copy", set_dir, f"s:bench/rclone-{n['peer']}/{sid}"],
+                   env=store.rclone_env)
+
+    res = alternate({"ours": sync, "peer": rclone_copy})
+    theirs = store.rclone_ok("lsf", "-R", "--files-only", f"s:bench/sync-1").decode().split()
+    mine = store.rclone_ok("lsf", "-R", "--files-only", f"s:bench/rclone-1").decode().split()
+    note = None
+    if sorted(theirs) != sorted(mine):
+        note = f"the synced prefix holds {sorted(theirs)}, rclone's {sorted(mine)}"
+        FAILURES.append(f"s3-upload: {note}")
+    record("s3-upload", f"throughput of one upload ({size})",
+           round(nbytes / 1e6 / med(res["ours"], 0), 1),
+           f"rclone copy <set dir> (defaults: 4 transfers, 5 MiB parts)",
+           round(nbytes / 1e6 / med(res["peer"], 0), 1), "MB/s", "higher", ">=0.9x", note=note)
+    record("s3-upload", "max RSS of the upload", med(res["ours"], 2), "target", 96 * 1024,
+           "KiB", "lower", "<=98304",
+           note=f"absolute 96 MB bound; rclone copy took {med(res['peer'], 2)} KiB")
+    record("s3-upload", "CPU of one upload", round(med(res["ours"], 1), 3), "rclone copy",
+           round(med(res["peer"], 1), 3), "s", "lower")
+
+    # 2. Encryption cost on a MongoDB dump: the same backup with and without age recipients.
+    import pymongo
+
+    coll = pymongo.MongoClient(mongo_uri).bench.orders
+    if coll.estimated_document_count() != SIZES["mongo_docs"]:
+        coll.drop()
+        seed_mongo(mongo_uri)
+    mplain, menc = WORK / "repo-s3-mongo", WORK / "repo-s3-mongo-age"
+
+    def dump(repo, **kv):
+        def fn():
+            clear_repo(repo)
+            return run([BIN, "backup"], env=dbk_env(repo, DBKEEPER_MONGODB_URI=mongo_uri, **kv))
+        return fn
+
+    res = alternate({"plain": dump(mplain), "age": dump(menc, DBKEEPER_AGE_RECIPIENTS=recipient)})
+    mfile = engine_file(newest_set(menc), "mongodb")
+    note = None
+    if not mfile["path"].endswith(".age"):
+        note = f"DBKEEPER_AGE_RECIPIENTS set, but the dump stored {mfile['path']} (not encrypted)"
+        FAILURES.append(f"s3-encryption: {note}")
+    mb = f"{engine_file(newest_set(mplain), 'mongodb')['raw_size'] / 1e6:.0f} MB BSON"
+    record("s3-encryption", f"wall of one MongoDB dump with age ({mb})",
+           round(med(res["age"], 0), 3), "the same dump without encryption",
+           round(med(res["plain"], 0), 3), "s", "lower", "<=1.10x", note=note)
+    record("s3-encryption", f"CPU of one MongoDB dump with age ({mb})",
+           round(med(res["age"], 1), 3), "the same dump without encryption",
+           round(med(res["plain"], 1), 3), "s", "lower", "<=1.10x", note=note)
+
+    # Decryption: a Redis data-dir preseed from the encrypted set vs age -d | zstd -d.
+    out = WORK / "s3-redis-data"
+    art = enc_dir / engine_file(enc_dir, "redis")["path"]
+
+    def empty(_):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+
+    def preseed(repo, **kv):
+        return lambda: run([BIN, "preseed", "--only", "redis"],
+                           env=dbk_env(repo, DBKEEPER_REDIS_URL="redis://127.0.0.1:1",
+                                       DBKEEPER_REDIS_DATA_DIR=out, **kv))
+
+    def check(tag, want):
+        got = sha_file(out / "dump.rdb")
+        if got != want and not any(f.startswith(tag) for f in FAILURES):
+            FAILURES.append(f"{tag}: dump.rdb sha256 {got}, expected {want}")
+
+    # Every run's dump.rdb is checked (untimed) against the RDB of the set it read.
+    plain_sha = hashlib.sha256(subprocess.run(
+        ["zstd", "-qdc", str(set_dir / rdb_file["path"])], check=True,
+        capture_output=True).stdout).hexdigest()
+    enc_sha = hashlib.sha256(subprocess.run(
+        ["bash", "-c", f"age -d -i '{key}' '{art}' | zstd -qdc"], check=True,
+        capture_output=True).stdout).hexdigest()
+    log(f"s3: sha256 of the RDB in the plain set {plain_sha}, in the encrypted set {enc_sha}")
+
+    def checked(tag, want, fn):
+        def g():
+            r = fn()
+            check(tag, want)
+            return r
+        return g
+
+    res = alternate({
+        "ours": checked("s3-decryption ours", enc_sha,
+                        preseed(enc, DBKEEPER_AGE_IDENTITY_FILE=key)),
+        "peer": checked("s3-decryption peer", enc_sha, lambda: run(
+            ["bash", "-c", f"age -d -i '{key}' '{art}' | zstd -d -q -f -o '{out}/dump.rdb'"])),
+    }, between=empty)
+    mbs = f"{rdb_bytes / 1e6:.0f} MB RDB"
+    record("s3-decryption", f"throughput of a Redis data-dir preseed from an encrypted set ({mbs})",
+           round(rdb_bytes / 1e6 / med(res["ours"], 0), 1),
+           "age -d -i key.txt <artifact> | zstd -d -o dump.rdb",
+           round(rdb_bytes / 1e6 / med(res["peer"], 0), 1), "MB/s", "higher", ">=1.0x",
+           note="ours also fsyncs dump.rdb and writes appendonlydir/; the peer does neither")
+    record("s3-decryption", "max RSS of the preseed", med(res["ours"], 2),
+           "age -d | zstd -d (the larger stage's, GNU time of bash)", med(res["peer"], 2), "KiB",
+           "lower")
+
+    # 3. Restore from the bucket: the preseed with DBKEEPER_REPO=s3://… vs rclone cat | zstd -d.
+    obj = f"s:bench/sync-1/{sid}/{rdb_file['path']}"
+    res = alternate({
+        "ours": checked("s3-restore ours", plain_sha,
+                        preseed("s3://bench/sync-1", **store.env())),
+        "peer": checked("s3-restore peer", plain_sha, lambda: run(
+            ["bash", "-c", f"rclone cat '{obj}' | zstd -d -q -f -o '{out}/dump.rdb'"],
+            env=store.rclone_env)),
+    }, between=empty)
+    record("s3-restore", f"throughput of a Redis data-dir preseed from the bucket ({mbs})",
+           round(rdb_bytes / 1e6 / med(res["ours"], 0), 1),
+           "rclone cat s:…/dump.rdb.zst | zstd -d -o dump.rdb",
+           round(rdb_bytes / 1e6 / med(res["peer"], 0), 1), "MB/s", "higher", ">=0.9x",
+           note="ours also fsyncs dump.rdb and writes appendonlydir/; the peer does neither")
+    record("s3-restore", "max RSS of the preseed from the bucket", med(res["ours"], 2),
+           "rclone cat | zstd -d (the larger stage's, GNU time of bash)", med(res["peer"], 2),
+           "KiB", "lower")
+
+
 # --- report ----------------------------------------------------------------------------------
 
 
@@ -742,7 +995,8 @@ def main():
                  ("sidecar-idle", lambda: case_sidecar_idle(redis_port)),
                  ("redis-snapshot", lambda: case_redis_snapshot(redis_port)),
                  ("mongodb", lambda: case_mongodb(mongo_uri, mongo_dst)),
-                 ("chroma", case_chroma)]
+                 ("chroma", case_chroma),
+                 ("s3", lambda: case_s3(mongo_uri))]
         for name, fn in steps:
             if ONLY and name not in ONLY.split(","):
                 continue

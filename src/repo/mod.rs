@@ -33,6 +33,11 @@ use writer::SetWriter;
 
 pub const MANIFEST: &str = "manifest.json";
 pub const TMP_PREFIX: &str = ".tmp-";
+/// On object storage, each set's `{stored path: ETag}` as the store answered its uploads.
+/// Not part of the manifest (a copy keeps the manifest's bytes): a cache that lets the newest
+/// good set be found from one listing instead of a download of every object. An object whose
+/// ETag differs (changed since, or copied in by another client) is checked in full.
+pub const ETAGS: &str = ".etags.json";
 /// Set names: UTC time of the start, as the seed runbook names them.
 pub const SET_NAME_FORMAT: &str = "%Y-%m-%d_%H-%M-%S";
 
@@ -392,8 +397,14 @@ impl Repo {
             {
                 continue;
             }
-            match verify(&reader, VerifyLevel::Checksums, &CancellationToken::new()) {
-                Ok(_) => return Ok(Some(reader)),
+            let verdict = match quick_verify(&reader) {
+                Some(v) => v,
+                None => {
+                    verify(&reader, VerifyLevel::Checksums, &CancellationToken::new()).map(|_| ())
+                }
+            };
+            match verdict {
+                Ok(()) => return Ok(Some(reader)),
                 Err(e) => {
                     warn!(set = %info.id, repo = %self.display(), error = %e, "skipping a set that does not verify")
                 }
@@ -420,6 +431,39 @@ impl Repo {
             }
         }
     }
+}
+
+/// The cheap check of a set on object storage: one listing, every stored file present at its
+/// size with the ETag recorded when it was uploaded. `None` when that cannot decide (no
+/// record, an ETag that differs): then the checksums are read in full.
+fn quick_verify(set: &SetReader) -> Option<Result<()>> {
+    let SetPlace::S3 { store, id } = &set.place else {
+        return None;
+    };
+    let recorded: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(&set.place.read_small(ETAGS).ok()??).ok()?;
+    let listed: std::collections::HashMap<String, (u64, Option<String>)> = store
+        .list_tagged(id)
+        .ok()?
+        .into_iter()
+        .map(|(p, n, t)| (p, (n, t)))
+        .collect();
+    for f in set.manifest.stored_files() {
+        let name = f.stored_path();
+        let Some((size, tag)) = listed.get(name) else {
+            return Some(Err(Error::corrupt(id, format!("{name} is missing"))));
+        };
+        if *size != f.size {
+            return Some(Err(Error::corrupt(
+                id,
+                format!("{name}: {size} bytes stored, manifest says {}", f.size),
+            )));
+        }
+        if tag.is_none() || recorded.get(name) != tag.as_ref() {
+            return None;
+        }
+    }
+    Some(Ok(()))
 }
 
 fn remove_stale_temps(root: &Path) {

@@ -437,6 +437,20 @@ impl S3Store {
         Ok(out)
     }
 
+    /// Every object below `prefix/rel` with its size and ETag, relative to `prefix/rel/`.
+    pub fn list_tagged(&self, rel: &str) -> Result<Vec<(String, u64, Option<String>)>> {
+        let base = format!("{}/", rel.trim_end_matches('/'));
+        Ok(self
+            .list_meta(rel)?
+            .into_iter()
+            .filter_map(|m| {
+                let p = self.rel_of(&m.location);
+                p.strip_prefix(&base)
+                    .map(|r| (r.to_owned(), m.size, m.e_tag))
+            })
+            .collect())
+    }
+
     fn list_meta(&self, rel: &str) -> Result<Vec<object_store::ObjectMeta>> {
         let store = self.inner.store.clone();
         let key = self.key(rel);
@@ -1027,7 +1041,12 @@ impl fmt::Debug for S3Writer {
 
 impl S3Writer {
     /// Completes the upload; the object is visible once this returns. Returns bytes written.
-    pub fn finish(mut self) -> Result<u64> {
+    pub fn finish(self) -> Result<u64> {
+        self.finish_tagged().map(|(n, _)| n)
+    }
+
+    /// Like [`S3Writer::finish`], and also returns the object's ETag as the store gave it.
+    pub fn finish_tagged(mut self) -> Result<(u64, Option<String>)> {
         if let Some(m) = &self.failed {
             return Err(Error::repo(self.store.url(), m.clone()));
         }
@@ -1038,7 +1057,7 @@ impl S3Writer {
         r
     }
 
-    fn complete(&mut self) -> Result<u64> {
+    fn complete(&mut self) -> Result<(u64, Option<String>)> {
         let store = self.store.inner.store.clone();
         let key = self.key.clone();
         if self.upload.is_none() {
@@ -1046,8 +1065,8 @@ impl S3Writer {
             let res = self
                 .store
                 .wait(async move { store.put(&key, data.into()).await })?;
-            res.map_err(|e| self.store.err("write", &self.rel, e))?;
-            return Ok(self.written);
+            let put = res.map_err(|e| self.store.err("write", &self.rel, e))?;
+            return Ok((self.written, put.e_tag));
         }
         if !self.buf.is_empty() {
             self.send_part()
@@ -1056,29 +1075,31 @@ impl S3Writer {
         self.drain(0)
             .map_err(|e| Error::repo(self.store.url(), e.to_string()))?;
         let Some(up) = self.upload.take() else {
-            return Ok(self.written);
+            return Ok((self.written, None));
         };
         let parts = up.parts;
         let id = up.id.clone();
         let marker = up.marker.clone();
         let res = self.store.wait(async move {
-            store.complete_multipart(&key, &id, parts).await?;
+            let put = store.complete_multipart(&key, &id, parts).await?;
             // The upload is closed either way; a marker left behind only costs one no-op abort.
             let _ = store.delete(&marker).await;
-            Ok::<_, object_store::Error>(())
+            Ok::<_, object_store::Error>(put.e_tag)
         })?;
-        if let Err(e) = res {
-            // Put the upload back so Drop aborts it.
-            self.upload = Some(Upload {
-                id: up.id,
-                marker: up.marker,
-                in_flight: VecDeque::new(),
-                parts: Vec::new(),
-                next_idx: 0,
-            });
-            return Err(self.store.err("complete upload", &self.rel, e));
+        match res {
+            Ok(tag) => Ok((self.written, tag)),
+            Err(e) => {
+                // Put the upload back so Drop aborts it.
+                self.upload = Some(Upload {
+                    id: up.id,
+                    marker: up.marker,
+                    in_flight: VecDeque::new(),
+                    parts: Vec::new(),
+                    next_idx: 0,
+                });
+                Err(self.store.err("complete upload", &self.rel, e))
+            }
         }
-        Ok(self.written)
     }
 
     /// Aborts the upload now (as dropping does): nothing becomes visible.

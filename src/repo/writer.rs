@@ -8,8 +8,8 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
@@ -37,15 +37,21 @@ const MT_JOB_BYTES: u32 = 2 << 20;
 enum Target {
     /// `<repo>/.tmp-<id>`, renamed to `<repo>/<id>` when published.
     Local { repo: PathBuf, tmp: PathBuf },
-    /// `<prefix>/<id>/…`; the set exists once `<id>/manifest.json` does.
-    S3 { store: S3Store, id: String },
+    /// `<prefix>/<id>/…`; the set exists once `<id>/manifest.json` does. The ETags the store
+    /// gave each object go to `<id>/.etags.json` just before the manifest (see
+    /// [`super::ETAGS`]).
+    S3 {
+        store: S3Store,
+        id: String,
+        etags: Arc<Mutex<BTreeMap<String, String>>>,
+    },
 }
 
 impl Target {
     fn path(&self, rel: &str) -> PathBuf {
         match self {
             Target::Local { tmp, .. } => tmp.join(rel),
-            Target::S3 { store, id } => PathBuf::from(format!("{}/{id}/{rel}", store.url())),
+            Target::S3 { store, id, .. } => PathBuf::from(format!("{}/{id}/{rel}", store.url())),
         }
     }
 
@@ -60,10 +66,12 @@ impl Target {
                 let out = DirectWriter::create(&path).map_err(|e| Error::io(&path, e))?;
                 Ok(Plain::Direct(out))
             }
-            Target::S3 { store, id } => Ok(Plain::S3 {
+            Target::S3 { store, id, etags } => Ok(Plain::S3 {
                 out: store.writer(&format!("{id}/{rel}"))?,
                 hasher: Sha256::new(),
                 written: 0,
+                rel: rel.to_owned(),
+                etags: etags.clone(),
             }),
         }
     }
@@ -124,6 +132,7 @@ impl SetWriter {
         let target = Target::S3 {
             store: store.clone(),
             id: id.clone(),
+            etags: Arc::default(),
         };
         Self::new(target, id, started_at, keys)
     }
@@ -264,7 +273,10 @@ impl SetWriter {
                 self.published = true;
                 fsync_dir(repo)
             }
-            Target::S3 { store, id } => {
+            Target::S3 { store, id, etags } => {
+                let tags = etags.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let tags = serde_json::to_vec(&tags).expect("a map of strings serializes");
+                store.put_small(&format!("{id}/{}", super::ETAGS), tags)?;
                 store.put_small(&format!("{id}/{MANIFEST}"), json.to_vec())?;
                 self.published = true;
                 Ok(())
@@ -282,7 +294,7 @@ impl Drop for SetWriter {
             Target::Local { tmp, .. } => {
                 let _ = fs::remove_dir_all(tmp);
             }
-            Target::S3 { store, id } => {
+            Target::S3 { store, id, .. } => {
                 if let Err(e) = store.delete_prefix(id) {
                     warn!(set = %id, error = %e, "cannot remove the objects of an unpublished set; the next backup removes them");
                 }
@@ -410,6 +422,8 @@ enum Plain {
         out: S3Writer,
         hasher: Sha256,
         written: u64,
+        rel: String,
+        etags: Arc<Mutex<BTreeMap<String, String>>>,
     },
 }
 
@@ -427,8 +441,15 @@ impl Plain {
                 out,
                 hasher,
                 written,
+                rel,
+                etags,
             } => {
-                out.finish()?;
+                if let (_, Some(tag)) = out.finish_tagged()? {
+                    etags
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(rel, tag);
+                }
                 Ok((written, hex::encode(hasher.finalize())))
             }
         }
@@ -443,6 +464,7 @@ impl Write for Plain {
                 out,
                 hasher,
                 written,
+                ..
             } => {
                 let n = out.write(data)?;
                 hasher.update(&data[..n]);
