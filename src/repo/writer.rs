@@ -66,13 +66,13 @@ impl Target {
                 let out = DirectWriter::create(&path).map_err(|e| Error::io(&path, e))?;
                 Ok(Plain::Direct(out))
             }
-            Target::S3 { store, id, etags } => Ok(Plain::S3 {
+            Target::S3 { store, id, etags } => Ok(Plain::S3(Box::new(S3Sink {
                 out: store.writer(&format!("{id}/{rel}"))?,
                 hasher: Sha256::new(),
                 written: 0,
                 rel: rel.to_owned(),
                 etags: etags.clone(),
-            }),
+            }))),
         }
     }
 
@@ -418,13 +418,15 @@ impl EngineWriter {
 /// hashing and counting the bytes as stored.
 enum Plain {
     Direct(DirectWriter),
-    S3 {
-        out: S3Writer,
-        hasher: Sha256,
-        written: u64,
-        rel: String,
-        etags: Arc<Mutex<BTreeMap<String, String>>>,
-    },
+    S3(Box<S3Sink>),
+}
+
+struct S3Sink {
+    out: S3Writer,
+    hasher: Sha256,
+    written: u64,
+    rel: String,
+    etags: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 impl Plain {
@@ -437,13 +439,14 @@ impl Plain {
                 file.sync_all().map_err(|e| Error::io(path, e))?;
                 Ok((written, hex::encode(hasher.finalize())))
             }
-            Plain::S3 {
-                out,
-                hasher,
-                written,
-                rel,
-                etags,
-            } => {
+            Plain::S3(sink) => {
+                let S3Sink {
+                    out,
+                    hasher,
+                    written,
+                    rel,
+                    etags,
+                } = *sink;
                 if let (_, Some(tag)) = out.finish_tagged()? {
                     etags
                         .lock()
@@ -460,15 +463,10 @@ impl Write for Plain {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         match self {
             Plain::Direct(d) => d.write(data),
-            Plain::S3 {
-                out,
-                hasher,
-                written,
-                ..
-            } => {
-                let n = out.write(data)?;
-                hasher.update(&data[..n]);
-                *written += n as u64;
+            Plain::S3(sink) => {
+                let n = sink.out.write(data)?;
+                sink.hasher.update(&data[..n]);
+                sink.written += n as u64;
                 Ok(n)
             }
         }
@@ -477,7 +475,7 @@ impl Write for Plain {
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Plain::Direct(d) => d.flush(),
-            Plain::S3 { out, .. } => out.flush(),
+            Plain::S3(sink) => sink.out.flush(),
         }
     }
 }

@@ -334,7 +334,6 @@ t1=$(date +%s.%N)
 RECOVERY_REMOTE=$(python3 -c "print('%.1f' % ($t1 - $t0))")
 log "data restored from the remote and every healthcheck healthy ${RECOVERY_REMOTE}s after up"
 plogs=$(dc logs --no-color preseed redis-preseed 2>&1)
-echo "$plogs" > /tmp/e2e-work/plogs.txt; dc logs --no-color objectstore sidecar > /tmp/e2e-work/oslogs.txt 2>&1; for c in objectstore redis-preseed redis mongo chroma preseed sidecar; do echo "$c $(docker inspect -f "{{.State.StartedAt}} {{.State.FinishedAt}} {{.State.Health}}" $(cid $c) | cut -c1-200)"; done > /tmp/e2e-work/times.txt
 for e in redis mongodb chroma; do
   grep -q "preseeded engine=$e set=\"$sets_before\"" <<<"$plogs" \
     || fail "the preseed logs do not say $e was preseeded from $sets_before"
