@@ -235,14 +235,17 @@ impl Repo {
                 continue;
             };
             let place = self.backend.set(&name);
-            if let SetPlace::S3 { .. } = place
-                && place.read_small(MANIFEST)?.is_none()
-            {
-                continue;
-            }
-            let manifest = SetReader::open(place.clone(), &name, self.crypto.as_deref())
-                .map(|r| r.manifest)
-                .map_err(|e| e.to_string());
+            let opened = match place {
+                SetPlace::Local(_) => SetReader::open(place.clone(), &name, self.crypto.as_deref()),
+                // On object storage a prefix without a manifest is a set being written.
+                SetPlace::S3 { .. } => match place.read_small(MANIFEST)? {
+                    None => continue,
+                    Some(raw) => {
+                        SetReader::from_raw(place.clone(), &name, raw, self.crypto.as_deref())
+                    }
+                },
+            };
+            let manifest = opened.map(|r| r.manifest).map_err(|e| e.to_string());
             sets.push(SetInfo {
                 id: name,
                 time,

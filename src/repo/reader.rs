@@ -47,6 +47,16 @@ impl SetReader {
             .read_small(MANIFEST)
             .map_err(|e| Error::corrupt(id, format!("cannot read {MANIFEST}: {e}")))?
             .ok_or_else(|| Error::corrupt(id, format!("cannot read {MANIFEST}: not found")))?;
+        Self::from_raw(place, id, raw, crypto)
+    }
+
+    /// Like [`SetReader::open`], with `manifest.json` already read.
+    pub fn from_raw(
+        place: SetPlace,
+        id: &str,
+        raw: Vec<u8>,
+        crypto: Option<&Crypto>,
+    ) -> Result<Self> {
         let public = parse(id, &raw)?;
         let Some(enc) = public.encryption.clone() else {
             return Ok(SetReader {

@@ -225,7 +225,7 @@ log "backup set $sets_before written"
 job_json=$(curl -s -m 5 "$API/jobs/$job")
 python3 -c 'import json, sys; sys.exit("remote_error" in json.load(sys.stdin))' <<<"$job_json" \
   || fail "backup job $job reports a remote error: $job_json"
-keys=$(remote_keys 2>&1) || fail "listing the bucket failed: $keys"
+keys=$(remote_keys 2>"$TMP/rclone.err") || fail "listing the bucket failed: $(tail -3 "$TMP/rclone.err")"
 missing=$(cd "$BACKUPS/$sets_before" && find . -type f -printf "$sets_before/%P\n" | sort \
   | comm -23 - <(sort <<<"$keys"))
 [ -z "$missing" ] || fail "files of set $sets_before missing on the remote: $missing (bucket holds: $keys)"
