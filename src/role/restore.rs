@@ -42,9 +42,14 @@ pub async fn restore(
         }
         states.push(state);
     }
-    for (e, state) in engines.iter().zip(states) {
+    // Every set found, and openable with the configured keys, before any target is touched.
+    let mut found = Vec::new();
+    for e in engines {
         let set = super::find_set(cfg, id, Some(e.kind())).await?;
         set.require_key()?;
+        found.push(set);
+    }
+    for ((e, state), set) in engines.iter().zip(states).zip(found) {
         if state != Emptiness::Empty {
             info!(engine = %e.kind(), state = ?state, "wiping the target before restoring");
             e.wipe().await?;
