@@ -25,5 +25,8 @@ pub mod secret;
 pub mod shutdown;
 pub mod sidecar;
 
+#[cfg(test)]
+pub(crate) mod testutil;
+
 pub use error::{Error, Result};
 pub use exit::ExitCode;

@@ -729,6 +729,7 @@ fn parse_ssh_identity(text: &str, what: &str) -> Result<Key> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::env_of;
     use std::path::Path;
     use std::process::{Command, Stdio};
 
@@ -782,14 +783,6 @@ fGNu+wyKxPnSU3svsuvrOdwwDKvfqCNyYK878qKAAaBqbGT1NJ8=
 ";
     const SSH_RSA_PK: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQDE7nIXTGNuaRBN9toI/wNALuQec8mvlt0iJ7o3OaD2UvoKHJ7S8rmIn4FiQDUed/Vac3OhUibei1k+TBmm16u2Rj3klgWZOIDgi8d4vXKI5N3YBhxr3jsQ+kz1c+iZ4z/tTtz306+4K46XViVMWwyyg9j82Jn41mOAy9vdeDIfQ5fLeaGqn5KwlT61GNkZ+ozWK/ZNlQIlNCcoXxhJULIs9XrtczWyVBAea1nlDo0WHODePxoJjmsNHrpQXn5mf9O83xs10qfTUjnRUt48jRmedFy4tcra3QGmSTQ3KZne+wXXSb0cIpXLGvZjQSPHgG1hc4r3uBpiSzvesGLv79XL alice@rust";
 
-    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| map.get(k).cloned()
-    }
-
     fn crypto(pairs: &[(&str, &str)]) -> Crypto {
         Crypto::from_env(&env_of(pairs)).unwrap().unwrap()
     }
@@ -823,15 +816,7 @@ fGNu+wyKxPnSU3svsuvrOdwwDKvfqCNyYK878qKAAaBqbGT1NJ8=
 
     /// Bytes spanning several 64 KiB age chunks, not a multiple of the chunk size.
     fn sample(len: usize) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::testutil::noise(len)
     }
 
     fn seal(sealer: &SetSealer, data: &[u8]) -> Vec<u8> {

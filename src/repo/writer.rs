@@ -846,17 +846,7 @@ impl Write for DirectWriter {
 mod tests {
     use super::*;
 
-    fn pattern(len: usize) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::testutil::noise as pattern;
 
     /// Writes `len` bytes in `piece`-sized writes (after `buffered_after` of them, O_DIRECT is
     /// turned off) and checks the file holds exactly those bytes.

@@ -2,27 +2,11 @@
 //! passphrase mode, deep verify and restores with the right, a wrong or no key, and the
 //! configuration errors.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use crate::common::redis::RedisServer;
-use crate::common::{assert_code, dbkeeper, run, sets, stderr, stdout};
-
-fn age_key(dir: &Path, name: &str) -> (PathBuf, String) {
-    let path = dir.join(name);
-    let o = Command::new("age-keygen")
-        .arg("-o")
-        .arg(&path)
-        .output()
-        .expect("age-keygen (Debian's age) is installed by .ci/install");
-    assert!(o.status.success(), "age-keygen: {o:?}");
-    let public = std::fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("# public key: ").map(str::to_owned))
-        .unwrap();
-    (path, public)
-}
+use crate::common::{age_key, assert_code, dbkeeper, run, sets, stderr, stdout};
 
 #[track_caller]
 fn one_error_line(o: &Output) -> String {

@@ -12,7 +12,9 @@ use crate::common::chroma::{COMPARE, ChromaServer, SEED, py};
 use crate::common::mongodb::Mongo;
 use crate::common::redis::RedisServer;
 use crate::common::s3::S3Server;
-use crate::common::{assert_code, code, dbkeeper, free_port, run, stderr, stdout, wait_until};
+use crate::common::{
+    age_key, assert_code, code, dbkeeper, free_port, noise, run, stderr, stdout, wait_until,
+};
 
 /// A `dbkeeper` command whose repository is `repo` (a path or `s3://…`), with the store's
 /// endpoint and credentials.
@@ -40,24 +42,6 @@ fn one_line_error(o: &Output, s3: &S3Server) -> String {
         assert!(!s.contains(&s3.secret_key), "secret leaked:\n{s}");
     }
     lines[0].to_owned()
-}
-
-/// An age key pair made by the stock `age-keygen`: (identity file, public key).
-fn age_key(dir: &Path, name: &str) -> (PathBuf, String) {
-    let path = dir.join(name);
-    let o = Command::new("age-keygen")
-        .arg("-o")
-        .arg(&path)
-        .output()
-        .expect("age-keygen (Debian's age) is installed by .ci/install");
-    assert!(o.status.success(), "age-keygen: {o:?}");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let public = text
-        .lines()
-        .find_map(|l| l.strip_prefix("# public key: "))
-        .expect("public key comment")
-        .to_owned();
-    (path, public)
 }
 
 fn json(o: &Output) -> serde_json::Value {
@@ -454,16 +438,8 @@ fn readme_recipe() -> String {
 fn big_redis() -> RedisServer {
     let r = RedisServer::start();
     let mut c = r.client();
-    let mut x = 0x2545_f491_4f6c_dd1du64;
     for i in 0..192 {
-        let value: Vec<u8> = (0..1 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let value = noise(1 << 20, 0x2545_f491_4f6c_dd1d + i);
         redis::cmd("SET")
             .arg(format!("big:{i}"))
             .arg(value)

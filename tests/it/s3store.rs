@@ -32,15 +32,7 @@ fn setup() -> Option<(S3Server, S3Store)> {
 
 /// Bytes that differ across parts, so a misplaced part shows.
 fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x9e37_79b9;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
+    crate::common::noise(len, 0x9e37_79b9)
 }
 
 fn repo_message(e: &Error) -> String {

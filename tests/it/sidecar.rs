@@ -13,7 +13,8 @@ use serde_json::Value;
 
 use crate::common::redis::RedisServer;
 use crate::common::{
-    assert_code, dbkeeper, free_port, run, server_binary, sets, stderr, stdout, temps, wait_until,
+    age_key, assert_code, dbkeeper, free_port, run, server_binary, sets, stderr, stdout, temps,
+    wait_until,
 };
 
 const TOKEN: &str = "t0ken-Sidecar-99";
@@ -1003,23 +1004,6 @@ col.add(ids=[f"n{i}" for i in range(200)], embeddings=[[float(i), 1.0, 2.0, 3.0]
         "{}",
         stderr(&o)
     );
-}
-
-/// An age key pair made by the stock `age-keygen`: (identity file, public key).
-fn age_key(dir: &Path, name: &str) -> (PathBuf, String) {
-    let path = dir.join(name);
-    let o = Command::new("age-keygen")
-        .arg("-o")
-        .arg(&path)
-        .output()
-        .expect("age-keygen (Debian's age) is installed by .ci/install");
-    assert!(o.status.success(), "age-keygen: {o:?}");
-    let public = std::fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("# public key: ").map(str::to_owned))
-        .unwrap();
-    (path, public)
 }
 
 /// With an identity that cannot open what the recipients seal, every set the sidecar would

@@ -194,3 +194,34 @@ pub fn make_certs(dir: &Path) {
         std::os::unix::fs::PermissionsExt::from_mode(0o644),
     );
 }
+
+/// An age key pair made by the stock `age-keygen`: (identity file, public key).
+pub fn age_key(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let o = Command::new("age-keygen")
+        .arg("-o")
+        .arg(&path)
+        .output()
+        .expect("age-keygen (Debian's age) is installed by .ci/install");
+    assert!(o.status.success(), "age-keygen: {o:?}");
+    let public = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("# public key: ").map(str::to_owned))
+        .expect("age-keygen's public key comment");
+    (path, public)
+}
+
+/// Bytes that do not compress and differ everywhere (xorshift), so a lost or misplaced piece
+/// shows.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
