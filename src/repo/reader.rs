@@ -165,6 +165,15 @@ impl SetReader {
             ),
             _ => Box::new(hashing),
         };
+        // Decryption, and a GET's network reads and hashing, run a step ahead on a thread of
+        // their own, beside the decompression and whatever consumes the bytes (as `age -d |
+        // zstd -d` does with two processes). A local plain file needs no such thread.
+        let source: Box<dyn Read + Send> =
+            if entry.stored.is_some() || matches!(self.place, SetPlace::S3 { .. }) {
+                Box::new(ReadAhead::spawn(source))
+            } else {
+                source
+            };
         let decoder =
             zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(1 << 17, source))
                 .map_err(|e| Error::io(self.place.path(rel), e))?;
@@ -278,6 +287,99 @@ fn hash_all(r: &mut dyn Read) -> io::Result<(u64, String)> {
     Ok((n, hex::encode(hasher.finalize())))
 }
 
+/// Reads a source on a thread of its own, up to [`READ_AHEAD`] chunks ahead of the reader.
+/// Written by hand: the crates that do this (e.g. `readahead`) are unmaintained, and the
+/// whole of it is a bounded channel and a recycled buffer.
+struct ReadAhead {
+    full: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    empty: std::sync::mpsc::SyncSender<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+    /// The source failed: every later read fails too, never a clean end.
+    failed: bool,
+}
+
+/// Chunks in flight, and their size: memory stays at a few MiB per open file.
+const READ_AHEAD: usize = 3;
+const READ_AHEAD_CHUNK: usize = 1 << 20;
+
+impl ReadAhead {
+    fn spawn(mut src: Box<dyn Read + Send>) -> ReadAhead {
+        let (full_tx, full) = std::sync::mpsc::sync_channel(READ_AHEAD);
+        let (empty, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(READ_AHEAD + 1);
+        std::thread::spawn(move || {
+            loop {
+                let mut buf = empty_rx
+                    .try_recv()
+                    .unwrap_or_else(|_| vec![0; READ_AHEAD_CHUNK]);
+                buf.resize(READ_AHEAD_CHUNK, 0);
+                let mut n = 0;
+                let r = loop {
+                    if n == buf.len() {
+                        break Ok(());
+                    }
+                    match src.read(&mut buf[n..]) {
+                        Ok(0) => break Ok(()),
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
+                };
+                buf.truncate(n);
+                let last = n < READ_AHEAD_CHUNK;
+                let sent = match r {
+                    Ok(()) if n == 0 => break,
+                    Ok(()) => full_tx.send(Ok(buf)),
+                    Err(e) => {
+                        // What was read before the error still goes first.
+                        if n > 0 && full_tx.send(Ok(buf)).is_err() {
+                            break;
+                        }
+                        let _ = full_tx.send(Err(e));
+                        break;
+                    }
+                };
+                if sent.is_err() || last {
+                    break;
+                }
+            }
+        });
+        ReadAhead {
+            full,
+            empty,
+            cur: Vec::new(),
+            pos: 0,
+            failed: false,
+        }
+    }
+}
+
+impl Read for ReadAhead {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.failed {
+            return Err(io::Error::other("the stored file could not be read"));
+        }
+        if self.pos == self.cur.len() {
+            let next = match self.full.recv() {
+                Ok(Ok(chunk)) => chunk,
+                Ok(Err(e)) => {
+                    self.failed = true;
+                    return Err(e);
+                }
+                // The thread is done: everything was read.
+                Err(_) => return Ok(0),
+            };
+            let old = std::mem::replace(&mut self.cur, next);
+            let _ = self.empty.try_send(old);
+            self.pos = 0;
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 /// Hashes and counts the stored bytes as they are read. The state is shared so that the
 /// verdict can be read after the decrypting and decompressing layers above are drained.
 struct HashingReader {
@@ -373,4 +475,69 @@ impl Read for VerifyingReader {
 /// The path of a stored file, for callers that name it in messages.
 pub fn describe(place: &SetPlace, entry: &FileEntry) -> PathBuf {
     place.path(entry.stored_path())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source that yields `data` in reads of uneven sizes, then fails if asked to.
+    struct Uneven {
+        data: Vec<u8>,
+        at: usize,
+        fail_at_end: bool,
+    }
+
+    impl Read for Uneven {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.at == self.data.len() {
+                return if self.fail_at_end {
+                    Err(io::Error::other("connection reset"))
+                } else {
+                    Ok(0)
+                };
+            }
+            let n = buf.len().min(self.data.len() - self.at).min(70_001);
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn read_ahead_keeps_every_byte_and_every_error() {
+        for len in [
+            0,
+            1,
+            READ_AHEAD_CHUNK - 1,
+            READ_AHEAD_CHUNK,
+            READ_AHEAD_CHUNK + 1,
+            7 * READ_AHEAD_CHUNK / 2,
+        ] {
+            let data = crate::testutil::noise(len);
+            for fail in [false, true] {
+                let src = Uneven {
+                    data: data.clone(),
+                    at: 0,
+                    fail_at_end: fail,
+                };
+                let mut r = ReadAhead::spawn(Box::new(src));
+                let mut got = Vec::new();
+                let mut buf = vec![0; 12_345];
+                let end = loop {
+                    match r.read(&mut buf) {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(e) => break Err(e),
+                    }
+                };
+                assert!(got == data, "{len} bytes: got {} back", got.len());
+                assert_eq!(end.is_err(), fail, "{len} bytes");
+                if fail {
+                    // Never a clean end after a failure.
+                    assert!(r.read(&mut buf).is_err());
+                }
+            }
+        }
+    }
 }
