@@ -387,19 +387,7 @@ impl Repo {
     /// The newest set that holds `kind` (any set when `None`) and whose checksums verify.
     /// Corrupt newer sets are skipped with a warning naming them.
     pub fn newest_good(&self, kind: Option<EngineKind>) -> Result<Option<SetReader>> {
-        for info in self.list()? {
-            let reader = match info.reader() {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(set = %info.id, repo = %self.display(), error = %e, "skipping a set that does not verify");
-                    continue;
-                }
-            };
-            if let Some(k) = kind
-                && !reader.manifest.engines.contains_key(&k)
-            {
-                continue;
-            }
+        for reader in self.candidates(kind)? {
             let verdict = match quick_verify(&reader) {
                 Some(v) => v,
                 None => {
@@ -409,11 +397,32 @@ impl Repo {
             match verdict {
                 Ok(()) => return Ok(Some(reader)),
                 Err(e) => {
-                    warn!(set = %info.id, repo = %self.display(), error = %e, "skipping a set that does not verify")
+                    warn!(set = %reader.id(), repo = %self.display(), error = %e, "skipping a set that does not verify")
                 }
             }
         }
         Ok(None)
+    }
+
+    /// The sets holding `kind` (any set when `None`) whose manifest opens, newest first; their
+    /// files are not read. For a restore that checks every byte as it goes and can drop what
+    /// it wrote when a file fails (the Redis data-directory preseed), so that it reads the set
+    /// once; the others restore only from [`Repo::newest_good`].
+    pub fn candidates(&self, kind: Option<EngineKind>) -> Result<Vec<SetReader>> {
+        let mut out = Vec::new();
+        for info in self.list()? {
+            let reader = match info.reader() {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(set = %info.id, repo = %self.display(), error = %e, "skipping a set that does not verify");
+                    continue;
+                }
+            };
+            if kind.is_none_or(|k| reader.manifest.engines.contains_key(&k)) {
+                out.push(reader);
+            }
+        }
+        Ok(out)
     }
 
     /// Deletes a set (retention). A local set is first renamed to a temp name, and on

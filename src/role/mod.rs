@@ -202,7 +202,7 @@ fn pick(cfg: &Config, remote: bool) -> Result<Repo> {
 /// Where restores look for sets, in order: the repository, then the off-host copy. A
 /// repository that cannot be opened (a new host without the backup volume) is passed over
 /// when a remote is configured.
-fn sources(cfg: &Config) -> Result<Vec<Repo>> {
+pub(crate) fn sources(cfg: &Config) -> Result<Vec<Repo>> {
     let mut out = Vec::new();
     let local = cfg.open_repo();
     let remote = cfg.open_remote()?;

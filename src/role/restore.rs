@@ -113,23 +113,42 @@ async fn preseed_one(cfg: &Config, e: &Engine, cancel: &CancellationToken) -> Re
     })
 }
 
+/// The data directory is written to temp names and renamed into place only once every byte
+/// checked out, so the newest set is tried directly and a corrupt one is dropped for the next:
+/// the set is read once, not checksummed first and read again.
 async fn preseed_redis_dir(cfg: &Config, dir: &std::path::Path) -> Result<Outcome> {
     use crate::engine::redis;
     if let Emptiness::HasData(what) = redis::data_dir_state(dir)? {
         return Ok(Outcome::SkippedHasData(what));
     }
-    let Some(set) = super::newest_good(cfg, EngineKind::Redis).await? else {
-        return Ok(Outcome::FirstStart);
-    };
-    set.require_key()?;
-    let entry = set.manifest.engines[&EngineKind::Redis].clone();
-    let records = entry.total_records();
+    let repos = super::sources(cfg)?;
     let dir = dir.to_owned();
-    let id = set.id().to_owned();
-    tokio::task::spawn_blocking(move || redis::preseed_data_dir(&dir, &set, &entry))
-        .await
-        .map_err(|e| Error::engine("redis", format!("preseed task failed: {e}")))??;
-    Ok(Outcome::Restored { set: id, records })
+    tokio::task::spawn_blocking(move || -> Result<Outcome> {
+        for (i, repo) in repos.iter().enumerate() {
+            for set in repo.candidates(Some(EngineKind::Redis))? {
+                set.require_key()?;
+                if i > 0 {
+                    info!(set = set.id(), remote = %repo.display(), engine = "redis", "no good set in the repository; using the remote's");
+                }
+                let entry = set.manifest.engines[&EngineKind::Redis].clone();
+                match redis::preseed_data_dir(&dir, &set, &entry) {
+                    Ok(()) => {
+                        return Ok(Outcome::Restored {
+                            set: set.id().to_owned(),
+                            records: entry.total_records(),
+                        });
+                    }
+                    Err(e @ Error::Corrupt { .. }) => {
+                        warn!(set = %set.id(), repo = %repo.display(), error = %e, "skipping a set that does not verify")
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(Outcome::FirstStart)
+    })
+    .await
+    .map_err(|e| Error::engine("redis", format!("preseed task failed: {e}")))?
 }
 
 /// Marks the target, restores, checks the counts against the manifest, clears the mark.

@@ -1519,6 +1519,32 @@ fn chown_like(path: &Path, owner: (u32, u32)) -> Result<()> {
 /// `appendonly no` (from `dump.rdb`) or `appendonly yes` (from a multi-part AOF whose base is
 /// the same RDB; Redis 7 ignores a lone `dump.rdb` when AOF is on). Everything is built under
 /// temp names and renamed into place, so an interruption leaves only temps.
+/// Writes the stored file, decompressed, to `path` and fsyncs it; its checksum is checked
+/// before this returns. A read (or checksum) failure is the set's, a write failure the disk's.
+fn write_checked(
+    set: &SetReader,
+    file: &crate::repo::manifest::FileEntry,
+    path: &Path,
+) -> Result<u64> {
+    let mut reader = set.open_file(file)?;
+    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(reader.error(e)),
+        };
+        f.write_all(&buf[..n]).map_err(|e| Error::io(path, e))?;
+        bytes += n as u64;
+    }
+    reader.finish()?;
+    f.sync_all().map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
+}
+
 pub fn preseed_data_dir(dir: &Path, set: &SetReader, entry: &EngineEntry) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let meta = fs::metadata(dir).map_err(|e| dir_error(dir, e))?;
@@ -1540,17 +1566,14 @@ pub fn preseed_data_dir(dir: &Path, set: &SetReader, entry: &EngineEntry) -> Res
     let tmp_aof = dir.join(format!("{TMP_AOF}{pid}"));
     let start = Instant::now();
 
-    let mut reader = set.open_file(file)?;
-    let f = File::create(&tmp_rdb).map_err(|e| Error::io(&tmp_rdb, e))?;
-    // io::copy fills a BufWriter's own buffer: 1 MiB reads and writes instead of 8 KiB ones.
-    let mut w = io::BufWriter::with_capacity(1 << 20, f);
-    let bytes = io::copy(&mut reader, &mut w).map_err(|e| reader.error(e))?;
-    reader.finish()?;
-    let f = w
-        .into_inner()
-        .map_err(|e| Error::io(&tmp_rdb, e.into_error()))?;
-    f.sync_all().map_err(|e| Error::io(&tmp_rdb, e))?;
-    drop(f);
+    let bytes = match write_checked(set, file, &tmp_rdb) {
+        Ok(n) => n,
+        Err(e) => {
+            // A set that fails its checksum leaves nothing behind for the next one tried.
+            let _ = fs::remove_file(&tmp_rdb);
+            return Err(e);
+        }
+    };
     chown_like(&tmp_rdb, owner)?;
 
     fs::create_dir(&tmp_aof).map_err(|e| Error::io(&tmp_aof, e))?;
