@@ -1058,3 +1058,32 @@ fn the_sidecar_probes_its_age_keys_and_says_when_it_is_write_only() {
     let set = job["set"].as_str().unwrap();
     assert!(repo.path().join(set).join("redis/0001.zst.age").is_file());
 }
+
+/// One sidecar per repository: a second one on the same directory exits 4 naming the first,
+/// which keeps running.
+#[test]
+fn a_second_sidecar_on_the_same_repository_exits_4_naming_the_first() {
+    let repo = tempfile::tempdir().unwrap();
+    let r = RedisServer::start();
+    let (k, url) = redis_env(&r);
+    let first = Sidecar::start(repo.path(), &[(k, &url)]);
+    let o = dbkeeper(repo.path())
+        .arg("sidecar")
+        .env(k, &url)
+        .env("DBKEEPER_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("dbkeeper:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("locked by") && lines[0].contains(&format!("pid {}", first.child.id())),
+        "{err}"
+    );
+    assert_eq!(
+        first.get("/health").0,
+        200,
+        "the first sidecar must keep running"
+    );
+}
