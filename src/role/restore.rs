@@ -128,7 +128,7 @@ async fn preseed_redis_dir(cfg: &Config, dir: &std::path::Path) -> Result<Outcom
             for set in repo.candidates(Some(EngineKind::Redis))? {
                 set.require_key()?;
                 if i > 0 {
-                    info!(set = set.id(), remote = %repo.display(), engine = "redis", "no good set in the repository; using the remote's");
+                    info!(set = set.id(), remote = %repo.display(), engine = %EngineKind::Redis, "no good set in the repository; using the remote's");
                 }
                 let entry = set.manifest.engines[&EngineKind::Redis].clone();
                 match redis::preseed_data_dir(&dir, &set, &entry) {
