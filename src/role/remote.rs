@@ -38,13 +38,14 @@ pub async fn sync(
     let mut report = tokio::task::spawn_blocking(move || -> Result<SyncReport> {
         let lock = lock;
         let mut report = SyncReport::default();
-        let there: BTreeSet<String> = remote2
-            .list()?
-            .into_iter()
+        let listed = remote2.list()?;
+        // A set there whose manifest does not read is still there: never overwritten.
+        let there: BTreeSet<String> = listed.iter().map(|s| s.id.clone()).collect();
+        let newest_there = listed
+            .iter()
             .filter(|s| s.manifest.is_ok())
-            .map(|s| s.id)
-            .collect();
-        let newest_there = there.iter().next_back().cloned();
+            .map(|s| s.id.clone())
+            .max();
         for info in local2.list()? {
             if c.is_cancelled() {
                 return Err(Error::Interrupted(0));
