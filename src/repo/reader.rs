@@ -157,23 +157,23 @@ impl SetReader {
             inner: BufReader::with_capacity(1 << 20, raw),
             state: state.clone(),
         };
+        // Each stage a step ahead on a thread of its own, as `age -d | zstd -d` runs in two
+        // processes: reading (a GET's network reads, or the file) with the SHA-256, then
+        // decrypting, beside the decompression and whatever consumes the bytes. A local plain
+        // file needs no such thread.
         let source: Box<dyn Read + Send> = match (&self.opener, entry.stored.is_some()) {
-            (Some(opener), true) => Box::new(
-                opener
-                    .open(hashing)
-                    .map_err(|e| Error::corrupt(self.id(), format!("{}: {e}", entry.path)))?,
-            ),
+            (Some(opener), true) => {
+                let read = ReadAhead::spawn(Box::new(hashing));
+                let plain = opener
+                    .open(read)
+                    .map_err(|e| Error::corrupt(self.id(), format!("{}: {e}", entry.path)))?;
+                Box::new(ReadAhead::spawn(Box::new(plain)))
+            }
+            _ if matches!(self.place, SetPlace::S3 { .. }) => {
+                Box::new(ReadAhead::spawn(Box::new(hashing)))
+            }
             _ => Box::new(hashing),
         };
-        // Decryption, and a GET's network reads and hashing, run a step ahead on a thread of
-        // their own, beside the decompression and whatever consumes the bytes (as `age -d |
-        // zstd -d` does with two processes). A local plain file needs no such thread.
-        let source: Box<dyn Read + Send> =
-            if entry.stored.is_some() || matches!(self.place, SetPlace::S3 { .. }) {
-                Box::new(ReadAhead::spawn(source))
-            } else {
-                source
-            };
         let decoder =
             zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(1 << 17, source))
                 .map_err(|e| Error::io(self.place.path(rel), e))?;
