@@ -88,6 +88,46 @@ pub struct GlobalArgs {
         value_name = "NS"
     )]
     pub mongodb_exclude: Vec<String>,
+
+    /// MongoDB replica set: `init` initiates it when the server runs with `--replSet` but is not initiated yet
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_MONGODB_REPLSET",
+        value_name = "NAME"
+    )]
+    pub mongodb_replset: Option<String>,
+
+    /// Members for `replSetInitiate`, `host:port` comma-separated (default: the URI's host)
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_MONGODB_REPLSET_MEMBERS",
+        value_delimiter = ',',
+        value_name = "HOST:PORT"
+    )]
+    pub mongodb_replset_members: Vec<String>,
+
+    /// Where MongoDB dumps read: `secondaryPreferred` (default: backups spare the primary) or `primary`
+    #[arg(long, global = true, env = "DBKEEPER_MONGODB_READ_PREFERENCE", default_value = "secondaryPreferred", value_parser = ["secondaryPreferred", "primary", "primaryPreferred", "secondary", "nearest"])]
+    pub mongodb_read_preference: String,
+
+    /// Archive the MongoDB oplog continuously for point-in-time recovery (sidecar): on or off
+    #[arg(long, global = true, env = "DBKEEPER_MONGODB_PITR", default_value = "off", value_parser = ["on", "off"])]
+    pub mongodb_pitr: String,
+
+    /// How often archived oplog is published as a segment (sooner when a segment is full)
+    #[arg(long, global = true, env = "DBKEEPER_PITR_FLUSH", default_value = "1s", value_parser = parse_duration)]
+    pub pitr_flush: Duration,
+
+    /// File of `db.user=password` lines: passwords for MongoDB users a server will not recreate with their stored credentials
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_MONGODB_USER_PASSWORDS_FILE",
+        value_name = "PATH"
+    )]
+    pub mongodb_user_passwords_file: Option<PathBuf>,
     /// Chroma tenant
     #[arg(
         long,

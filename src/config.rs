@@ -27,6 +27,10 @@ pub struct Config {
     pub redis_data_dir: Option<PathBuf>,
     pub retention: Policy,
     pub lock_wait: Duration,
+    /// Continuous oplog archiving for point-in-time recovery (`DBKEEPER_MONGODB_PITR=on`).
+    pub mongo_pitr: bool,
+    /// How often archived oplog is published (`DBKEEPER_PITR_FLUSH`).
+    pub pitr_flush: Duration,
 }
 
 /// Where environment variables come from: the process, or a map in tests.
@@ -74,6 +78,11 @@ impl Config {
                 }
             },
         };
+        if g.pitr_flush < Duration::from_millis(100) || g.pitr_flush > Duration::from_secs(3600) {
+            return Err(Error::config(
+                "DBKEEPER_PITR_FLUSH must be between 100ms and 1h",
+            ));
+        }
         if g.lock_lease < Duration::from_secs(3) {
             return Err(Error::config("DBKEEPER_LOCK_LEASE must be at least 3s"));
         }
@@ -101,6 +110,20 @@ impl Config {
                 mongo_parallel: g.parallel,
                 mongo_include: g.mongodb_include.clone(),
                 mongo_exclude: g.mongodb_exclude.clone(),
+                mongo_replset: g
+                    .mongodb_replset
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned),
+                mongo_replset_members: g
+                    .mongodb_replset_members
+                    .iter()
+                    .map(|m| m.trim().to_owned())
+                    .filter(|m| !m.is_empty())
+                    .collect(),
+                mongo_read_preference: Some(g.mongodb_read_preference.clone()),
+                mongo_user_passwords_file: g.mongodb_user_passwords_file.clone(),
                 chroma_tenant: Some(g.chroma_tenant.clone()),
                 chroma_database: Some(g.chroma_database.clone()),
                 chroma_auth_header: Some(g.chroma_auth_header.clone()),
@@ -108,6 +131,8 @@ impl Config {
             redis_data_dir: g.redis_data_dir.clone(),
             retention: local,
             lock_wait: g.lock_wait,
+            mongo_pitr: g.mongodb_pitr == "on",
+            pitr_flush: g.pitr_flush,
         };
         // Validate every URL now, so a typo fails at start-up with exit 2.
         cfg.engines(&[])?;

@@ -124,6 +124,14 @@ pub struct EngineOptions {
     /// MongoDB namespaces to include / exclude (`db`, `db.coll`, `db.*`); empty: all.
     pub mongo_include: Vec<String>,
     pub mongo_exclude: Vec<String>,
+    /// The replica set `init` initiates or checks (`DBKEEPER_MONGODB_REPLSET`).
+    pub mongo_replset: Option<String>,
+    /// `host:port` members for `replSetInitiate`; empty: the URI's host.
+    pub mongo_replset_members: Vec<String>,
+    /// Read preference of dumps (`secondaryPreferred` unless configured).
+    pub mongo_read_preference: Option<String>,
+    /// Passwords for users the server will not recreate from their stored credentials.
+    pub mongo_user_passwords_file: Option<std::path::PathBuf>,
     /// Chroma tenant (default `default_tenant`).
     pub chroma_tenant: Option<String>,
     /// Chroma database (default `default_database`; `*`: every database of the tenant).
