@@ -248,6 +248,9 @@ pub enum Command {
         /// The off-host copy (DBKEEPER_REMOTE) instead of the repository
         #[arg(long)]
         remote: bool,
+        /// The point-in-time recovery windows (from, to) per engine instead of the sets
+        #[arg(long)]
+        pitr: bool,
     },
     /// Check a set's checksums (and with --deep decode every record)
     Verify {
@@ -272,6 +275,12 @@ pub enum Command {
         /// Replace the data of a non-empty target
         #[arg(long, env = "DBKEEPER_FORCE")]
         force: bool,
+        /// Point-in-time recovery (MongoDB): the newest set before this RFC 3339 time, rolled forward with the archived oplog up to it
+        #[arg(long, value_name = "TIME", conflicts_with_all = ["to_oplog_ts", "id"])]
+        to_time: Option<String>,
+        /// Point-in-time recovery to an oplog position SECONDS:INCREMENT (inclusive)
+        #[arg(long, value_name = "T:I", conflicts_with = "id")]
+        to_oplog_ts: Option<String>,
     },
     /// Restore only into targets that are empty
     Preseed {
@@ -306,6 +315,9 @@ pub enum Command {
         /// DBKEEPER_TEST_RESTORE_REDIS_URL, DBKEEPER_TEST_RESTORE_CHROMA_URL, each with _FILE]
         #[arg(long, value_delimiter = ',', value_name = "URL")]
         into: Vec<String>,
+        /// Test a point-in-time recovery (MongoDB) to this RFC 3339 time
+        #[arg(long, value_name = "TIME", conflicts_with = "id")]
+        to_time: Option<String>,
     },
     /// The compose init role: wait for every engine, then preseed the empty ones
     Init {

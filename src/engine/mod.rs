@@ -8,7 +8,7 @@ pub mod redis;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -113,6 +113,9 @@ pub enum Emptiness {
 pub struct RestoreOptions {
     /// The target is known to be empty or wiped; restore may assume no collisions.
     pub force: bool,
+    /// MongoDB point-in-time recovery: the archived oplog replayed after the set, up to a
+    /// target (`restore --to-time`).
+    pub mongo_pitr: Option<(mongodb::pitr::SegmentStore, mongodb::pitr::Plan)>,
 }
 
 /// Per-engine settings that do not come from the URL.
@@ -153,6 +156,20 @@ pub trait EngineOps {
     /// One protocol-level readiness check, bounded by `timeout`. `Error::Unreachable` when
     /// retrying may help, `Error::Refused` when it cannot (bad credentials, wrong protocol).
     async fn probe(&self, timeout: Duration) -> Result<Probe>;
+
+    /// What `wait` and `init` wait for: the engine takes writes (MongoDB: a writable primary
+    /// is reachable, and the server is the configured replica set). Same errors as `probe`,
+    /// which by default it is; `probe` is the health check of this one server.
+    async fn ready(&self, timeout: Duration) -> Result<Probe> {
+        self.probe(timeout).await
+    }
+
+    /// `init`'s step before it waits for readiness: what must be done once to the server for
+    /// it to become ready at all (MongoDB: initiate the configured replica set). Waits for the
+    /// server to answer, under `deadline`. Default: nothing.
+    async fn prepare(&self, _deadline: Instant, _cancel: &CancellationToken) -> Result<()> {
+        Ok(())
+    }
 
     /// Whether the server holds data, ignoring our own in-progress marker.
     async fn is_empty(&self) -> Result<Emptiness>;
@@ -220,6 +237,12 @@ impl EngineOps for Engine {
     }
     async fn probe(&self, timeout: Duration) -> Result<Probe> {
         dispatch!(self, e => e.probe(timeout).await)
+    }
+    async fn ready(&self, timeout: Duration) -> Result<Probe> {
+        dispatch!(self, e => e.ready(timeout).await)
+    }
+    async fn prepare(&self, deadline: Instant, cancel: &CancellationToken) -> Result<()> {
+        dispatch!(self, e => e.prepare(deadline, cancel).await)
     }
     async fn is_empty(&self) -> Result<Emptiness> {
         dispatch!(self, e => e.is_empty().await)

@@ -1,5 +1,6 @@
-//! `dbkeeper init` (the compose init container): wait for every engine under one deadline,
-//! then preseed each empty one from the newest good set. One log line per engine outcome.
+//! `dbkeeper init` (the compose init container): wait for every engine under one deadline
+//! (after its one-time set-up: a MongoDB replica set is initiated), then preseed each empty one
+//! from the newest good set. One log line per engine outcome.
 
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,12 @@ pub async fn init(cfg: &Config, timeout: Duration, cancel: &CancellationToken) -
         .filter(|e| !(cfg.redis_data_dir.is_some() && e.kind() == EngineKind::Redis))
         .collect();
     let deadline = Instant::now() + timeout;
-    let waited = join_all(live.iter().map(|e| wait::wait_one(e, deadline, cancel))).await;
+    // `prepare` first (a MongoDB replica set is initiated there): readiness may need it.
+    let waited = join_all(live.iter().map(|e| async move {
+        e.prepare(deadline, cancel).await?;
+        wait::wait_one(e, deadline, cancel).await
+    }))
+    .await;
     let mut first: Option<Error> = None;
     for (e, r) in live.iter().zip(waited) {
         if let Err(err) = r {

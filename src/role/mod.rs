@@ -5,6 +5,7 @@ pub mod health;
 pub mod init;
 pub mod install;
 pub mod list;
+pub mod pitr;
 pub mod prune;
 pub mod remote;
 pub mod restore;
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use crate::cli::{Cli, Command};
 use crate::config::{Config, SidecarConfig, process_env};
-use crate::engine::EngineKind;
+use crate::engine::{EngineKind, EngineOps};
 use crate::error::{Error, Result};
 use crate::repo::Repo;
 use crate::repo::reader::SetReader;
@@ -130,20 +131,49 @@ async fn dispatch(
             }
             Ok(())
         }
-        Command::List { json, remote } => list::list(&pick(cfg, remote)?, json),
+        Command::List { json, remote, pitr } => {
+            if pitr {
+                pitr::list(&pick(cfg, remote)?, json)
+            } else {
+                list::list(&pick(cfg, remote)?, json)
+            }
+        }
         Command::Verify { id, deep, remote } => {
             verify::verify(pick(cfg, remote)?, id, deep, cancel)
                 .await
                 .map(|_| ())
         }
-        Command::Restore { id, only, force } => {
+        Command::Restore {
+            id,
+            only,
+            force,
+            to_time,
+            to_oplog_ts,
+        } => {
+            if let Some(target) = pitr_target(to_time.as_deref(), to_oplog_ts.as_deref())? {
+                // A point in time is a MongoDB notion: other engines are restored by set id.
+                let only = if only.is_empty() {
+                    vec!["mongodb".to_owned()]
+                } else {
+                    only
+                };
+                let engines = cfg.engines_required(&only)?;
+                if engines.iter().any(|e| e.kind() != EngineKind::Mongodb) {
+                    return Err(Error::config(
+                        "--to-time and --to-oplog-ts recover MongoDB only; restore the other engines by set id",
+                    ));
+                }
+                let plan = plan_blocking(cfg, target).await?;
+                let id = plan.base.set.clone();
+                return restore::restore(cfg, &engines, &id, force, Some(plan), cancel).await;
+            }
             if id != "latest" && crate::repo::parse_set_name(&id).is_none() {
                 return Err(Error::config(format!(
                     "{id:?} is not a set id (YYYY-MM-DD_HH-MM-SS) or `latest`"
                 )));
             }
             let engines = cfg.engines_required(&only)?;
-            restore::restore(cfg, &engines, &id, force, cancel).await
+            restore::restore(cfg, &engines, &id, force, None, cancel).await
         }
         Command::Preseed { only } => {
             let engines = cfg.engines_required(&only)?;
@@ -176,7 +206,14 @@ async fn dispatch(
         Command::Init { timeout } => init::init(cfg, timeout, cancel).await,
         // `run` starts the sidecar itself, with its own stop rules.
         Command::Sidecar(_) => Err(Error::config("the sidecar cannot be dispatched as a verb")),
-        Command::TestRestore { id, into } => {
+        Command::TestRestore { id, into, to_time } => {
+            if let Some(target) = pitr_target(to_time.as_deref(), None)? {
+                let plan = plan_blocking(cfg, target).await?;
+                let scratch = crate::config::scratch_urls(cfg, &into, &process_env)?;
+                return test_restore::test_restore_pitr(cfg, plan, &scratch, cancel)
+                    .await
+                    .map(|_| ());
+            }
             if id != "latest" && crate::repo::parse_set_name(&id).is_none() {
                 return Err(Error::config(format!(
                     "{id:?} is not a set id (YYYY-MM-DD_HH-MM-SS) or `latest`"
@@ -188,6 +225,26 @@ async fn dispatch(
                 .map(|_| ())
         }
     }
+}
+
+fn pitr_target(to_time: Option<&str>, to_oplog_ts: Option<&str>) -> Result<Option<pitr::Target>> {
+    Ok(match (to_time, to_oplog_ts) {
+        (Some(t), _) => Some(pitr::Target::parse_time(t)?),
+        (None, Some(o)) => Some(pitr::Target::OpTime(
+            crate::engine::mongodb::pitr::OpTime::parse(o)?,
+        )),
+        (None, None) => None,
+    })
+}
+
+async fn plan_blocking(
+    cfg: &Config,
+    target: pitr::Target,
+) -> Result<crate::engine::mongodb::pitr::Plan> {
+    let repo = cfg.open_repo()?;
+    tokio::task::spawn_blocking(move || pitr::plan(&repo, target))
+        .await
+        .map_err(|e| Error::engine("repo", format!("task failed: {e}")))?
 }
 
 /// The repository, or with `remote` the off-host copy (`list --remote`, `verify --remote`).

@@ -88,6 +88,7 @@ pub async fn prune_repo(
                 info!(set = %id, repo = %repo.display(), "set deleted by retention");
             }
         }
+        super::pitr::prune_segments(&repo, &decision.delete, dry_run, print)?;
         Ok(decision)
     })
     .await

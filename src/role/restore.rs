@@ -19,12 +19,14 @@ pub enum Outcome {
     FirstStart,
 }
 
-/// Restores `id` into every engine. A non-empty target is refused unless `force`.
+/// Restores `id` into every engine. A non-empty target is refused unless `force`. With a
+/// point-in-time `plan`, `id` is its base set and MongoDB is rolled forward to its target.
 pub async fn restore(
     cfg: &Config,
     engines: &[Engine],
     id: &str,
     force: bool,
+    plan: Option<crate::engine::mongodb::pitr::Plan>,
     cancel: &CancellationToken,
 ) -> Result<()> {
     // Check every target before touching any, so a refusal changes nothing anywhere.
@@ -54,7 +56,15 @@ pub async fn restore(
             info!(engine = %e.kind(), state = ?state, "wiping the target before restoring");
             e.wipe().await?;
         }
-        restore_into(e, &set, force, cancel).await?;
+        let mut opts = RestoreOptions {
+            force,
+            mongo_pitr: None,
+        };
+        if let (EngineKind::Mongodb, Some(p)) = (e.kind(), &plan) {
+            let store = crate::engine::mongodb::pitr::SegmentStore::new(cfg.open_repo()?);
+            opts.mongo_pitr = Some((store, p.clone()));
+        }
+        restore_into(e, &set, &opts, cancel).await?;
     }
     Ok(())
 }
@@ -106,7 +116,7 @@ async fn preseed_one(cfg: &Config, e: &Engine, cancel: &CancellationToken) -> Re
         warn!(engine = %e.kind(), "an earlier preseed was interrupted: wiping its partial data and restoring again");
         e.wipe().await?;
     }
-    let records = restore_into(e, &set, false, cancel).await?;
+    let records = restore_into(e, &set, &RestoreOptions::default(), cancel).await?;
     Ok(Outcome::Restored {
         set: set.id().to_owned(),
         records,
@@ -156,7 +166,7 @@ async fn preseed_redis_dir(cfg: &Config, dir: &std::path::Path) -> Result<Outcom
 async fn restore_into(
     e: &Engine,
     set: &SetReader,
-    force: bool,
+    opts: &RestoreOptions,
     cancel: &CancellationToken,
 ) -> Result<u64> {
     let entry = set.manifest.engines.get(&e.kind()).ok_or_else(|| {
@@ -170,9 +180,7 @@ async fn restore_into(
     let start = Instant::now();
     info!(engine = %e.kind(), set = set.id(), records = entry.total_records(), "restore started");
     e.set_marker(true).await?;
-    let counts = e
-        .restore(set, entry, &RestoreOptions { force }, cancel)
-        .await?;
+    let counts = e.restore(set, entry, opts, cancel).await?;
     if counts != e.expected_counts(entry) {
         return Err(Error::engine(
             e.kind().name(),

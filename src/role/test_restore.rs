@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::engine::mongodb::pitr::{Plan, SegmentStore};
 use crate::engine::{Engine, EngineKind, EngineOps, RestoreOptions};
 use crate::error::{Error, Result};
 use crate::secret::Secret;
@@ -28,6 +29,28 @@ pub async fn test_restore(
     cfg: &Config,
     id: &str,
     scratch: &[Secret],
+    cancel: &CancellationToken,
+) -> Result<Report> {
+    run(cfg, id, scratch, None, cancel).await
+}
+
+/// A point-in-time recovery into a scratch MongoDB: the plan's base set, rolled forward to its
+/// target.
+pub async fn test_restore_pitr(
+    cfg: &Config,
+    plan: Plan,
+    scratch: &[Secret],
+    cancel: &CancellationToken,
+) -> Result<Report> {
+    let id = plan.base.set.clone();
+    run(cfg, &id, scratch, Some(plan), cancel).await
+}
+
+async fn run(
+    cfg: &Config,
+    id: &str,
+    scratch: &[Secret],
+    plan: Option<Plan>,
     cancel: &CancellationToken,
 ) -> Result<Report> {
     if scratch.is_empty() {
@@ -67,9 +90,14 @@ pub async fn test_restore(
         let start = Instant::now();
         let outcome = async {
             t.wipe().await?;
-            let counts = t
-                .restore(&set, entry, &RestoreOptions { force: true }, cancel)
-                .await?;
+            let mut opts = RestoreOptions {
+                force: true,
+                mongo_pitr: None,
+            };
+            if let (EngineKind::Mongodb, Some(p)) = (t.kind(), &plan) {
+                opts.mongo_pitr = Some((SegmentStore::new(cfg.open_repo()?), p.clone()));
+            }
+            let counts = t.restore(&set, entry, &opts, cancel).await?;
             if counts != entry.counts {
                 return Err(Error::corrupt(
                     set.id(),

@@ -35,12 +35,13 @@ pub async fn wait_one(
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let attempt = remaining.clamp(Duration::from_millis(200), MAX_ATTEMPT);
-        match engine.probe(attempt).await {
+        match engine.ready(attempt).await {
             Ok(probe) => {
                 info!(
                     engine = %engine.kind(),
                     url = engine.display_url(),
                     version = probe.version.as_deref().unwrap_or("?"),
+                    detail = %probe.detail,
                     after_ms = start.elapsed().as_millis() as u64,
                     "ready"
                 );

@@ -178,6 +178,27 @@ pub fn active_alerts(app: &Sidecar) -> Vec<Value> {
         }));
     }
     drop(g);
+    if let Some(p) = app
+        .pitr
+        .as_ref()
+        .and_then(|p| p.lock().ok().map(|g| g.clone()))
+    {
+        if let Some((lost, resumed)) = p.gap {
+            out.push(json!({
+                "alert": "pitr_gap",
+                "archived_to": lost.to_string(),
+                "archived_to_time": lost.time(),
+                "resumed_at": resumed.to_string(),
+                "message": format!(
+                    "the oplog rolled past the archive's end ({lost}, {}): points between it and the next set cannot be recovered; a new set starts a new chain",
+                    lost.time().to_rfc3339()
+                ),
+            }));
+        }
+        if let (false, Some(err)) = (p.running, &p.last_error) {
+            out.push(json!({"alert": "pitr_stopped", "message": err}));
+        }
+    }
     if let Some(Err(why)) = app.remote_freshness(now) {
         out.push(json!({"alert": "remote_stale", "message": why}));
     }

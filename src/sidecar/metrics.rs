@@ -237,6 +237,62 @@ pub fn render(app: &Sidecar) -> String {
         );
         o.sample("dbkeeper_repository_size_bytes", &[], total as f64);
     }
+    if let Some(p) = app
+        .pitr
+        .as_ref()
+        .and_then(|p| p.lock().ok().map(|g| g.clone()))
+    {
+        o.family(
+            "dbkeeper_pitr_up",
+            "gauge",
+            "Whether the oplog archiver is running (1) or not (0).",
+        );
+        o.sample("dbkeeper_pitr_up", &[], p.running as u8 as f64);
+        if let Some(n) = p.newest {
+            o.family(
+                "dbkeeper_pitr_newest_recoverable_timestamp_seconds",
+                "gauge",
+                "The newest point a point-in-time restore can reach (Unix time of the newest archived oplog entry).",
+            );
+            o.sample(
+                "dbkeeper_pitr_newest_recoverable_timestamp_seconds",
+                &[],
+                f64::from(n.t),
+            );
+        }
+        o.family(
+            "dbkeeper_pitr_lag_seconds",
+            "gauge",
+            "From a write to the publication of the oplog segment holding it, for the newest segment.",
+        );
+        o.sample("dbkeeper_pitr_lag_seconds", &[], p.lag_seconds);
+        o.family(
+            "dbkeeper_pitr_gap",
+            "gauge",
+            "1 while the archive has a gap no set has closed yet.",
+        );
+        o.sample("dbkeeper_pitr_gap", &[], p.gap.is_some() as u8 as f64);
+        for (name, help, v) in [
+            (
+                "dbkeeper_pitr_segments_total",
+                "Oplog segments published by this process.",
+                p.segments_total,
+            ),
+            (
+                "dbkeeper_pitr_entries_total",
+                "Oplog entries archived by this process.",
+                p.entries_total,
+            ),
+            (
+                "dbkeeper_pitr_bytes_total",
+                "Stored bytes of the oplog segments published by this process.",
+                p.bytes_total,
+            ),
+        ] {
+            o.family(name, "counter", help);
+            o.sample(name, &[], v as f64);
+        }
+    }
     if app.remote.is_some() {
         let r = &g.remote;
         if let Some(t) = r.last_success {

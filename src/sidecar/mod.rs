@@ -46,6 +46,8 @@ pub struct Sidecar {
     pub state: State,
     /// Cancelled by SIGTERM/SIGINT; every job's token is a child of it.
     pub root: CancellationToken,
+    /// The oplog archiver's state (`DBKEEPER_MONGODB_PITR=on`).
+    pub pitr: Option<crate::engine::mongodb::SharedStatus>,
     tracker: TaskTracker,
 }
 
@@ -95,8 +97,27 @@ pub async fn run(cfg: Config, sc: SidecarConfig, root: CancellationToken) -> Res
         engines,
         state: State::new(Utc::now()),
         root: root.clone(),
+        pitr: None,
         tracker: TaskTracker::new(),
     });
+    let app = if app.cfg.mongo_pitr {
+        let Ok(mut inner) = Arc::try_unwrap(app) else {
+            unreachable!("no task holds the sidecar yet")
+        };
+        if !inner
+            .engines
+            .iter()
+            .any(|e| e.kind() == EngineKind::Mongodb)
+        {
+            return Err(Error::config(
+                "DBKEEPER_MONGODB_PITR=on needs DBKEEPER_MONGODB_URI",
+            ));
+        }
+        inner.pitr = Some(Default::default());
+        Arc::new(inner)
+    } else {
+        app
+    };
     info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         next_backup = %next_label(&app.sc.schedule),
@@ -105,6 +126,9 @@ pub async fn run(cfg: Config, sc: SidecarConfig, root: CancellationToken) -> Res
 
     app.tracker.spawn(app.clone().find_newest_verified());
     app.tracker.spawn(app.clone().health_loop());
+    if app.pitr.is_some() {
+        app.tracker.spawn(app.clone().pitr_loop());
+    }
     {
         let app2 = app.clone();
         app.tracker.spawn(async move {
@@ -608,6 +632,83 @@ impl Sidecar {
         self.refresh_repo().await;
     }
 
+    /// Archives the oplog for as long as the sidecar runs; a failure (server down, repository
+    /// full) is recorded, alerted on, and retried.
+    async fn pitr_loop(self: Arc<Self>) {
+        let Some(status) = self.pitr.clone() else {
+            return;
+        };
+        let Some(crate::engine::Engine::Mongodb(engine)) = self
+            .engines
+            .iter()
+            .find(|e| e.kind() == EngineKind::Mongodb)
+        else {
+            return;
+        };
+        let store = crate::engine::mongodb::pitr::SegmentStore::new(self.repo.clone());
+        loop {
+            let repo = self.repo.clone();
+            let newest_set = tokio::task::spawn_blocking(move || {
+                repo.list()
+                    .map(|sets| role::pitr::bases(&sets).into_iter().map(|b| b.end).max())
+                    .unwrap_or(None)
+            })
+            .await
+            .unwrap_or(None);
+            let app = self.clone();
+            let on_gap = move || {
+                // A new set starts a new chain: take one now rather than at the next schedule.
+                let _ = app.start(JobKind::Backup, Trigger::Api, Utc::now());
+            };
+            let r = engine
+                .archive_oplog(
+                    &store,
+                    newest_set,
+                    self.cfg.pitr_flush,
+                    &status,
+                    &on_gap,
+                    &self.root,
+                )
+                .await;
+            if self.root.is_cancelled() {
+                return;
+            }
+            if let Err(e) = r {
+                warn!(error = %e, "oplog archiving stopped; retrying in 5s");
+                if let Ok(mut g) = status.lock() {
+                    g.last_error = Some(e.to_string());
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = self.root.cancelled() => return,
+            }
+        }
+    }
+
+    /// Clears a reported gap once a set consistent to a point after it exists.
+    async fn refresh_pitr(&self) {
+        let Some(status) = &self.pitr else { return };
+        let gap = status.lock().ok().and_then(|g| g.gap);
+        let Some((_, resumed)) = gap else { return };
+        let repo = self.repo.clone();
+        let newest = tokio::task::spawn_blocking(move || {
+            repo.list()
+                .map(|sets| role::pitr::bases(&sets).into_iter().map(|b| b.end).max())
+                .unwrap_or(None)
+        })
+        .await
+        .unwrap_or(None);
+        if newest.is_some_and(|n| n >= resumed)
+            && let Ok(mut g) = status.lock()
+        {
+            info!(
+                "pitr: a set after the gap exists; recovery to points after it is possible again"
+            );
+            g.gap = None;
+        }
+    }
+
     async fn health_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.sc.health_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -618,6 +719,7 @@ impl Sidecar {
             }
             self.probe_all().await;
             self.refresh_repo().await;
+            self.refresh_pitr().await;
         }
     }
 

@@ -14,7 +14,8 @@ use tracing::{debug, info};
 
 use super::metadata::{Kind, Metadata};
 use super::names::{escape, is_dumped_collection};
-use super::{CONSISTENCY, CollectionEntry, Details, ENGINE, MongoEngine, Progress};
+use super::pitr::{self, OpTime};
+use super::{CONSISTENCY, CollectionEntry, Details, ENGINE, MongoEngine, OplogSlice, Progress};
 use crate::engine::Counts;
 use crate::error::{Error, Result};
 use crate::repo::manifest::{EngineEntry, FileEntry};
@@ -67,6 +68,23 @@ pub(super) async fn dump(
         .await
         .map_err(engine.op_err("buildInfo"))?;
     let server_version = build.get_str("version").unwrap_or("unknown").to_owned();
+    // On a replica-set member the oplog makes the set consistent to one point: its position
+    // now, before any collection is read, and at the end everything written in between.
+    let hello = client
+        .database("admin")
+        .run_command(doc! {"hello": 1})
+        .await
+        .map_err(engine.op_err("hello"))?;
+    let oplog_start = if hello.get_str("setName").is_ok() {
+        Some(
+            pitr::oplog_edge(&client, true)
+                .await
+                .map_err(engine.op_err("reading the oplog"))?
+                .unwrap_or(pitr::OpTime::ZERO),
+        )
+    } else {
+        None
+    };
 
     let mut items = Vec::new();
     for db in engine.user_databases(&client).await? {
@@ -163,6 +181,8 @@ pub(super) async fn dump(
     let mut details = Details {
         consistency: CONSISTENCY.to_owned(),
         collections: Vec::new(),
+        oplog: None,
+        authz: None,
     };
     // Metadata first: small, and it lets a restore create collections before any data.
     for it in &items {
@@ -205,6 +225,25 @@ pub(super) async fn dump(
         .await
         .inspect_err(|_| stop.cancel())?;
     stop.cancel();
+
+    details.authz = Some(dump_authz(engine, &client, &out, &mut files).await?);
+    if let Some(start) = oplog_start {
+        let (f, slice) = dump_oplog(engine, &client, &out, start).await?;
+        info!(
+            engine = ENGINE,
+            entries = slice.entries,
+            start = %slice.start,
+            end = %slice.end,
+            "oplog recorded: the set is consistent to its end"
+        );
+        details.consistency = format!(
+            "{POINT_IN_TIME} {} ({})",
+            slice.end.time().to_rfc3339(),
+            slice.end
+        );
+        details.oplog = Some(slice);
+        files.push(f);
+    }
 
     let mut counts = Counts::new();
     for (i, f, n) in results {
@@ -366,4 +405,147 @@ async fn dump_collection(
     let (f, n) = written?;
     debug!(engine = ENGINE, db = %it.db, collection = %it.name, docs = n, raw_bytes = f.raw_size, "collection dumped");
     Ok((f, n))
+}
+
+/// What a set with an oplog slice promises.
+const POINT_IN_TIME: &str = "point-in-time: the collections, then the oplog recorded while they were read, replayed on restore; the data as it was at";
+
+/// The set's `oplog.bson`: every entry after `start` up to the newest now, from the member the
+/// collections were read from. Fails when the oplog no longer holds `start` (it rolled over
+/// during the dump): the set would not be consistent.
+async fn dump_oplog(
+    engine: &MongoEngine,
+    client: &Client,
+    out: &EngineWriter,
+    start: OpTime,
+) -> Result<(FileEntry, OplogSlice)> {
+    let end = pitr::oplog_edge(client, true)
+        .await
+        .map_err(engine.op_err("reading the oplog"))?
+        .unwrap_or(start);
+    let oldest = pitr::oplog_edge(client, false)
+        .await
+        .map_err(engine.op_err("reading the oplog"))?;
+    if start != OpTime::ZERO && oldest.is_some_and(|o| o > start) {
+        return Err(Error::engine(
+            ENGINE,
+            format!(
+                "the oplog rolled over during the dump (it starts at {}, the dump began at {start}); the set would not be consistent: enlarge the oplog (replSetResizeOplog) or dump at a quieter time",
+                oldest.unwrap_or(start)
+            ),
+        ));
+    }
+    let artifact = out.create(OPLOG_FILE, 0)?;
+    let path = out.dir().join(OPLOG_FILE);
+    // Entries go to a blocking thread in batches: the writer may block (a bucket upload).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+    let writer = tokio::task::spawn_blocking(move || -> Result<FileEntry> {
+        let mut w = BufWriter::with_capacity(1 << 20, artifact);
+        while let Some(chunk) = rx.blocking_recv() {
+            w.write_all(&chunk).map_err(|e| Error::io(&path, e))?;
+        }
+        w.into_inner()
+            .map_err(|e| Error::io(&path, e.into_error()))?
+            .finish()
+    });
+    let filter = engine.cfg.filter.clone();
+    let mut chunk = Vec::with_capacity(1 << 20);
+    let mut kept = 0u64;
+    let mut cursor = pitr::range(client, start, end)
+        .await
+        .map_err(engine.op_err("reading the oplog"))?;
+    let mut failed = None;
+    loop {
+        match cursor.try_next().await {
+            Ok(Some(d)) => {
+                if keep_entry(&filter, &d) {
+                    chunk.extend_from_slice(d.as_bytes());
+                    kept += 1;
+                }
+                if chunk.len() >= 1 << 20 {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(1 << 20));
+                    if tx.send(full).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Ok(None) => {
+                let _ = tx.send(chunk).await;
+                break;
+            }
+            Err(e) => {
+                failed = Some(engine.op_err("reading the oplog")(e));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let f = writer
+        .await
+        .map_err(|e| Error::engine(ENGINE, format!("oplog writer task failed: {e}")))?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let f = f?;
+    let slice = OplogSlice {
+        start,
+        end,
+        entries: kept,
+        file: f.path.clone(),
+    };
+    Ok((f, slice))
+}
+
+/// The file of a set's oplog slice, beside the databases' directories.
+pub(super) const OPLOG_FILE: &str = "oplog.bson";
+
+/// Whether an oplog entry is kept: entries of databases the filter leaves out are not (their
+/// data must not reach the set through the oplog); commands on `admin` (transactions) and
+/// no-ops are, the replay filters what they hold.
+pub(super) fn keep_entry(filter: &super::Filter, entry: &mongodb::bson::RawDocument) -> bool {
+    let ns = entry.get_str("ns").unwrap_or("");
+    let db = ns.split_once('.').map(|(d, _)| d).unwrap_or(ns);
+    ns.is_empty() || ns == "admin.$cmd" || filter.wants_db(db)
+}
+
+/// Users (with their SCRAM credentials) and custom roles, in mongodump's files
+/// `admin/system.users.bson` and `admin/system.roles.bson`; none written when there are none.
+async fn dump_authz(
+    engine: &MongoEngine,
+    client: &Client,
+    out: &EngineWriter,
+    files: &mut Vec<FileEntry>,
+) -> Result<super::AuthzEntry> {
+    let a = super::users::read_authz(engine, client).await?;
+    let mut entry = super::AuthzEntry {
+        users: a.users.len() as u64,
+        roles: a.roles.len() as u64,
+        users_file: None,
+        roles_file: None,
+    };
+    for (docs, rel, slot) in [
+        (&a.users, "admin/system.users.bson", &mut entry.users_file),
+        (&a.roles, "admin/system.roles.bson", &mut entry.roles_file),
+    ] {
+        if docs.is_empty() {
+            continue;
+        }
+        let mut w = out.create(rel, 0)?;
+        for d in docs {
+            w.write_all(d.as_bytes())
+                .map_err(|e| Error::io(out.dir().join(rel), e))?;
+        }
+        let f = w.finish()?;
+        *slot = Some(f.path.clone());
+        files.push(f);
+    }
+    if entry.users + entry.roles > 0 {
+        info!(
+            engine = ENGINE,
+            users = entry.users,
+            roles = entry.roles,
+            "users and roles recorded"
+        );
+    }
+    Ok(entry)
 }

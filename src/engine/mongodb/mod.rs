@@ -8,10 +8,17 @@
 mod bsonfile;
 mod dump;
 pub use dump::zstd_workers;
+mod archive;
 mod metadata;
 mod names;
+pub mod oplog;
+pub use archive::{ArchiveStatus, SharedStatus};
+pub mod pitr;
 mod probe;
+mod replay;
+mod replset;
 mod restore;
+pub mod users;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,6 +65,14 @@ pub struct MongoConfig {
     display: String,
     pub parallel: usize,
     pub filter: Filter,
+    /// The replica set `init` initiates or checks, and `wait` expects.
+    pub replset: Option<String>,
+    /// Members `init` initiates the set with; empty: the URI's hosts.
+    pub replset_members: Vec<String>,
+    /// Where dumps read (`secondaryPreferred` unless configured or named in the URI).
+    pub read_preference: Option<String>,
+    /// Passwords for users a server will not recreate from their stored credentials.
+    pub user_passwords: Option<std::path::PathBuf>,
 }
 
 impl MongoConfig {
@@ -69,6 +84,7 @@ impl MongoConfig {
                 driver_message(&e)
             ))
         })?;
+        replset::validate(opts.mongo_replset.as_deref(), &opts.mongo_replset_members)?;
         let parallel = opts
             .mongo_parallel
             .map(|n| n.get())
@@ -78,6 +94,10 @@ impl MongoConfig {
             display,
             parallel,
             filter: Filter::new(&opts.mongo_include, &opts.mongo_exclude)?,
+            replset: opts.mongo_replset.clone(),
+            replset_members: opts.mongo_replset_members.clone(),
+            read_preference: opts.mongo_read_preference.clone(),
+            user_passwords: opts.mongo_user_passwords_file.clone(),
         })
     }
 
@@ -92,35 +112,6 @@ impl MongoConfig {
                 .or_else(|| self.conn.default_database.clone())
                 .unwrap_or_else(|| "admin".into()),
         )
-    }
-}
-
-/// The member a `hello` reply describes: mongos, a replica-set member and its state, or a
-/// standalone, with the wire version.
-fn describe_hello(hello: &Document) -> Probe {
-    let role = if hello.get_str("msg").ok() == Some("isdbgrid") {
-        "mongos".to_owned()
-    } else if let Ok(set) = hello.get_str("setName") {
-        let state = if hello.get_bool("isWritablePrimary").unwrap_or(false) {
-            "primary"
-        } else if hello.get_bool("secondary").unwrap_or(false) {
-            "secondary"
-        } else {
-            "other"
-        };
-        format!("{state} set={set}")
-    } else {
-        "standalone".to_owned()
-    };
-    Probe {
-        version: None,
-        detail: format!(
-            "role={role} wire={}",
-            hello
-                .get("maxWireVersion")
-                .map(|v| v.to_string())
-                .unwrap_or_default()
-        ),
     }
 }
 
@@ -179,6 +170,8 @@ pub struct MongoEngine {
 #[derive(Clone, Copy)]
 enum Purpose {
     Probe(Duration),
+    /// A probe of the URI's first host alone, by direct connection (replica-set set-up).
+    Member(Duration),
     Bulk,
 }
 
@@ -208,7 +201,12 @@ impl MongoEngine {
             .map_err(|e| self.classify(e))?;
         o.app_name.get_or_insert_with(|| "dbkeeper".into());
         match purpose {
-            Purpose::Probe(t) => {
+            Purpose::Probe(t) | Purpose::Member(t) => {
+                replset::direct(
+                    &mut o,
+                    &self.cfg.conn,
+                    matches!(purpose, Purpose::Member(_)),
+                );
                 o.server_selection_timeout = Some(t);
                 o.connect_timeout = Some(t);
                 o.max_pool_size = Some(1);
@@ -223,6 +221,74 @@ impl MongoEngine {
                 o.max_pool_size = Some(o.max_pool_size.unwrap_or(want).max(want));
             }
         }
+        Client::with_options(o).map_err(|e| self.classify(e))
+    }
+
+    /// The secondary a dump reads from, when the read preference allows one and the set has
+    /// one; `None` reads through `client` (the primary, or the one server of a direct URI).
+    async fn dump_member(&self, client: &Client) -> Result<Option<String>> {
+        let pref = self
+            .cfg
+            .read_preference
+            .as_deref()
+            .unwrap_or("secondaryPreferred");
+        if pref == "primary" || self.cfg.conn.read_preference.is_some() {
+            return Ok(None);
+        }
+        let hello = client
+            .database("admin")
+            .run_command(doc! {"hello": 1})
+            .await
+            .map_err(self.op_err("hello"))?;
+        let primary = hello.get_str("primary").unwrap_or_default().to_owned();
+        let me = hello.get_str("me").unwrap_or_default();
+        let hosts: Vec<String> = hello
+            .get_array("hosts")
+            .map(|a| {
+                a.iter()
+                    .filter_map(|h| h.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // A direct URI to one member reads that member, whatever it is.
+        if self.cfg.conn.direct_connection == Some(true) || hosts.len() < 2 {
+            return Ok(None);
+        }
+        let secondary = hosts.into_iter().find(|h| *h != primary && !h.is_empty());
+        match secondary {
+            Some(h) => {
+                info!(engine = ENGINE, member = %h, read_preference = pref, "dump reads from a secondary");
+                Ok(Some(h))
+            }
+            None => {
+                debug!(
+                    engine = ENGINE,
+                    me, "no secondary to read from; the dump reads the primary"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// A client connected directly to one member, reading from it whatever its state.
+    async fn pinned_client(&self, member: &str) -> Result<Client> {
+        let mut o = ClientOptions::parse(*self.cfg.conn.clone())
+            .await
+            .map_err(|e| self.classify(e))?;
+        o.app_name.get_or_insert_with(|| "dbkeeper".into());
+        o.hosts =
+            vec![mongodb::options::ServerAddress::parse(member).map_err(|e| self.classify(e))?];
+        o.direct_connection = Some(true);
+        o.repl_set_name = None;
+        o.selection_criteria = Some(mongodb::options::SelectionCriteria::ReadPreference(
+            mongodb::options::ReadPreference::SecondaryPreferred {
+                options: Default::default(),
+            },
+        ));
+        o.server_selection_timeout
+            .get_or_insert(Duration::from_secs(10));
+        let want = (self.cfg.parallel + 2) as u32;
+        o.max_pool_size = Some(o.max_pool_size.unwrap_or(want).max(want));
         Client::with_options(o).map_err(|e| self.classify(e))
     }
 
@@ -241,8 +307,8 @@ impl MongoEngine {
         let (limit, immediate) = match purpose {
             // A failed probe has no session to end, and shutting down a client whose server
             // never answered waits on its monitor: the probe's time is better spent reporting.
-            Purpose::Probe(_) if r.is_err() => return r,
-            Purpose::Probe(t) => (t, true),
+            Purpose::Probe(_) | Purpose::Member(_) if r.is_err() => return r,
+            Purpose::Probe(t) | Purpose::Member(t) => (t, true),
             Purpose::Bulk => (SHUTDOWN_LIMIT, false),
         };
         if tokio::time::timeout(limit, client.shutdown().immediate(immediate))
@@ -352,12 +418,99 @@ impl MongoEngine {
     }
 }
 
+/// Recreates the set's users and roles; what could not be is reported in one line, and the
+/// restore goes on (the data is there; the operator recreates those users).
+async fn restore_authz(
+    engine: &MongoEngine,
+    client: &Client,
+    set: &SetReader,
+    entry: &EngineEntry,
+    a: &AuthzEntry,
+    passwords: &users::Passwords,
+) -> Result<()> {
+    fn read(
+        set: &SetReader,
+        entry: &EngineEntry,
+        path: &Option<String>,
+    ) -> Result<Vec<mongodb::bson::RawDocumentBuf>> {
+        let Some(path) = path else {
+            return Ok(Vec::new());
+        };
+        let f = entry.file(path).ok_or_else(|| {
+            Error::corrupt(set.id(), format!("mongodb: {path} is not in the manifest"))
+        })?;
+        let mut docs = bsonfile::DocReader::new(set.open_file(f)?);
+        let mut out = Vec::new();
+        while let Some(d) = docs
+            .next_doc()
+            .map_err(|e| Error::corrupt(set.id(), format!("{path}: {e}")))?
+        {
+            out.push(d);
+        }
+        docs.into_inner().finish()?;
+        Ok(out)
+    }
+    let (set2, entry2, a2) = (set.clone(), entry.clone(), a.clone());
+    let (users_docs, roles_docs) = tokio::task::spawn_blocking(move || -> Result<_> {
+        Ok((
+            read(&set2, &entry2, &a2.users_file)?,
+            read(&set2, &entry2, &a2.roles_file)?,
+        ))
+    })
+    .await
+    .map_err(|e| Error::engine(ENGINE, format!("users task failed: {e}")))??;
+    if users_docs.is_empty() && roles_docs.is_empty() {
+        return Ok(());
+    }
+    let report = users::restore_authz(engine, client, &users_docs, &roles_docs, passwords).await?;
+    match report.failures() {
+        None => info!(engine = ENGINE, "{report}"),
+        Some(f) => tracing::warn!(
+            engine = ENGINE,
+            failed = %f,
+            "{report}; create those users yourself (db.createUser) or add their passwords to {} and restore again",
+            users::PASSWORDS_FILE_VAR
+        ),
+    }
+    Ok(())
+}
+
 /// `details` of the manifest entry.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Details {
     /// What the dump promises about concurrent writes.
     pub consistency: String,
     pub collections: Vec<CollectionEntry>,
+    /// On a replica-set member: the oplog recorded during the dump, replayed after the
+    /// collections on restore, which makes the data that of one point, `end`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oplog: Option<OplogSlice>,
+    /// Users and custom roles, stored as mongodump stores `admin.system.users` and
+    /// `admin.system.roles`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authz: Option<AuthzEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuthzEntry {
+    pub users: u64,
+    pub roles: u64,
+    /// Set paths of the two files (absent when there is nothing to store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roles_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OplogSlice {
+    /// The newest entry when the dump began (exclusive).
+    pub start: pitr::OpTime,
+    /// The newest entry when it ended: the point the set is consistent to.
+    pub end: pitr::OpTime,
+    pub entries: u64,
+    /// Set path of `oplog.bson.zst`.
+    pub file: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -533,10 +686,22 @@ impl EngineOps for MongoEngine {
     }
 
     /// `hello`, then `ping` against the credentials' database when the URI has credentials
-    /// (the connection authenticates first, so a wrong password fails here, not later).
+    /// (the connection authenticates first, so a wrong password fails here, not later). A
+    /// replica-set member is healthy as PRIMARY, SECONDARY or ARBITER.
     async fn probe(&self, timeout: Duration) -> Result<Probe> {
         self.with_client(Purpose::Probe(timeout), |client| self.probe_with(client))
             .await
+    }
+
+    /// A writable primary is reachable (see [`replset::readiness`]).
+    async fn ready(&self, timeout: Duration) -> Result<Probe> {
+        self.with_client(Purpose::Probe(timeout), |client| self.ready_with(client))
+            .await
+    }
+
+    /// With `DBKEEPER_MONGODB_REPLSET`: initiates the set when the server is not initiated yet.
+    async fn prepare(&self, deadline: Instant, cancel: &CancellationToken) -> Result<()> {
+        self.prepare_replset(deadline, cancel).await
     }
 
     async fn is_empty(&self) -> Result<Emptiness> {
@@ -545,8 +710,18 @@ impl EngineOps for MongoEngine {
     }
 
     async fn dump(&self, out: EngineWriter, cancel: &CancellationToken) -> Result<EngineEntry> {
-        self.with_client(Purpose::Bulk, |client| {
-            dump::dump(self, client, out, cancel)
+        self.with_client(Purpose::Bulk, |client| async move {
+            match self.dump_member(&client).await? {
+                None => dump::dump(self, client, out, cancel).await,
+                Some(member) => {
+                    // Collections and oplog from one member: a slice read elsewhere could
+                    // start after the data it must roll forward.
+                    let pinned = self.pinned_client(&member).await?;
+                    let r = dump::dump(self, pinned.clone(), out, cancel).await;
+                    let _ = tokio::time::timeout(SHUTDOWN_LIMIT, pinned.shutdown()).await;
+                    r
+                }
+            }
         })
         .await
     }
@@ -555,11 +730,26 @@ impl EngineOps for MongoEngine {
         &self,
         set: &SetReader,
         entry: &EngineEntry,
-        _opts: &RestoreOptions,
+        opts: &RestoreOptions,
         cancel: &CancellationToken,
     ) -> Result<Counts> {
-        self.with_client(Purpose::Bulk, |client| {
-            restore::restore(self, client, set, entry, cancel)
+        self.with_client(Purpose::Bulk, |client| async move {
+            let details = details_of(set, entry)?;
+            // Read before anything is restored: a bad file changes nothing.
+            let passwords = users::Passwords::load(self.cfg.user_passwords.as_deref())?;
+            let counts = restore::restore(self, client.clone(), set, entry, cancel).await?;
+            if let Some(a) = &details.authz {
+                restore_authz(self, &client, set, entry, a, &passwords).await?;
+            }
+            // The slice makes the data that of the set's end point; the segments then roll
+            // it forward to the target.
+            if let Some(slice) = &details.oplog {
+                replay::replay_slice(&client, self, set, entry, slice, cancel).await?;
+            }
+            if let Some((store, plan)) = &opts.mongo_pitr {
+                replay::replay_segments(&client, self, store, plan, cancel).await?;
+            }
+            Ok(counts)
         })
         .await
     }
@@ -592,6 +782,21 @@ impl EngineOps for MongoEngine {
 
 impl MongoEngine {
     async fn probe_with(&self, client: Client) -> Result<Probe> {
+        let hello = self.hello_with(&client).await?;
+        let status = if hello.contains_key("setName") {
+            self.status_with(&client).await
+        } else {
+            None
+        };
+        replset::health(&hello, status.as_ref()).map_err(|message| Error::Unreachable {
+            engine: ENGINE,
+            url: self.cfg.display.clone(),
+            message,
+        })
+    }
+
+    /// `hello`, and `ping` on the credentials' database when there are credentials.
+    async fn hello_with(&self, client: &Client) -> Result<Document> {
         let hello = client
             .database("admin")
             .run_command(doc! {"hello": 1})
@@ -604,7 +809,7 @@ impl MongoEngine {
                 .await
                 .map_err(|e| self.classify(e))?;
         }
-        Ok(describe_hello(&hello))
+        Ok(hello)
     }
 
     async fn is_empty_with(&self, client: Client) -> Result<Emptiness> {

@@ -1,5 +1,6 @@
 //! The `dbkeeper-health` probe for the common case (one host, no credentials, no TLS): one
-//! `hello` in an `OP_MSG` over a plain socket, on the calling thread.
+//! `hello` in an `OP_MSG` over a plain socket, on the calling thread (and, for a replica-set
+//! member, `replSetGetStatus` for its state and lag).
 //!
 //! Written by hand, not with the driver, because the driver's client (a runtime, topology
 //! monitors, a pool) nearly doubles a probe's memory and start-up for one command, and this
@@ -110,7 +111,16 @@ pub(super) fn probe_plain(
     if let Some((code, msg)) = command_error(&hello) {
         return Err(unreachable(format!("hello failed ({code}): {msg}")));
     }
-    Ok(super::describe_hello(&hello))
+    // A member's state beyond what `hello` says, and its lag; refused without credentials
+    // on a server with auth, then `hello` alone decides.
+    let status = if hello.contains_key("setName") {
+        exchange("replSetGetStatus")
+            .ok()
+            .and_then(|reply| super::replset::Status::parse(&reply))
+    } else {
+        None
+    };
+    super::replset::health(&hello, status.as_ref()).map_err(unreachable)
 }
 
 fn le_i32(b: &[u8]) -> i32 {

@@ -2,7 +2,7 @@
 //! loopback port with its own storage directory, optionally with SCRAM authentication and
 //! optionally without its replica-set advertisement; stopped on drop.
 
-use std::future::Future;
+use std::future::IntoFuture;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -40,15 +40,20 @@ pub fn secantusd() -> PathBuf {
 
 impl Mongo {
     pub fn start(auth: bool, standalone: bool) -> Mongo {
-        Mongo::start_with(auth, standalone, None)
+        Mongo::start_with(auth, standalone, None, &[])
+    }
+
+    /// A replica-set member started with extra server flags (`--oplog-max-entries 200`).
+    pub fn start_args(args: &[&str]) -> Mongo {
+        Mongo::start_with(false, false, None, args)
     }
 
     /// A server that speaks TLS only, with the certificates `make_certs` wrote to `certs`.
     pub fn start_tls(auth: bool, certs: &Path) -> Mongo {
-        Mongo::start_with(auth, true, Some(certs))
+        Mongo::start_with(auth, true, Some(certs), &[])
     }
 
-    fn start_with(auth: bool, standalone: bool, certs: Option<&Path>) -> Mongo {
+    fn start_with(auth: bool, standalone: bool, certs: Option<&Path>, extra: &[&str]) -> Mongo {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut cmd = Command::new(secantusd());
@@ -58,6 +63,7 @@ impl Mongo {
             .args(["--log-file-max", "16MB", "--log-level", "WARNING"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        cmd.args(extra);
         if auth {
             cmd.arg("--auth");
         }
@@ -146,8 +152,8 @@ impl Mongo {
         self.uri_with(false)
     }
 
-    pub fn block<F: Future>(&self, f: F) -> F::Output {
-        self.rt.block_on(f)
+    pub fn block<F: IntoFuture>(&self, f: F) -> F::Output {
+        self.rt.block_on(f.into_future())
     }
 
     pub fn client(&self) -> &Client {
