@@ -43,10 +43,18 @@ struct Archiver {
 
 impl Archiver {
     fn start(repo: &Path, uri: &str) -> Archiver {
+        Archiver::start_env(repo, uri, &[])
+    }
+
+    fn start_env(repo: &Path, uri: &str, env: &[(&str, &str)]) -> Archiver {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("stderr");
         let port = free_port();
-        let child = dbkeeper(repo)
+        let mut cmd = dbkeeper(repo);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
             .arg("sidecar")
             .env("DBKEEPER_MONGODB_URI", uri)
             .env("DBKEEPER_MONGODB_PITR", "on")
@@ -655,4 +663,123 @@ fn a_gap_in_the_archive_is_reported_and_the_next_set_closes_it() {
     );
     assert!(snapshot(&dst, "app") == at_t);
     let _ = t;
+}
+
+#[test]
+fn encrypted_segments_need_the_key_and_restore_with_it() {
+    let src = Mongo::start(false, false);
+    let repo = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let (identity, public) = crate::common::age_key(keys.path(), "key.txt");
+    let identity = identity.to_string_lossy().into_owned();
+    let age = [
+        ("DBKEEPER_AGE_RECIPIENTS", public.as_str()),
+        ("DBKEEPER_AGE_IDENTITY_FILE", identity.as_str()),
+    ];
+    seed(&src);
+    let o = run(dbkeeper(repo.path())
+        .arg("backup")
+        .env("DBKEEPER_MONGODB_URI", src.uri())
+        .envs(age));
+    assert_code(&o, 0);
+    let base = stdout(&o).trim().to_owned();
+    let arch = Archiver::start_env(repo.path(), &src.uri(), &age);
+    batch_one(&src);
+    let (t, i) = last_write(&src);
+    assert!(wait_until(Duration::from_secs(20), || {
+        let o = run(dbkeeper(repo.path())
+            .args(["list", "--pitr", "--json"])
+            .envs(age));
+        serde_json::from_str::<Value>(&stdout(&o))
+            .ok()
+            .and_then(|v| {
+                v.as_array()?
+                    .iter()
+                    .find(|w| w["set"] == base.as_str())
+                    .and_then(|w| w["to_ts"].as_str().map(parse_ts))
+            })
+            .is_some_and(|e| e >= (t, i))
+    }));
+    drop(arch);
+    // Every segment is an age file; none holds a document in the clear.
+    let mut segments = 0;
+    for run_dir in std::fs::read_dir(repo.path().join("pitr/mongodb")).unwrap() {
+        for f in std::fs::read_dir(run_dir.unwrap().path()).unwrap() {
+            let f = f.unwrap();
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".bson.zst.age") {
+                segments += 1;
+                let bytes = std::fs::read(f.path()).unwrap();
+                assert!(bytes.starts_with(b"age-encryption.org/v1"), "{name}");
+            }
+        }
+    }
+    assert!(segments > 0);
+
+    let dst = Mongo::start(false, false);
+    let target = format!("{t}:{i}");
+    // Without the key: one line, nothing restored.
+    let o = run(dbkeeper(repo.path())
+        .args(["restore", "--to-oplog-ts", &target])
+        .env("DBKEEPER_MONGODB_URI", dst.uri())
+        .env("DBKEEPER_AGE_RECIPIENTS", &public));
+    assert_ne!(code(&o), 0);
+    assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+    assert!(dst.databases().is_empty());
+    let o = run(dbkeeper(repo.path())
+        .args(["restore", "--to-oplog-ts", &target])
+        .env("DBKEEPER_MONGODB_URI", dst.uri())
+        .envs(age));
+    assert_code(&o, 0);
+    assert!(snapshot(&dst, "app") == snapshot(&src, "app"));
+}
+
+#[test]
+fn the_archive_lives_in_a_bucket_too() {
+    let Some(s3) = crate::common::s3::S3Server::start_or_skip() else {
+        return;
+    };
+    s3.create_bucket("pitr");
+    let env: Vec<(String, String)> = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let repo = Path::new("s3://pitr/stack");
+    let src = Mongo::start(false, false);
+    seed(&src);
+    let o = run(dbkeeper(repo)
+        .arg("backup")
+        .env("DBKEEPER_MONGODB_URI", src.uri())
+        .envs(env.iter().copied()));
+    assert_code(&o, 0);
+    let base = stdout(&o).trim().to_owned();
+    let arch = Archiver::start_env(repo, &src.uri(), &env);
+    batch_one(&src);
+    let (t, i) = last_write(&src);
+    let reached = wait_until(Duration::from_secs(30), || {
+        let o = run(dbkeeper(repo)
+            .args(["list", "--pitr", "--json"])
+            .envs(env.iter().copied()));
+        serde_json::from_str::<Value>(&stdout(&o))
+            .ok()
+            .and_then(|v| {
+                v.as_array()?
+                    .iter()
+                    .find(|w| w["set"] == base.as_str())
+                    .and_then(|w| w["to_ts"].as_str().map(parse_ts))
+            })
+            .is_some_and(|e| e >= (t, i))
+    });
+    assert!(reached, "{}", arch.log());
+    drop(arch);
+    assert!(
+        s3.list_keys("pitr")
+            .iter()
+            .any(|k| k.starts_with("stack/pitr/mongodb/") && k.ends_with(".bson.zst"))
+    );
+    let dst = Mongo::start(false, false);
+    let o = run(dbkeeper(repo)
+        .args(["restore", "--to-oplog-ts", &format!("{t}:{i}")])
+        .env("DBKEEPER_MONGODB_URI", dst.uri())
+        .envs(env.iter().copied()));
+    assert_code(&o, 0);
+    assert!(snapshot(&dst, "app") == snapshot(&src, "app"));
 }
