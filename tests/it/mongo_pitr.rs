@@ -783,3 +783,23 @@ fn the_archive_lives_in_a_bucket_too() {
     assert_code(&o, 0);
     assert!(snapshot(&dst, "app") == snapshot(&src, "app"));
 }
+
+#[test]
+fn the_sidecar_stops_promptly_after_the_database_died() {
+    let src = Mongo::start(false, false);
+    let repo = tempfile::tempdir().unwrap();
+    seed(&src);
+    backup(repo.path(), &src.uri());
+    let arch = Archiver::start(repo.path(), &src.uri());
+    batch_one(&src);
+    std::thread::sleep(Duration::from_millis(800));
+    drop(src);
+    // Long enough for the archiver to be reopening its cursor against the dead server.
+    std::thread::sleep(Duration::from_millis(1500));
+    let t0 = Instant::now();
+    let log = arch.stop();
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(6), "stop took {took:?}:\n{log}");
+    assert!(!log.contains("did not stop"), "{log}");
+    assert!(log.contains("sidecar stopped"), "{log}");
+}

@@ -20,9 +20,11 @@ use super::{ENGINE, MongoEngine, Purpose};
 use crate::error::{Error, Result};
 
 /// Raw bytes of entries at which a segment is published before its flush interval.
-pub const SEGMENT_BYTES: usize = 4 << 20;
+pub const SEGMENT_BYTES: usize = 2 << 20;
 /// Entries in flight between the cursor and the segment being filled.
-const QUEUE: usize = 1024;
+const QUEUE: usize = 256;
+/// Entries per cursor batch: fewer round trips under a heavy write load.
+const BATCH: u32 = 4096;
 
 /// What the archiver reports to the sidecar (`/metrics`, `/alerts`, `/health`).
 #[derive(Debug, Clone, Default)]
@@ -83,7 +85,9 @@ impl MongoEngine {
         on_gap: &(dyn Fn() + Send + Sync),
         cancel: &CancellationToken,
     ) -> Result<()> {
-        self.with_client(Purpose::Bulk, |client| async move {
+        // Not `with_client`: a stop must not wait on a dead server's session clean-up.
+        let client = self.client(Purpose::Bulk).await?;
+        let r = async {
             let hello = client
                 .database("admin")
                 .run_command(doc! {"hello": 1})
@@ -137,8 +141,11 @@ impl MongoEngine {
                 g.running = false;
             }
             r
-        })
-        .await
+        }
+        .await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), client.shutdown().immediate(true)).await;
+        r
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -166,11 +173,15 @@ impl MongoEngine {
                     let coll = client
                         .database(pitr::OPLOG_DB)
                         .collection::<RawDocumentBuf>(pitr::OPLOG_COLL);
-                    let mut cur = coll
+                    let find = coll
                         .find(doc! {"ts": {"$gt": Timestamp::from(after)}})
                         .cursor_type(CursorType::TailableAwait)
                         .max_await_time(await_time)
-                        .await?;
+                        .batch_size(BATCH);
+                    let mut cur = tokio::select! {
+                        c = find => c?,
+                        _ = stop.cancelled() => return Ok(()),
+                    };
                     loop {
                         // An idle cursor is reopened from where it stands: some servers'
                         // tailable cursors stop seeing entries written after they opened, and
@@ -199,7 +210,7 @@ impl MongoEngine {
                 }
             }
         };
-        let reader = tokio::spawn(async move {
+        let mut reader = tokio::spawn(async move {
             let r: mongodb::error::Result<()> = reader.await;
             r
         });
@@ -239,7 +250,12 @@ impl MongoEngine {
                     buf.extend_from_slice(doc.as_bytes());
                     count += 1;
                     last = ts;
-                    deadline.get_or_insert_with(|| Instant::now() + flush);
+                    // Due when the oldest pending entry was written `flush` ago (not read):
+                    // an entry that reached us late waits no longer than it must.
+                    deadline.get_or_insert_with(|| {
+                        let waited = (Utc::now() - wall).to_std().unwrap_or_default();
+                        Instant::now() + flush.saturating_sub(waited)
+                    });
                     due |= buf.len() >= SEGMENT_BYTES;
                 }
                 Some(None) => {
@@ -261,8 +277,16 @@ impl MongoEngine {
                 tokio::task::spawn_blocking(move || s2.write(&k2, p, l, n, &data)).await;
             let seg = match published {
                 Ok(Ok(seg)) => seg,
-                Ok(Err(e)) => break Err(e),
-                Err(e) => break Err(Error::engine("pitr", format!("segment task failed: {e}"))),
+                // The entries are gone from memory but not from the oplog: the next start
+                // resumes after the last published segment.
+                Ok(Err(e)) => {
+                    count = 0;
+                    break Err(e);
+                }
+                Err(e) => {
+                    count = 0;
+                    break Err(Error::engine("pitr", format!("segment task failed: {e}")));
+                }
             };
             let now = Utc::now();
             let lag = first_wall
@@ -284,14 +308,20 @@ impl MongoEngine {
         };
         reader_stop.cancel();
         rx.close();
-        if let Ok(Err(e)) = reader.await
-            && !cancel.is_cancelled()
+        // The reader stops at once unless a request to a dead server holds it: never wait
+        // for that past a short grace.
+        let reader_error = match tokio::time::timeout(Duration::from_millis(500), &mut reader).await
         {
-            return Err(self.op_err("tailing the oplog")(e));
-        }
-        // What was read but not yet published when cancelled is published now: a clean stop
-        // loses nothing.
-        if result.is_ok() && count > 0 {
+            Ok(Ok(Err(e))) if !cancel.is_cancelled() => Some(e),
+            Ok(_) => None,
+            Err(_) => {
+                reader.abort();
+                None
+            }
+        };
+        // What was read but not yet published is published now, whatever stopped the loop
+        // (a stop, a lost server): those entries are whole and follow the last segment.
+        if count > 0 {
             let s2 = store.clone();
             let data = buf;
             tokio::task::spawn_blocking(move || s2.write(&keys, prev, last, count, &data))
@@ -304,7 +334,10 @@ impl MongoEngine {
                 g.entries_total += count;
             }
         }
-        result
+        match reader_error {
+            Some(e) if result.is_err() => Err(self.op_err("tailing the oplog")(e)),
+            _ => result,
+        }
     }
 }
 

@@ -29,9 +29,9 @@ pub const DIR: &str = "pitr/mongodb";
 const IDENTITY: &str = "identity.age";
 const SUFFIX: &str = ".bson.zst";
 const AGE: &str = ".age";
-/// zstd level of segments: small and frequent, so the default level's speed matters more
-/// than a few percent of size.
-const LEVEL: i32 = 3;
+/// zstd level of segments: small and frequent, written while the server is under its write
+/// load, so speed matters more than a few percent of size.
+const LEVEL: i32 = 1;
 
 /// An oplog position: the `ts` of an entry (seconds, then an increment within the second).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
