@@ -23,6 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pitr
+
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = "--quick" in sys.argv[1:]
 # `--only health,chroma` runs some cases (step names as in main()); the default is all of them.
@@ -1017,7 +1019,8 @@ def main():
                  ("redis-snapshot", lambda: case_redis_snapshot(redis_port)),
                  ("mongodb", lambda: case_mongodb(mongo_uri, mongo_dst)),
                  ("chroma", case_chroma),
-                 ("s3", lambda: case_s3(mongo_uri))]
+                 ("s3", lambda: case_s3(mongo_uri)),
+                 ("pitr", lambda: pitr.case_pitr(sys.modules[__name__]))]
         for name, fn in steps:
             if ONLY and name not in ONLY.split(","):
                 continue
