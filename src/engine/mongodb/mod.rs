@@ -305,9 +305,14 @@ impl MongoEngine {
         let client = self.client(purpose).await?;
         let r = f(client.clone()).await;
         let (limit, immediate) = match purpose {
-            // A failed probe has no session to end, and shutting down a client whose server
-            // never answered waits on its monitor: the probe's time is better spent reporting.
-            Purpose::Probe(_) | Purpose::Member(_) if r.is_err() => return r,
+            // A probe that failed because the server did not answer has no session to end,
+            // and shutting its client down waits on the monitor: the probe's time is better
+            // spent reporting. A probe the server answered and we refused (another set name,
+            // a standalone) has a session, and a client dropped with one ends it in a task
+            // the exiting process tears down mid-flight: shut that one down too.
+            Purpose::Probe(_) | Purpose::Member(_) if matches!(&r, Err(e) if e.is_retryable()) => {
+                return r;
+            }
             Purpose::Probe(t) | Purpose::Member(t) => (t, true),
             Purpose::Bulk => (SHUTDOWN_LIMIT, false),
         };
