@@ -691,6 +691,49 @@ fn mongod_entry_formats() {
 }
 
 #[track_caller]
+/// The `system.*` collections a dump carries are replayed; the others are counted, not
+/// silently dropped.
+#[test]
+fn system_js_is_replayed_and_server_metadata_is_counted() {
+    let m = Mongo::start(false, false);
+    let f = doc! {"_id": "add", "value": "function (a, b) { return a + b; }"};
+    let entries = vec![
+        entry(1, "i", "app.system.js", f.clone()),
+        entry(
+            2,
+            "i",
+            "app.system.views",
+            doc! {"_id": "app.v", "viewOn": "m", "pipeline": []},
+        ),
+        entry(3, "i", "app.m", doc! {"_id": 1}),
+    ];
+    let (applied, skipped) = m.block(async {
+        let mut a = Applier::new(m.client().clone(), all());
+        for e in &entries {
+            a.apply(e).await.unwrap();
+        }
+        a.flush().await.unwrap();
+        (a.applied(), a.skipped_system().clone())
+    });
+    assert_eq!(applied, 2);
+    assert_eq!(
+        skipped.into_iter().collect::<Vec<_>>(),
+        vec![("app.system.views".to_owned(), 1)]
+    );
+    assert_docs(&m, "system.js", vec![f]);
+    assert_docs(&m, "m", vec![doc! {"_id": 1}]);
+    // A filter that leaves system.js out leaves it out; that is no metadata skip.
+    let m2 = Mongo::start(false, false);
+    let only_m = Filter::new(&["app.m".to_owned()], &[]).unwrap();
+    let (applied, skipped) = m2.block(async {
+        let mut a = Applier::new(m2.client().clone(), only_m);
+        a.apply(&entries[0]).await.unwrap();
+        a.flush().await.unwrap();
+        (a.applied(), a.skipped_system().len())
+    });
+    assert_eq!((applied, skipped), (0, 0));
+}
+
 fn replay_err(m: &Mongo, entries: Vec<RawDocumentBuf>) -> String {
     let e = replay(m, &entries, all()).unwrap_err().to_string();
     assert!(!e.contains('\n'), "one line: {e}");

@@ -15,11 +15,17 @@
 //!   transaction's `applyOps` (buffered across `partialTxn` entries, or from `prepare` until its
 //!   `commitTransaction`) applies its inner operations in order.
 //!
-//! Skipped: no-ops (`n`), the server's databases (`admin`, `local`, `config`), `system.*`
-//! collections, and namespaces the [`Filter`] does not select. Anything else that cannot be
-//! applied stops the replay with one line naming the entry's timestamp.
+//! The `system.*` collections a dump carries are replayed too: `system.js` (user functions) and
+//! a timeseries collection's `system.buckets.<name>` (its documents; creating or dropping the
+//! buckets creates or drops the timeseries collection, whose view comes with it).
+//!
+//! Skipped: no-ops (`n`), the server's databases (`admin`, `local`, `config`), namespaces the
+//! [`Filter`] does not select, and the other `system.*` collections (server metadata, recorded
+//! by DDL entries), which are counted and reported by [`Applier::skipped_system`], never
+//! dropped silently. Anything else that cannot be applied stops the replay with one line naming
+//! the entry's timestamp.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Display;
 use std::io::Write;
 
@@ -46,6 +52,39 @@ const INDEX_OPTIONS_CONFLICT: i32 = 85;
 const INDEX_KEY_SPECS_CONFLICT: i32 = 86;
 const DUPLICATE_KEY: i32 = 11000;
 
+/// The prefix of a timeseries collection's buckets.
+const BUCKETS: &str = "system.buckets.";
+
+/// The collection whose data entries on `coll` carry, as the filter names it: `coll` itself,
+/// a timeseries collection for its buckets, `system.js`; `None` for the other `system.*`
+/// collections, which hold the server's metadata.
+fn data_collection(coll: &str) -> Option<&str> {
+    match coll.strip_prefix("system.") {
+        None => Some(coll),
+        Some("js") => Some(coll),
+        Some(_) => coll.strip_prefix(BUCKETS).filter(|c| !c.is_empty()),
+    }
+}
+
+/// mongod logs a timeseries collection's creation as the creation of its buckets (with the
+/// server's internal validator and clustered index) and then of its view: the command that
+/// makes both is `create` of the collection with its `timeseries` options, and the view's own
+/// entry then finds it there.
+fn timeseries_create(coll: &str, logged: &Document) -> Document {
+    let mut cmd = doc! {"create": coll};
+    for key in [
+        "timeseries",
+        "expireAfterSeconds",
+        "collation",
+        "storageEngine",
+    ] {
+        if let Some(v) = logged.get(key) {
+            cmd.insert(key, v.clone());
+        }
+    }
+    cmd
+}
+
 /// The entry's `ts` as (secs, increment).
 pub fn entry_ts(entry: &RawDocument) -> Option<Timestamp> {
     entry.get_timestamp("ts").ok()
@@ -57,6 +96,8 @@ pub struct Applier {
     client: Client,
     filter: Filter,
     applied: u64,
+    /// Entries on `system.*` collections that are not data, by namespace.
+    skipped_system: BTreeMap<String, u64>,
     batch: Option<Batch>,
     /// Inner operations of transactions not committed yet (`partialTxn` or `prepare`), by
     /// session and transaction number.
@@ -158,6 +199,7 @@ impl Applier {
             client,
             filter,
             applied: 0,
+            skipped_system: BTreeMap::new(),
             batch: None,
             txns: HashMap::new(),
         }
@@ -167,6 +209,12 @@ impl Applier {
     /// operation of a transaction counted once; skipped entries are not counted.
     pub fn applied(&self) -> u64 {
         self.applied
+    }
+
+    /// Entries skipped because they write a `system.*` collection that is not data (see the
+    /// module's notes), by namespace; the caller reports them.
+    pub fn skipped_system(&self) -> &BTreeMap<String, u64> {
+        &self.skipped_system
     }
 
     /// Queues or applies one entry. Errors name the entry's timestamp.
@@ -215,9 +263,22 @@ impl Applier {
         }
     }
 
-    /// Whether CRUD on `db.coll` is replayed.
-    fn wants(&self, db: &str, coll: &str) -> bool {
-        !is_system_db(db) && !coll.starts_with("system.") && self.filter.wants(db, coll)
+    /// Whether entries on `db.coll` are replayed; a skipped `system.*` collection that is not
+    /// data is counted.
+    fn wants(&mut self, db: &str, coll: &str) -> bool {
+        if is_system_db(db) {
+            return false;
+        }
+        match data_collection(coll) {
+            Some(c) => self.filter.wants(db, c),
+            None => {
+                *self
+                    .skipped_system
+                    .entry(format!("{db}.{coll}"))
+                    .or_default() += 1;
+                false
+            }
+        }
     }
 
     async fn queue_crud(
@@ -454,6 +515,9 @@ impl Applier {
                     return Ok(());
                 }
                 let mut cmd = to_document(o).map_err(|e| fail(&e))?;
+                if let Some(ts_coll) = c.strip_prefix(BUCKETS) {
+                    cmd = timeseries_create(ts_coll, &cmd);
+                }
                 if cmd.contains_key("viewOn") {
                     // Views have no _id index; some servers log the pipeline as viewPipeline.
                     cmd.remove("idIndex");
@@ -468,6 +532,8 @@ impl Applier {
                 if !self.wants(db, c) {
                     return Ok(());
                 }
+                // Dropping a timeseries collection drops its buckets and its view.
+                let c = c.strip_prefix(BUCKETS).unwrap_or(c);
                 (doc! {"drop": c}, &[NAMESPACE_NOT_FOUND][..])
             }
             "createIndexes" | "commitIndexBuild" => {
@@ -609,7 +675,10 @@ impl Applier {
             .list_collection_names()
             .await
             .map_err(|e| entry_error(ts, "c", ns, driver_message(&e)))?;
-        for c in names.iter().filter(|c| self.wants(db, c)) {
+        let selected = names
+            .iter()
+            .filter(|c| data_collection(c).is_some_and(|d| self.filter.wants(db, d)));
+        for c in selected {
             match self.client.database(db).run_command(doc! {"drop": c}).await {
                 Ok(_) => {}
                 Err(e) if command_code(&e) == Some(NAMESPACE_NOT_FOUND) => {}
@@ -1076,6 +1145,35 @@ mod tests {
 
     fn mods(o: RawDocumentBuf) -> std::result::Result<Vec<Document>, String> {
         update_mods(&o).map(|v| v.iter().map(|d| d.to_document().unwrap()).collect())
+    }
+
+    #[test]
+    fn which_system_collections_are_data() {
+        assert_eq!(data_collection("m"), Some("m"));
+        assert_eq!(data_collection("system.js"), Some("system.js"));
+        assert_eq!(data_collection("system.buckets.weather"), Some("weather"));
+        assert_eq!(data_collection("system.buckets."), None);
+        assert_eq!(data_collection("system.views"), None);
+        assert_eq!(data_collection("system.profile"), None);
+    }
+
+    #[test]
+    fn a_logged_buckets_creation_becomes_the_timeseries_creation() {
+        let logged = doc! {
+            "create": "system.buckets.weather",
+            "validator": {"$jsonSchema": {}},
+            "clusteredIndex": true,
+            "timeseries": {"timeField": "t", "metaField": "m", "granularity": "hours"},
+            "expireAfterSeconds": 60_i64,
+        };
+        assert_eq!(
+            timeseries_create("weather", &logged),
+            doc! {
+                "create": "weather",
+                "timeseries": {"timeField": "t", "metaField": "m", "granularity": "hours"},
+                "expireAfterSeconds": 60_i64,
+            }
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Instant;
 use mongodb::Client;
 use mongodb::bson::RawDocumentBuf;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::bsonfile::DocReader;
 use super::oplog::Applier;
@@ -106,6 +106,7 @@ pub(super) async fn replay_slice(
     }
     read?;
     applier.flush().await?;
+    report_skipped(&applier);
     info!(
         engine = ENGINE,
         set = set.id(),
@@ -151,6 +152,7 @@ pub(super) async fn replay_segments(
         }
     }
     applier.flush().await?;
+    report_skipped(&applier);
     info!(
         engine = ENGINE,
         base = %plan.base.set,
@@ -162,4 +164,21 @@ pub(super) async fn replay_segments(
         "oplog segments replayed"
     );
     Ok(pos.applied)
+}
+
+/// One line for entries on `system.*` collections that are not data (none on the servers
+/// dbkeeper knows: their metadata changes come as DDL entries), so nothing is left out unsaid.
+fn report_skipped(applier: &Applier) {
+    let skipped = applier.skipped_system();
+    if !skipped.is_empty() {
+        let list: Vec<String> = skipped
+            .iter()
+            .map(|(ns, n)| format!("{ns} ({n})"))
+            .collect();
+        warn!(
+            engine = ENGINE,
+            "oplog entries on server metadata collections not replayed: {}",
+            list.join(", ")
+        );
+    }
 }
