@@ -24,6 +24,7 @@ pub mod role;
 pub mod secret;
 pub mod shutdown;
 pub mod sidecar;
+pub mod stats;
 
 #[cfg(test)]
 pub(crate) mod testutil;

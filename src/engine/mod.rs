@@ -198,6 +198,14 @@ pub trait EngineOps {
     /// Sets (`true`) or clears the "restore in progress" marker that `is_empty` reports as
     /// [`Emptiness::Interrupted`].
     async fn set_marker(&self, on: bool) -> Result<()>;
+
+    /// The server's statistics as metric families (see [`crate::stats`]), gathered in one
+    /// bounded round of queries under `timeout`. The sidecar calls it once per
+    /// `DBKEEPER_STATS_INTERVAL` and serves the result from memory. `Err` when the server did
+    /// not answer; the caller then reports the engine's `*_up` as 0. Default: none.
+    async fn stats(&self, _timeout: Duration) -> Result<Vec<crate::stats::Family>> {
+        Ok(Vec::new())
+    }
 }
 
 /// The configured engine, chosen at run time from its URL.
@@ -267,5 +275,9 @@ impl EngineOps for Engine {
     }
     async fn set_marker(&self, on: bool) -> Result<()> {
         dispatch!(self, e => e.set_marker(on).await)
+    }
+
+    async fn stats(&self, timeout: Duration) -> Result<Vec<crate::stats::Family>> {
+        dispatch!(self, e => e.stats(timeout).await)
     }
 }
