@@ -146,6 +146,20 @@ fn window_end(repo: &Path, set: &str) -> Option<String> {
         .and_then(|w| w["to_ts"].as_str().map(str::to_owned))
 }
 
+/// Waits (20 s at most) until the archive's window from `set` reaches `point`; fails with the
+/// archiver's log when it does not.
+#[track_caller]
+fn assert_archived_to(repo: &Path, set: &str, point: (u32, u32), arch: &Archiver) {
+    let reached = wait_until(Duration::from_secs(20), || {
+        window_end(repo, set).is_some_and(|e| parse_ts(&e) >= point)
+    });
+    assert!(
+        reached,
+        "the archive from {set} did not reach {point:?}:\n{}",
+        arch.log()
+    );
+}
+
 fn parse_ts(s: &str) -> (u32, u32) {
     let (t, i) = s.split_once(':').unwrap();
     (t.parse().unwrap(), i.parse().unwrap())
@@ -295,14 +309,7 @@ fn restore_to_time_brings_back_that_second_document_for_document() {
     batch_two(&src);
     let final_state = snapshot(&src, "app");
     let (end_t, end_i) = last_write(&src);
-    let archived = wait_until(Duration::from_secs(20), || {
-        window_end(repo.path(), &base).is_some_and(|e| parse_ts(&e) >= (end_t, end_i))
-    });
-    assert!(
-        archived,
-        "the archive did not reach the last write:\n{}",
-        arch.log()
-    );
+    assert_archived_to(repo.path(), &base, (end_t, end_i), &arch);
     let log = arch.stop();
     assert!(log.contains("oplog segment published"), "{log}");
 
@@ -372,9 +379,7 @@ fn a_target_before_a_newer_sets_end_uses_the_older_set_and_the_archive() {
     // A newer set, consistent to a point after T: it cannot serve T.
     let second = backup(repo.path(), &src.uri());
     let (end_t, end_i) = last_write(&src);
-    assert!(wait_until(Duration::from_secs(20), || {
-        window_end(repo.path(), &first).is_some_and(|e| parse_ts(&e) >= (end_t, end_i))
-    }));
+    assert_archived_to(repo.path(), &first, (end_t, end_i), &arch);
     drop(arch);
     let o = run(dbkeeper(repo.path()).args(["list", "--pitr"]));
     assert_code(&o, 0);
@@ -591,9 +596,7 @@ fn a_gap_in_the_archive_is_reported_and_the_next_set_closes_it() {
     let arch = Archiver::start(repo.path(), &src.uri());
     batch_one(&src);
     let (t1, i1) = last_write(&src);
-    assert!(wait_until(Duration::from_secs(20), || {
-        window_end(repo.path(), &first).is_some_and(|e| parse_ts(&e) >= (t1, i1))
-    }));
+    assert_archived_to(repo.path(), &first, (t1, i1), &arch);
     let _ = arch.stop();
 
     // Down for a while: far more writes than the oplog keeps.
@@ -642,9 +645,7 @@ fn a_gap_in_the_archive_is_reported_and_the_next_set_closes_it() {
     };
     assert_eq!(sets.len(), 2, "{sets:?}\n{}", arch.log());
     let newest = sets[0].clone();
-    assert!(wait_until(Duration::from_secs(20), || {
-        window_end(repo.path(), &newest).is_some_and(|e| parse_ts(&e) >= (t2, i2))
-    }));
+    assert_archived_to(repo.path(), &newest, (t2, i2), &arch);
     drop(arch);
     // The first set's window ends where the gap began.
     let end_first = parse_ts(&window_end(repo.path(), &first).unwrap());

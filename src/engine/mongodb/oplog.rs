@@ -959,8 +959,17 @@ fn section<'a>(
         RawBsonRef::Document(d) => Ok(d),
         _ => Err(format!(
             "malformed diff: section {name:?} at {} is not a document",
-            if at.is_empty() { "the top level" } else { at }
+            place(at)
         )),
+    }
+}
+
+/// Where in a document a diff section applies, for messages.
+fn place(path: &str) -> &str {
+    if path.is_empty() {
+        "the top level"
+    } else {
+        path
     }
 }
 
@@ -1005,11 +1014,7 @@ fn document_diff<'a>(
             _ => {
                 return Err(format!(
                     "malformed diff: unknown section {k:?} at {}",
-                    if prefix.is_empty() {
-                        "the top level"
-                    } else {
-                        prefix
-                    }
+                    place(prefix)
                 ));
             }
         }
