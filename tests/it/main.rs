@@ -2,6 +2,7 @@
 
 mod common;
 
+mod alerts;
 mod chroma;
 mod cli;
 mod encryption;
