@@ -127,6 +127,7 @@ impl Config {
                 chroma_tenant: Some(g.chroma_tenant.clone()),
                 chroma_database: Some(g.chroma_database.clone()),
                 chroma_auth_header: Some(g.chroma_auth_header.clone()),
+                stats_max_collections: None,
             },
             redis_data_dir: g.redis_data_dir.clone(),
             retention: local,

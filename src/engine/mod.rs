@@ -142,6 +142,9 @@ pub struct EngineOptions {
     /// Header the Chroma token travels in: `authorization` (Bearer, the default) or
     /// `x-chroma-token`.
     pub chroma_auth_header: Option<String>,
+    /// Collections with figures of their own in `stats` (`DBKEEPER_STATS_MAX_COLLECTIONS`,
+    /// default 100); the rest are summed into one.
+    pub stats_max_collections: Option<usize>,
 }
 
 /// The contract every engine implements. Roles are generic over it (through [`Engine`]);

@@ -7,6 +7,7 @@ mod chroma;
 mod cli;
 mod encryption;
 mod install;
+mod metrics_chroma;
 mod mongo_oplog;
 mod mongo_pitr;
 mod mongo_replset;

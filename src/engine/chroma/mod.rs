@@ -9,6 +9,7 @@ mod api;
 mod dump;
 pub mod format;
 mod restore;
+mod stats;
 
 use std::time::Duration;
 
@@ -138,6 +139,8 @@ pub struct ChromaEngine {
     display: String,
     /// Boxed: the engine enum stays small whichever engine it holds.
     api: Box<api::Api>,
+    /// `DBKEEPER_STATS_MAX_COLLECTIONS`.
+    max_collections: Option<usize>,
 }
 
 impl ChromaEngine {
@@ -147,6 +150,7 @@ impl ChromaEngine {
         Ok(ChromaEngine {
             api: Box::new(api::Api::new(cfg, display.clone())),
             display,
+            max_collections: opts.stats_max_collections,
         })
     }
 
@@ -181,6 +185,10 @@ impl EngineOps for ChromaEngine {
 
     async fn probe(&self, timeout: Duration) -> Result<Probe> {
         self.api.probe(timeout).await
+    }
+
+    async fn stats(&self, timeout: Duration) -> Result<Vec<crate::stats::Family>> {
+        self.gather_stats(timeout).await
     }
 
     async fn is_empty(&self) -> Result<Emptiness> {
