@@ -2,7 +2,6 @@
 
 mod common;
 
-mod alerts;
 mod chroma;
 mod cli;
 mod encryption;
@@ -13,6 +12,7 @@ mod mongo_pitr;
 mod mongo_replset;
 mod mongo_users;
 mod mongodb;
+mod monitoring;
 mod redis;
 mod remote;
 mod s3store;

