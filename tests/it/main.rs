@@ -7,6 +7,7 @@ mod cli;
 mod encryption;
 mod install;
 mod metrics_chroma;
+mod metrics_redis;
 mod mongo_oplog;
 mod mongo_pitr;
 mod mongo_replset;

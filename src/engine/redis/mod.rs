@@ -2,6 +2,7 @@
 //! by pipelined `RESTORE`, pre-start preseed of a data directory, and offline deep verify.
 
 pub mod rdb;
+mod stats;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -670,6 +671,10 @@ impl EngineOps for RedisEngine {
             Ok(())
         })
         .await
+    }
+
+    async fn stats(&self, timeout: Duration) -> Result<Vec<crate::stats::Family>> {
+        self.gather_stats(timeout).await
     }
 }
 
