@@ -158,6 +158,26 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "DBKEEPER_LOCK_WAIT", default_value = "0s", value_parser = parse_duration)]
     pub lock_wait: Duration,
 
+    /// How often the sidecar gathers database statistics for /metrics and /stats (1s to 1h)
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_STATS_INTERVAL",
+        default_value = "15s",
+        value_name = "DURATION"
+    )]
+    pub stats_interval: String,
+
+    /// Collections with figures of their own in the statistics; the rest are summed into one
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_STATS_MAX_COLLECTIONS",
+        default_value = "100",
+        value_name = "N"
+    )]
+    pub stats_max_collections: String,
+
     /// Log format
     #[arg(long, global = true, env = "DBKEEPER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -318,6 +338,23 @@ pub enum Command {
         /// Test a point-in-time recovery (MongoDB) to this RFC 3339 time
         #[arg(long, value_name = "TIME", conflicts_with = "id")]
         to_time: Option<String>,
+    },
+    /// Database statistics as a table: from the local sidecar's GET /stats (or --sidecar URL), or with --direct gathered once from the engines
+    Stats {
+        /// Print them again every DBKEEPER_STATS_INTERVAL until interrupted
+        #[arg(long)]
+        watch: bool,
+        /// The sidecar to ask: `self` (the one at DBKEEPER_LISTEN on this host) or its URL
+        #[arg(
+            long,
+            value_name = "URL",
+            default_value = "self",
+            conflicts_with = "direct"
+        )]
+        sidecar: String,
+        /// Gather from the configured engines instead of asking a sidecar
+        #[arg(long)]
+        direct: bool,
     },
     /// The compose init role: wait for every engine, then preseed the empty ones
     Init {

@@ -31,6 +31,38 @@ pub struct Config {
     pub mongo_pitr: bool,
     /// How often archived oplog is published (`DBKEEPER_PITR_FLUSH`).
     pub pitr_flush: Duration,
+    /// How often the sidecar gathers database statistics (`DBKEEPER_STATS_INTERVAL`). The
+    /// bound on labelled collections (`DBKEEPER_STATS_MAX_COLLECTIONS`) is an engine option.
+    pub stats_interval: Duration,
+}
+
+/// Bounds of `DBKEEPER_STATS_INTERVAL`: below a second the rounds would cost the databases
+/// more than the figures are worth; above an hour they are too stale to alert on.
+const STATS_INTERVAL: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(3600));
+/// Bound of `DBKEEPER_STATS_MAX_COLLECTIONS`: each labelled collection is a series per family.
+const STATS_MAX_COLLECTIONS: usize = 100_000;
+
+/// `DBKEEPER_STATS_INTERVAL`: a duration with its unit, 1s to 1h.
+pub fn parse_stats_interval(s: &str) -> Result<Duration> {
+    let (lo, hi) = STATS_INTERVAL;
+    let d = crate::cli::parse_duration(s)
+        .map_err(|e| Error::config(format!("DBKEEPER_STATS_INTERVAL: {e}")))?;
+    if d < lo || d > hi {
+        return Err(Error::config(format!(
+            "DBKEEPER_STATS_INTERVAL={s:?}: must be between 1s and 1h"
+        )));
+    }
+    Ok(d)
+}
+
+/// `DBKEEPER_STATS_MAX_COLLECTIONS`: a count from 1 to 100000.
+pub fn parse_stats_max_collections(s: &str) -> Result<usize> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=STATS_MAX_COLLECTIONS).contains(&n) => Ok(n),
+        _ => Err(Error::config(format!(
+            "DBKEEPER_STATS_MAX_COLLECTIONS={s:?}: expected a count from 1 to {STATS_MAX_COLLECTIONS}"
+        ))),
+    }
 }
 
 /// Where environment variables come from: the process, or a map in tests.
@@ -83,6 +115,8 @@ impl Config {
                 "DBKEEPER_PITR_FLUSH must be between 100ms and 1h",
             ));
         }
+        let stats_interval = parse_stats_interval(&g.stats_interval)?;
+        let stats_max_collections = parse_stats_max_collections(&g.stats_max_collections)?;
         if g.lock_lease < Duration::from_secs(3) {
             return Err(Error::config("DBKEEPER_LOCK_LEASE must be at least 3s"));
         }
@@ -127,13 +161,14 @@ impl Config {
                 chroma_tenant: Some(g.chroma_tenant.clone()),
                 chroma_database: Some(g.chroma_database.clone()),
                 chroma_auth_header: Some(g.chroma_auth_header.clone()),
-                stats_max_collections: None,
+                stats_max_collections: Some(stats_max_collections),
             },
             redis_data_dir: g.redis_data_dir.clone(),
             retention: local,
             lock_wait: g.lock_wait,
             mongo_pitr: g.mongodb_pitr == "on",
             pitr_flush: g.pitr_flush,
+            stats_interval,
         };
         // Validate every URL now, so a typo fails at start-up with exit 2.
         cfg.engines(&[])?;
@@ -488,6 +523,26 @@ mod sidecar_tests {
         assert!(MinFree::Percent(10.0).is_low(9, 100));
         assert!(!MinFree::Percent(10.0).is_low(10, 100));
         assert!(MinFree::Bytes(10).is_low(9, 1000));
+    }
+
+    #[test]
+    fn stats_settings_are_bounded() {
+        assert_eq!(
+            parse_stats_interval("15s").unwrap(),
+            Duration::from_secs(15)
+        );
+        assert_eq!(
+            parse_stats_interval("1h").unwrap(),
+            Duration::from_secs(3600)
+        );
+        for bad in ["", "15", "fast", "500ms", "2h", "0s"] {
+            let e = parse_stats_interval(bad).unwrap_err().to_string();
+            assert!(e.contains("DBKEEPER_STATS_INTERVAL"), "{bad}: {e}");
+        }
+        assert_eq!(parse_stats_max_collections("100").unwrap(), 100);
+        for bad in ["0", "-1", "many", "100001", ""] {
+            assert!(parse_stats_max_collections(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -204,6 +204,19 @@ async fn dispatch(
         }
         Command::Install { dir } => install::install(&dir),
         Command::Init { timeout } => init::init(cfg, timeout, cancel).await,
+        Command::Stats {
+            watch,
+            sidecar,
+            direct,
+        } => {
+            use crate::sidecar::stats::{Source, cli, sidecar_url};
+            let source = if direct {
+                Source::Direct
+            } else {
+                Source::Sidecar(sidecar_url(&sidecar, &process_env)?)
+            };
+            cli(cfg, source, watch, cancel).await
+        }
         // `run` starts the sidecar itself, with its own stop rules.
         Command::Sidecar(_) => Err(Error::config("the sidecar cannot be dispatched as a verb")),
         Command::TestRestore { id, into, to_time } => {

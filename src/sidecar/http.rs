@@ -1,4 +1,4 @@
-//! The HTTP API: health, alerts, metrics, sets, and jobs (start, watch, cancel). JSON
+//! The HTTP API: health, alerts, metrics, statistics, sets, and jobs (start, watch, cancel). JSON
 //! everywhere; errors are `{"error": "..."}`; POST and DELETE need the bearer token when one
 //! is configured.
 
@@ -23,6 +23,7 @@ pub fn router(app: App) -> Router {
         .route("/health", get(health))
         .route("/alerts", get(alerts))
         .route("/metrics", get(metrics))
+        .route("/stats", get(stats))
         .route("/backups", get(list_backups).post(start_backup))
         .route("/test-restores", axum::routing::post(start_test_restore))
         .route("/jobs/{id}", get(get_job).delete(cancel_job))
@@ -226,12 +227,23 @@ async fn alerts(State(app): State<App>) -> Response {
     ok(StatusCode::OK, json!({ "alerts": alerts }))
 }
 
-async fn metrics(State(app): State<App>) -> Response {
+async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = super::metrics::Format::negotiate(accept);
     (
-        [(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
-        super::metrics::render(&app),
+        [(header::CONTENT_TYPE, format.content_type())],
+        super::metrics::render(&app, format),
     )
         .into_response()
+}
+
+/// The engines' statistics as JSON, from memory like `/metrics`.
+async fn stats(State(app): State<App>) -> Response {
+    let rounds = app.stats.snapshot();
+    ok(
+        StatusCode::OK,
+        super::stats::to_json(app.cfg.stats_interval, &rounds),
+    )
 }
 
 async fn list_backups(State(app): State<App>) -> Response {

@@ -1,5 +1,5 @@
 //! The resident role: the backup schedule, deep verify and retention after each run, the
-//! health loop, the HTTP API, notifications, and a clean stop on SIGTERM.
+//! health loop, the statistics loops, the HTTP API, notifications, and a clean stop on SIGTERM.
 //!
 //! The process starts no child processes, so as PID 1 it has no zombies to reap.
 
@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod notify;
 pub mod schedule;
 pub mod state;
+pub mod stats;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,6 +49,8 @@ pub struct Sidecar {
     pub root: CancellationToken,
     /// The oplog archiver's state (`DBKEEPER_MONGODB_PITR=on`).
     pub pitr: Option<crate::engine::mongodb::SharedStatus>,
+    /// Each engine's last statistics round (`DBKEEPER_STATS_INTERVAL`).
+    pub stats: stats::Store,
     tracker: TaskTracker,
 }
 
@@ -98,6 +101,7 @@ pub async fn run(cfg: Config, sc: SidecarConfig, root: CancellationToken) -> Res
         state: State::new(Utc::now()),
         root: root.clone(),
         pitr: None,
+        stats: stats::Store::default(),
         tracker: TaskTracker::new(),
     });
     let app = if app.cfg.mongo_pitr {
@@ -121,11 +125,15 @@ pub async fn run(cfg: Config, sc: SidecarConfig, root: CancellationToken) -> Res
     info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         next_backup = %next_label(&app.sc.schedule),
+        stats_interval = %humantime::format_duration(app.cfg.stats_interval),
         "sidecar ready"
     );
 
     app.tracker.spawn(app.clone().find_newest_verified());
     app.tracker.spawn(app.clone().health_loop());
+    for i in 0..app.engines.len() {
+        app.tracker.spawn(app.clone().stats_loop(i));
+    }
     if app.pitr.is_some() {
         app.tracker.spawn(app.clone().pitr_loop());
     }

@@ -6,6 +6,7 @@ mod chroma;
 mod cli;
 mod encryption;
 mod install;
+mod metrics;
 mod metrics_chroma;
 mod metrics_redis;
 mod mongo_oplog;

@@ -337,7 +337,6 @@ impl Drop for Sidecar {
 }
 
 #[test]
-#[ignore = "awaits the sidecar's background stats loop (issue 16); remove once src/sidecar serves stats()"]
 fn the_sidecar_serves_the_exporters_redis_families() {
     let r = server();
     let exporter = Exporter::start(&r);
