@@ -236,6 +236,8 @@ pub struct RetentionArgs {
     pub keep_monthly: u32,
 }
 
+// Parsed once per process: the sidecar's larger arguments cost nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Wait until every engine answers at the protocol level
@@ -401,4 +403,20 @@ pub struct SidecarArgs {
     /// Newest set on the remote older than this makes /health 503 (default: DBKEEPER_MAX_BACKUP_AGE)
     #[arg(long, env = "DBKEEPER_REMOTE_MAX_AGE", value_parser = parse_duration)]
     pub remote_max_age: Option<Duration>,
+    /// Redis memory above this share of maxmemory raises redis_memory_high in /alerts
+    #[arg(long, env = "DBKEEPER_ALERT_REDIS_MEMORY", default_value = "90%")]
+    pub alert_redis_memory: String,
+    /// MongoDB connections above this share of the server's limit raise mongodb_connections_high
+    #[arg(
+        long,
+        env = "DBKEEPER_ALERT_MONGODB_CONNECTIONS",
+        default_value = "80%"
+    )]
+    pub alert_mongodb_connections: String,
+    /// A replica-set member further behind its primary than this raises replication_lag
+    #[arg(long, env = "DBKEEPER_ALERT_REPLICATION_LAG", default_value = "10s", value_parser = parse_duration)]
+    pub alert_replication_lag: Duration,
+    /// How long a Redis eviction or a database restart stays in /alerts
+    #[arg(long, env = "DBKEEPER_ALERT_WINDOW", default_value = "5m", value_parser = parse_duration)]
+    pub alert_window: Duration,
 }

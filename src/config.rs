@@ -264,6 +264,16 @@ impl Config {
     }
 }
 
+/// A threshold of an `/alerts` condition: a percentage above 0 and at most 100, as a fraction.
+fn alert_fraction(name: &str, s: &str) -> Result<f64> {
+    s.trim()
+        .strip_suffix('%')
+        .and_then(|p| p.trim().parse::<f64>().ok())
+        .filter(|v| *v > 0.0 && *v <= 100.0)
+        .map(|v| v / 100.0)
+        .ok_or_else(|| Error::config(format!("{name}={s:?}: expected a percentage such as 90%")))
+}
+
 /// Where the repository's free-space alert starts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum MinFree {
@@ -396,6 +406,8 @@ pub struct SidecarConfig {
     pub scratch: Vec<Secret>,
     /// The newest set on the remote may be this old before `/health` fails.
     pub remote_max_age: Duration,
+    /// Where `/alerts`' database conditions start.
+    pub db_alerts: crate::sidecar::db_alerts::Thresholds,
 }
 
 impl SidecarConfig {
@@ -460,6 +472,20 @@ impl SidecarConfig {
                 }
                 Some(d) => d,
                 None => max_backup_age,
+            },
+            db_alerts: crate::sidecar::db_alerts::Thresholds {
+                redis_memory: alert_fraction("DBKEEPER_ALERT_REDIS_MEMORY", &a.alert_redis_memory)?,
+                mongodb_connections: alert_fraction(
+                    "DBKEEPER_ALERT_MONGODB_CONNECTIONS",
+                    &a.alert_mongodb_connections,
+                )?,
+                replication_lag: a.alert_replication_lag,
+                window: match a.alert_window {
+                    d if d.is_zero() => {
+                        return Err(Error::config("DBKEEPER_ALERT_WINDOW must be above 0s"));
+                    }
+                    d => d,
+                },
             },
         })
     }

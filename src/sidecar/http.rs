@@ -146,6 +146,15 @@ pub fn active_alerts(app: &Sidecar) -> Vec<Value> {
     for (k, why) in app.engine_problems() {
         out.push(json!({"alert": "engine_down", "engine": k.name(), "message": why}));
     }
+    for (kind, s) in app.stats.snapshot() {
+        out.extend(super::db_alerts::conditions(
+            kind,
+            &s.families,
+            &s.events,
+            &app.sc.db_alerts,
+            now,
+        ));
+    }
     if let (_, _, Err(why)) = app.freshness(now) {
         out.push(json!({"alert": "backup_stale", "message": why}));
     }

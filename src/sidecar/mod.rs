@@ -3,6 +3,7 @@
 //!
 //! The process starts no child processes, so as PID 1 it has no zombies to reap.
 
+pub mod db_alerts;
 pub mod http;
 pub mod metrics;
 pub mod notify;

@@ -40,6 +40,8 @@ pub struct EngineStats {
     /// Empty when the round failed: figures of a server that does not answer are not served
     /// as if they were current.
     pub families: Vec<Family>,
+    /// Evictions and restarts seen between rounds, for `/alerts`.
+    pub events: super::db_alerts::Events,
 }
 
 /// The last round of every engine. Rounds are shared (`Arc`) so a scrape holds the lock only
@@ -51,6 +53,11 @@ impl Store {
     pub fn snapshot(&self) -> Vec<(EngineKind, Arc<EngineStats>)> {
         let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
         g.iter().map(|(k, v)| (*k, v.clone())).collect()
+    }
+
+    pub fn get(&self, kind: EngineKind) -> Option<Arc<EngineStats>> {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(&kind).cloned()
     }
 
     fn put(&self, kind: EngineKind, s: EngineStats) -> Option<Arc<EngineStats>> {
@@ -85,6 +92,7 @@ pub async fn gather(engine: &Engine, timeout: Duration) -> EngineStats {
             duration_seconds,
             error: None,
             families,
+            events: Default::default(),
         },
         Err(e) => EngineStats {
             up: false,
@@ -92,6 +100,7 @@ pub async fn gather(engine: &Engine, timeout: Duration) -> EngineStats {
             duration_seconds,
             error: Some(format!("{e:#}")),
             families: Vec::new(),
+            events: Default::default(),
         },
     }
 }
@@ -111,10 +120,16 @@ impl Sidecar {
                 _ = tick.tick() => {}
                 _ = self.root.cancelled() => return,
             }
-            let s = tokio::select! {
+            let mut s = tokio::select! {
                 s = gather(engine, timeout) => s,
                 _ = self.root.cancelled() => return,
             };
+            let before = self
+                .stats
+                .get(kind)
+                .map(|p| p.events.clone())
+                .unwrap_or_default();
+            s.events = before.next(kind, &s.families, s.gathered_at);
             let (up, error, ms) = (s.up, s.error.clone(), (s.duration_seconds * 1000.0) as u64);
             let was = self.stats.put(kind, s).map(|p| p.up);
             if was != Some(up) {
@@ -339,6 +354,7 @@ mod tests {
             duration_seconds: 0.002,
             error: (!up).then(|| "redis unreachable".to_owned()),
             families: if up { vec![f] } else { Vec::new() },
+            events: Default::default(),
         })
     }
 

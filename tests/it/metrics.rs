@@ -562,3 +562,126 @@ fn bad_statistics_settings_exit_2_with_one_line() {
         assert!(err.contains(k), "{k}={v}: {err}");
     }
 }
+
+/// The alert names `/alerts` reports now.
+fn alert_names(port: u16) -> Vec<String> {
+    let (_, _, body) = get(port, "/alerts", None).unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["alert"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn redis_cli(port: u16, args: &[&str]) {
+    let o = run(Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args));
+    assert_code(&o, 0);
+}
+
+/// Redis near its maxmemory, evicting, and restarted: each a condition in `/alerts` with the
+/// thresholds from the environment; none of them before.
+#[test]
+fn database_conditions_reach_alerts_with_their_thresholds() {
+    let repo = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let redis = FixedRedis::start(port, data.path());
+    let url = format!("redis://127.0.0.1:{port}");
+    let sc = Sidecar::start(
+        repo.path(),
+        &[
+            ("DBKEEPER_REDIS_URL", &url),
+            ("DBKEEPER_ALERT_REDIS_MEMORY", "50%"),
+            ("DBKEEPER_ALERT_WINDOW", "1h"),
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(20), || sc
+        .sample("redis_up")
+        == Some(1.0)));
+    let db_alerts = |names: Vec<String>| -> Vec<String> {
+        names
+            .into_iter()
+            .filter(|n| n.starts_with("redis_") || n == "database_restarted")
+            .collect()
+    };
+    assert!(db_alerts(alert_names(sc.port)).is_empty());
+
+    // Memory past 50% of a small maxmemory: fill, then lower the bound under the data.
+    let value = "v".repeat(10_000);
+    let mut pipe = String::new();
+    for i in 0..300 {
+        pipe += &format!("SET k{i} {value}\r\n");
+    }
+    let mut cli = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "--pipe"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    cli.stdin
+        .take()
+        .unwrap()
+        .write_all(pipe.as_bytes())
+        .unwrap();
+    assert!(cli.wait().unwrap().success());
+    redis_cli(port, &["config", "set", "maxmemory-policy", "allkeys-lru"]);
+    redis_cli(port, &["config", "set", "maxmemory", "5mb"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || alert_names(sc.port)
+            .contains(&"redis_memory_high".to_owned())),
+        "{:?}\n{}",
+        alert_names(sc.port),
+        sc.log()
+    );
+    // Writes past the bound evict keys.
+    for i in 300..900 {
+        redis_cli(port, &["set", &format!("k{i}"), &value]);
+        if i % 100 == 0 && alert_names(sc.port).contains(&"redis_evicting".to_owned()) {
+            break;
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || alert_names(sc.port)
+            .contains(&"redis_evicting".to_owned())),
+        "{:?}",
+        alert_names(sc.port)
+    );
+
+    // A restart: the uptime went down between two rounds.
+    drop(redis);
+    let _redis = FixedRedis::start(port, data.path());
+    assert!(
+        wait_until(Duration::from_secs(15), || alert_names(sc.port)
+            .contains(&"database_restarted".to_owned())),
+        "{:?}\n{}",
+        alert_names(sc.port),
+        sc.log()
+    );
+    // The window (1h) keeps the eviction seen before the restart.
+    assert!(alert_names(sc.port).contains(&"redis_evicting".to_owned()));
+}
+
+#[test]
+fn bad_alert_thresholds_exit_2_with_one_line() {
+    let repo = tempfile::tempdir().unwrap();
+    for (k, v) in [
+        ("DBKEEPER_ALERT_REDIS_MEMORY", "90"),
+        ("DBKEEPER_ALERT_REDIS_MEMORY", "120%"),
+        ("DBKEEPER_ALERT_MONGODB_CONNECTIONS", "0%"),
+        ("DBKEEPER_ALERT_WINDOW", "0s"),
+    ] {
+        let o = run(dbkeeper(repo.path())
+            .arg("sidecar")
+            .env("DBKEEPER_REDIS_URL", "redis://127.0.0.1:1")
+            .env("DBKEEPER_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env(k, v));
+        assert_code(&o, 2);
+        let err = stderr(&o);
+        assert_eq!(err.trim().lines().count(), 1, "{k}={v}: {err}");
+        assert!(err.contains(k), "{k}={v}: {err}");
+    }
+}
