@@ -363,6 +363,57 @@ pub enum Command {
         /// Overall deadline for the engines to become ready
         #[arg(long, env = "DBKEEPER_WAIT_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
         timeout: Duration,
+        #[command(flatten)]
+        migrate: MigrateArgs,
+    },
+    /// Apply pending schema migrations (DBKEEPER_MIGRATIONS/<engine>/V<version>__<desc>.<ext>)
+    Migrate {
+        #[command(subcommand)]
+        action: Option<MigrateAction>,
+        /// Say what would be applied, change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Apply pending migrations up to this version only
+        #[arg(long, value_name = "VERSION")]
+        to: Option<String>,
+        #[command(flatten)]
+        args: MigrateArgs,
+    },
+}
+
+/// Where migrations are and how `migrate` (and `init`) treat what Flyway would refuse.
+#[derive(Debug, Args, Clone)]
+pub struct MigrateArgs {
+    /// Migration files, one directory per engine (`mongodb/`, `redis/`, `chroma/`)
+    #[arg(long, global = true, env = "DBKEEPER_MIGRATIONS", value_name = "DIR")]
+    pub migrations: Option<PathBuf>,
+    /// After a failed migration: restore the engine from its pre-migration set, or leave it (halt)
+    #[arg(long, global = true, env = "DBKEEPER_MIGRATE_ON_FAILURE", default_value = "restore", value_parser = ["restore", "halt"])]
+    pub on_failure: String,
+    /// Apply pending migrations older than the newest applied one
+    #[arg(long, global = true, env = "DBKEEPER_MIGRATE_OUT_OF_ORDER")]
+    pub out_of_order: bool,
+    /// Go on when an applied migration's file is gone
+    #[arg(long, global = true, env = "DBKEEPER_MIGRATE_IGNORE_MISSING")]
+    pub ignore_missing: bool,
+    /// How long to wait for another migrator to finish
+    #[arg(long, global = true, env = "DBKEEPER_MIGRATE_LOCK_WAIT", default_value = "10m", value_parser = parse_duration)]
+    pub migrate_lock_wait: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateAction {
+    /// Each migration's version, description, state and time applied
+    Info,
+    /// Accept the current files: record changed checksums, forget failed and missing migrations
+    Repair,
+    /// Adopt an existing database: record VERSION as applied, so only newer files run
+    Baseline {
+        #[arg(value_name = "VERSION")]
+        baseline_version: String,
+        /// What the baseline stands for
+        #[arg(long, default_value = "baseline")]
+        description: String,
     },
 }
 

@@ -7,6 +7,7 @@
 //! - `secret`: the `Secret` type, `NAME_FILE` resolution, URL redaction.
 //! - `error`, `exit`: the one error type and the exit-code table.
 //! - `logging`, `shutdown`: tracing set-up; signals → cancellation.
+//! - `migrate`: versioned schema migrations — files, per-database history and lock, Flyway's rules.
 //! - `engine`: the engine contract and its MongoDB, Redis and Chroma implementations.
 //! - `repo`: sets on disk — manifest, atomic publish, lock, verification, retention.
 //! - `role`: one module per verb (wait, health, backup, list, verify, restore/preseed, prune,
@@ -19,6 +20,7 @@ pub mod engine;
 pub mod error;
 pub mod exit;
 pub mod logging;
+pub mod migrate;
 pub mod repo;
 pub mod role;
 pub mod secret;

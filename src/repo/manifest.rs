@@ -23,6 +23,10 @@ pub struct Manifest {
     pub finished_at: DateTime<Utc>,
     /// The application's schema version (migrations); `null` until migrations exist.
     pub schema_version: Option<String>,
+    /// Each engine's schema version, and for a set taken just before migrating, the versions
+    /// it was taken to migrate from and to. Absent in sets written before migrations existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Schema>,
     /// How the set is encrypted; absent for plain sets. See [`Encryption`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
@@ -48,6 +52,41 @@ pub struct Encryption {
     /// Passphrase mode: the set's identity, sealed with the passphrase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<FileEntry>,
+}
+
+/// The migration facts of a set (see [`Manifest::schema`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Schema {
+    /// The newest applied migration (or baseline) of each engine that has a history.
+    #[serde(default)]
+    pub versions: BTreeMap<EngineKind, String>,
+    /// Set only on a `pre-migration` set: per engine, the version before (`null`: none yet)
+    /// and the version the migration run was going to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_migration: Option<BTreeMap<EngineKind, PreMigration>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PreMigration {
+    pub from: Option<String>,
+    pub to: String,
+}
+
+impl Schema {
+    /// The set-level `schema_version`: the one engine's version, or `engine=version` pairs.
+    pub fn summary(&self) -> Option<String> {
+        match self.versions.len() {
+            0 => None,
+            1 => self.versions.values().next().cloned(),
+            _ => Some(
+                self.versions
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        }
+    }
 }
 
 pub const SEALED_MANIFEST: &str = "manifest.json.age";
@@ -181,6 +220,7 @@ impl Manifest {
             started_at: self.started_at,
             finished_at: self.finished_at,
             schema_version: self.schema_version.clone(),
+            schema: self.schema.clone(),
             encryption: Some(encryption),
             engines,
         }

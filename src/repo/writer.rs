@@ -209,14 +209,23 @@ impl SetWriter {
 
     /// Writes the manifest (for an encrypted set: the sealed full manifest, the set's
     /// identity in passphrase mode, then the public manifest) and makes the set visible.
-    pub fn publish(mut self) -> Result<Manifest> {
+    pub fn publish(self) -> Result<Manifest> {
+        self.publish_with_schema(None)
+    }
+
+    /// [`publish`](Self::publish), recording the engines' schema versions (migrations).
+    pub fn publish_with_schema(
+        mut self,
+        schema: Option<super::manifest::Schema>,
+    ) -> Result<Manifest> {
         let mut manifest = Manifest {
             format: FORMAT_PLAIN,
             id: self.id.clone(),
             tool: Tool::current(),
             started_at: self.started_at,
             finished_at: Utc::now(),
-            schema_version: None,
+            schema_version: schema.as_ref().and_then(|s| s.summary()),
+            schema,
             encryption: None,
             engines: std::mem::take(&mut self.engines),
         };

@@ -20,6 +20,19 @@ pub async fn backup(
     engines: &[Engine],
     cancel: &CancellationToken,
 ) -> Result<Manifest> {
+    backup_marked(cfg, engines, None, cancel).await
+}
+
+/// [`backup`], with each engine's schema version (from its migration history) in the
+/// manifest, and for the set `migrate` takes first, the versions it migrates from and to.
+pub async fn backup_marked(
+    cfg: &Config,
+    engines: &[Engine],
+    pre_migration: Option<
+        std::collections::BTreeMap<crate::engine::EngineKind, crate::repo::manifest::PreMigration>,
+    >,
+    cancel: &CancellationToken,
+) -> Result<Manifest> {
     let repo = cfg.open_repo()?;
     let lock = repo.lock(cfg.lock_wait).await?;
     // Fail before creating anything if an engine is down.
@@ -49,7 +62,21 @@ pub async fn backup(
     if cancel.is_cancelled() {
         return Err(Error::Interrupted(0));
     }
-    let manifest = tokio::task::spawn_blocking(move || set.publish())
+    let mut schema = crate::repo::manifest::Schema {
+        pre_migration,
+        ..Default::default()
+    };
+    for e in engines {
+        if let Some((_, url)) = cfg.urls.iter().find(|(k, _)| *k == e.kind())
+            && let Some(v) =
+                crate::migrate::schema_version(e.kind(), url, &cfg.engine_options).await
+        {
+            schema.versions.insert(e.kind(), v);
+        }
+    }
+    // Read after the dumps: the engines answered, so this costs a round trip, not a timeout.
+    let schema = (!schema.versions.is_empty() || schema.pre_migration.is_some()).then_some(schema);
+    let manifest = tokio::task::spawn_blocking(move || set.publish_with_schema(schema))
         .await
         .map_err(|e| Error::engine("backup", format!("publish task failed: {e}")))??;
     info!(

@@ -5,6 +5,7 @@ pub mod health;
 pub mod init;
 pub mod install;
 pub mod list;
+pub mod migrate;
 pub mod pitr;
 pub mod prune;
 pub mod remote;
@@ -203,7 +204,16 @@ async fn dispatch(
             Ok(())
         }
         Command::Install { dir } => install::install(&dir),
-        Command::Init { timeout } => init::init(cfg, timeout, cancel).await,
+        Command::Init { timeout, migrate } => {
+            init::init(cfg, timeout, cancel).await?;
+            migrate::after_init(cfg, &migrate, cancel).await
+        }
+        Command::Migrate {
+            action,
+            dry_run,
+            to,
+            args,
+        } => migrate::run(cfg, action, dry_run, to, &args, cancel).await,
         Command::Stats {
             watch,
             sidecar,

@@ -9,6 +9,7 @@ mod install;
 mod metrics;
 mod metrics_chroma;
 mod metrics_redis;
+mod migrate;
 mod mongo_oplog;
 mod mongo_pitr;
 mod mongo_replset;

@@ -20,7 +20,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Collections and databases are listed in pages of this size.
 const LIST_PAGE: usize = 100;
 
-pub(super) struct Api {
+pub(crate) struct Api {
     pub cfg: ChromaConfig,
     display: String,
     client: OnceLock<std::result::Result<Client, String>>,
@@ -29,7 +29,7 @@ pub(super) struct Api {
 /// A collection as `GET …/collections` returns it. Settings are kept as the server's raw JSON
 /// so a restore sends back exactly what was read (no float re-rounding).
 #[derive(Debug, Deserialize)]
-pub(super) struct Collection {
+pub(crate) struct Collection {
     pub id: String,
     pub name: String,
     #[serde(default)]
@@ -43,7 +43,7 @@ pub(super) struct Collection {
 }
 
 #[derive(Debug, Deserialize)]
-pub(super) struct PreFlight {
+pub(crate) struct PreFlight {
     pub max_batch_size: usize,
     #[serde(default)]
     pub supports_base64_encoding: bool,
@@ -507,6 +507,52 @@ impl Api {
             return Ok(());
         }
         self.check(resp, &what).await.map(|_| ())
+    }
+
+    /// The collection of that name, or `None` (migrations).
+    pub async fn get_collection(&self, db: &str, name: &str) -> Result<Option<Collection>> {
+        let what = format!("get collection {name}");
+        let resp = self
+            .request(Method::GET, self.db_url(db, &["collections", name]))?
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| self.transport(&what, e))?;
+        // Chroma answers a missing collection with 404, some versions with 400/500 naming it.
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let status = resp.status();
+        let body = resp.text().await.map_err(|e| self.transport(&what, e))?;
+        if !status.is_success() {
+            if body.contains("does not exist") || body.contains("NotFound") {
+                return Ok(None);
+            }
+            return Err(self.status_error(status, &what, &body));
+        }
+        serde_json::from_str(&body).map(Some).map_err(|e| {
+            Error::engine(
+                ENGINE,
+                format!("{what} at {}: unexpected answer: {e}", self.display),
+            )
+        })
+    }
+
+    /// `PUT …/collections/{id}` with `new_name`, `new_metadata`, `new_configuration` (migrations).
+    pub async fn modify_collection(
+        &self,
+        db: &str,
+        id: &str,
+        body: &serde_json::Value,
+        what: &str,
+    ) -> Result<()> {
+        self.send(
+            self.request(Method::PUT, self.db_url(db, &["collections", id]))?
+                .json(body),
+            what,
+        )
+        .await?;
+        Ok(())
     }
 
     /// Adds one batch whose JSON body was built by the restore's reader thread.

@@ -5,7 +5,7 @@
 //! - `format`: the export format on disk (shared by dump, restore and deep verify).
 //! - `dump`, `restore`: the two data paths, streamed one page/batch at a time.
 
-mod api;
+pub(crate) mod api;
 mod dump;
 pub mod format;
 mod restore;
@@ -156,6 +156,11 @@ impl ChromaEngine {
 
     pub fn config(&self) -> &ChromaConfig {
         &self.api.cfg
+    }
+
+    /// The HTTP client, for the migrations' history, lock and operations.
+    pub(crate) fn api(&self) -> &api::Api {
+        &self.api
     }
 
     /// The databases to look at now: the configured one, or every one the tenant has.
