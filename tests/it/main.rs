@@ -8,6 +8,7 @@ mod encryption;
 mod install;
 mod metrics;
 mod metrics_chroma;
+mod metrics_mongo;
 mod metrics_redis;
 mod migrate;
 mod mongo_oplog;

@@ -25,15 +25,15 @@ type Labels = Vec<(String, String)>;
 type Sample = (String, Labels, f64);
 
 /// A running `dbkeeper sidecar` gathering statistics every second, killed on drop.
-struct Sidecar {
+pub struct Sidecar {
     child: Child,
-    port: u16,
+    pub port: u16,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Sidecar {
-    fn start(repo: &Path, env: &[(&str, &str)]) -> Sidecar {
+    pub fn start(repo: &Path, env: &[(&str, &str)]) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("stderr");
         let port = free_port();
@@ -62,11 +62,11 @@ impl Sidecar {
         s
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn metrics(&self, accept: Option<&str>) -> (String, String) {
+    pub fn metrics(&self, accept: Option<&str>) -> (String, String) {
         let (code, ct, body) = get(self.port, "/metrics", accept).unwrap();
         assert_eq!(code, 200, "{body}");
         (ct, body)
@@ -88,7 +88,17 @@ impl Drop for Sidecar {
 }
 
 /// `GET path` with an optional `Accept`: status, content type, body.
-fn get(port: u16, path: &str, accept: Option<&str>) -> std::io::Result<(u16, String, String)> {
+pub fn get(port: u16, path: &str, accept: Option<&str>) -> std::io::Result<(u16, String, String)> {
+    request(port, "GET", path, accept)
+}
+
+/// `METHOD path` (no body) with an optional `Accept`: status, content type, body.
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    accept: Option<&str>,
+) -> std::io::Result<(u16, String, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let accept = accept
@@ -96,7 +106,7 @@ fn get(port: u16, path: &str, accept: Option<&str>) -> std::io::Result<(u16, Str
         .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{accept}\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n{accept}\r\n"
     )?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;

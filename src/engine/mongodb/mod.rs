@@ -18,6 +18,7 @@ mod probe;
 mod replay;
 mod replset;
 mod restore;
+mod stats;
 pub mod users;
 
 use std::sync::Arc;
@@ -73,6 +74,8 @@ pub struct MongoConfig {
     pub read_preference: Option<String>,
     /// Passwords for users a server will not recreate from their stored credentials.
     pub user_passwords: Option<std::path::PathBuf>,
+    /// Collections with figures of their own in `stats` (default 100).
+    pub stats_max_collections: Option<usize>,
 }
 
 impl MongoConfig {
@@ -98,6 +101,7 @@ impl MongoConfig {
             replset_members: opts.mongo_replset_members.clone(),
             read_preference: opts.mongo_read_preference.clone(),
             user_passwords: opts.mongo_user_passwords_file.clone(),
+            stats_max_collections: opts.stats_max_collections,
         })
     }
 
@@ -782,6 +786,12 @@ impl EngineOps for MongoEngine {
     async fn set_marker(&self, on: bool) -> Result<()> {
         self.with_client(Purpose::Bulk, |client| self.set_marker_with(client, on))
             .await
+    }
+
+    /// `serverStatus`, `replSetGetStatus`, `dbStats` and `$collStats` under percona's names
+    /// and the seed's (see [`stats`]), on one connection to this server, within `timeout`.
+    async fn stats(&self, timeout: Duration) -> Result<Vec<crate::stats::Family>> {
+        self.gather_stats(timeout).await
     }
 }
 
