@@ -303,12 +303,18 @@ pub enum Command {
         /// Point-in-time recovery to an oplog position SECONDS:INCREMENT (inclusive)
         #[arg(long, value_name = "T:I", conflicts_with = "id")]
         to_oplog_ts: Option<String>,
+        /// Migration files: a set newer than the newest of them is refused (a downgrade) unless --force
+        #[arg(long, env = "DBKEEPER_MIGRATIONS", value_name = "DIR")]
+        migrations: Option<PathBuf>,
     },
     /// Restore only into targets that are empty
     Preseed {
         /// Only these engines
         #[arg(long, env = "DBKEEPER_ONLY", value_delimiter = ',')]
         only: Vec<String>,
+        /// Migration files: a set newer than the newest of them is refused (a downgrade)
+        #[arg(long, env = "DBKEEPER_MIGRATIONS", value_name = "DIR")]
+        migrations: Option<PathBuf>,
     },
     /// Apply the retention policy
     Prune {

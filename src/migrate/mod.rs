@@ -8,6 +8,7 @@ pub mod mongodb;
 pub mod redis;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -408,6 +409,50 @@ pub async fn schema_version(
     current(&h.ok()?.ok()?).map(|v| v.to_string())
 }
 
+/// The newest migration file of each engine with files under `dir` (`DBKEEPER_MIGRATIONS`):
+/// the newest schema this deployment knows. An engine without files is not listed.
+pub fn newest_files(dir: &Path) -> Result<BTreeMap<EngineKind, Version>> {
+    if !dir.is_dir() {
+        return Err(Error::config(format!(
+            "DBKEEPER_MIGRATIONS={}: not a directory",
+            dir.display()
+        )));
+    }
+    let mut out = BTreeMap::new();
+    for kind in EngineKind::ALL {
+        if !dir.join(kind.name()).is_dir() {
+            continue;
+        }
+        if let Some(f) = files::discover(dir, kind)?.pop() {
+            out.insert(kind, f.version);
+        }
+    }
+    Ok(out)
+}
+
+/// Why loading a set into `kind` would be a downgrade: the set records a schema version newer
+/// than the newest migration file (`newest`), so the application would run on a schema its
+/// migrations do not know. `None` when it is not (no files for the engine, or a set without a
+/// version: taken before migrations, or of a database without a history).
+pub fn downgrade(
+    kind: EngineKind,
+    set: &str,
+    set_version: Option<&str>,
+    newest: Option<&Version>,
+) -> Option<String> {
+    let (have, newest) = (set_version?, newest?);
+    let newer = match Version::parse(have) {
+        Some(v) => v > *newest,
+        // Not ours to guess: a version we cannot compare is treated as newer.
+        None => true,
+    };
+    newer.then(|| {
+        format!(
+            "set {set} holds {kind} at schema version {have}, newer than the newest migration file here ({newest}): refused as a downgrade"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,6 +525,24 @@ mod tests {
             ..Rules::default()
         };
         assert_eq!(plan(K, &files, &h, &ig).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_set_newer_than_the_newest_file_is_a_downgrade() {
+        let two = Version::parse("2").unwrap();
+        assert!(downgrade(K, "s", Some("2"), Some(&two)).is_none());
+        assert!(downgrade(K, "s", Some("1.9"), Some(&two)).is_none());
+        assert!(downgrade(K, "s", None, Some(&two)).is_none());
+        assert!(downgrade(K, "s", Some("9"), None).is_none());
+        let msg = downgrade(K, "2026-01-02_03-04-05", Some("2.0.1"), Some(&two)).unwrap();
+        assert!(
+            msg.contains("2026-01-02_03-04-05")
+                && msg.contains("2.0.1")
+                && msg.contains("(2)")
+                && msg.contains("downgrade"),
+            "{msg}"
+        );
+        assert!(downgrade(K, "s", Some("x.y"), Some(&two)).is_some());
     }
 
     #[test]

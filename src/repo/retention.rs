@@ -6,6 +6,8 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Datelike, Utc};
 use serde::Serialize;
 
+use crate::engine::EngineKind;
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Policy {
     pub keep_last: u32,
@@ -31,6 +33,10 @@ pub struct Candidate {
     /// The set verifies. Sets that do not are never counted and never deleted here: an
     /// operator looks at them.
     pub good: bool,
+    /// The engines the set holds.
+    pub engines: Vec<EngineKind>,
+    /// The engines it was taken before migrating (a `pre-migration` set); empty otherwise.
+    pub pre_migration: Vec<EngineKind>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -43,7 +49,8 @@ pub struct Decision {
 }
 
 /// Applies `policy` to `sets` (any order). The newest good set is always kept, whatever the
-/// policy. An empty policy keeps everything.
+/// policy, and so is the newest good pre-migration set of each engine until a later good set
+/// holds that engine: it is how a migration is undone. An empty policy keeps everything.
 pub fn apply(policy: &Policy, sets: &[Candidate]) -> Decision {
     let mut good: Vec<&Candidate> = sets.iter().filter(|c| c.good).collect();
     good.sort_by(|a, b| b.time.cmp(&a.time).then(b.id.cmp(&a.id)));
@@ -85,6 +92,17 @@ pub fn apply(policy: &Policy, sets: &[Candidate]) -> Decision {
         (t.year(), t.month(), 0)
     });
 
+    for kind in EngineKind::ALL {
+        // `good` is newest first: the first pre-migration set of `kind` is its newest.
+        let Some(i) = good.iter().position(|c| c.pre_migration.contains(&kind)) else {
+            continue;
+        };
+        let superseded = good[..i].iter().any(|c| c.engines.contains(&kind));
+        if !superseded && !reasons[i].contains(&"pre-migration") {
+            reasons[i].push("pre-migration");
+        }
+    }
+
     for (c, r) in good.iter().zip(reasons) {
         if r.is_empty() {
             decision.delete.push(c.id.clone());
@@ -125,7 +143,53 @@ mod tests {
             id: crate::repo::set_name(time),
             time,
             good: true,
+            engines: vec![EngineKind::Mongodb, EngineKind::Redis],
+            pre_migration: Vec::new(),
         }
+    }
+
+    fn pre_migration(mut c: Candidate, kind: EngineKind) -> Candidate {
+        c.engines = vec![kind];
+        c.pre_migration = vec![kind];
+        c
+    }
+
+    #[test]
+    fn the_newest_pre_migration_set_stays_until_a_later_good_set_holds_its_engine() {
+        use EngineKind::{Mongodb, Redis};
+        let p = Policy {
+            keep_last: 1,
+            ..Policy::default()
+        };
+        let mut only_redis = at(2026, 1, 4, 2);
+        only_redis.engines = vec![Redis];
+        let mut sets = vec![
+            at(2026, 1, 1, 2),
+            pre_migration(at(2026, 1, 2, 2), Mongodb),
+            pre_migration(at(2026, 1, 3, 2), Mongodb),
+            only_redis,
+        ];
+        // Jan 3 is MongoDB's newest pre-migration set and no later set holds MongoDB; Jan 2 is
+        // an older one, and Jan 1 is plain: the policy decides them.
+        let d = apply(&p, &sets);
+        assert_eq!(kept(&d), vec!["2026-01-03_02-00-00", "2026-01-04_02-00-00"]);
+        assert!(
+            d.keep
+                .iter()
+                .any(|(id, why)| id == "2026-01-03_02-00-00" && why == &vec!["pre-migration"])
+        );
+        assert_eq!(d.delete.len(), 2);
+
+        // A later set that does not verify does not release it.
+        let mut bad = at(2026, 1, 5, 2);
+        bad.good = false;
+        sets.push(bad);
+        assert!(kept(&apply(&p, &sets)).contains(&"2026-01-03_02-00-00".to_owned()));
+
+        // A later good set of MongoDB does.
+        sets.push(at(2026, 1, 6, 2));
+        let d = apply(&p, &sets);
+        assert_eq!(kept(&d), vec!["2026-01-06_02-00-00"]);
     }
 
     fn kept(d: &Decision) -> Vec<String> {

@@ -16,9 +16,16 @@ use crate::role::{restore, wait};
 /// Exits 0 only when every engine is ready and seeded or legitimately skipped (holds data,
 /// or a first start with no backup). Every engine is tried, so one failure does not hide
 /// another; the first error decides the exit code.
-pub async fn init(cfg: &Config, timeout: Duration, cancel: &CancellationToken) -> Result<()> {
+pub async fn init(
+    cfg: &Config,
+    timeout: Duration,
+    migrations: Option<&std::path::Path>,
+    cancel: &CancellationToken,
+) -> Result<()> {
     info!(config = %cfg.describe(), "dbkeeper init");
     let engines = cfg.engines_required(&[])?;
+    // A bad migrations directory is found before any engine is waited for.
+    let guard = restore::SchemaGuard::load(migrations)?;
     // A Redis preseeded through its data directory is not running yet: don't wait for it.
     let live: Vec<_> = engines
         .iter()
@@ -45,7 +52,7 @@ pub async fn init(cfg: &Config, timeout: Duration, cancel: &CancellationToken) -
     }
     for e in &engines {
         // `preseed` logs the outcome line of an engine it handled.
-        match restore::preseed(cfg, std::slice::from_ref(e), cancel).await {
+        match restore::preseed(cfg, std::slice::from_ref(e), &guard, cancel).await {
             Ok(_) => {}
             Err(Error::Interrupted(n)) => return Err(Error::Interrupted(n)),
             Err(err) => {

@@ -372,7 +372,16 @@ async fn put_back(
 ) -> Result<()> {
     match snapshot {
         Some(id) => {
-            restore::restore(cfg, std::slice::from_ref(engine), id, true, None, cancel).await
+            restore::restore(
+                cfg,
+                std::slice::from_ref(engine),
+                id,
+                true,
+                None,
+                &restore::SchemaGuard::default(),
+                cancel,
+            )
+            .await
         }
         None => engine.wipe().await,
     }

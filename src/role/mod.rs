@@ -150,7 +150,9 @@ async fn dispatch(
             force,
             to_time,
             to_oplog_ts,
+            migrations,
         } => {
+            let guard = restore::SchemaGuard::load(migrations.as_deref())?;
             if let Some(target) = pitr_target(to_time.as_deref(), to_oplog_ts.as_deref())? {
                 // A point in time is a MongoDB notion: other engines are restored by set id.
                 let only = if only.is_empty() {
@@ -166,7 +168,8 @@ async fn dispatch(
                 }
                 let plan = plan_blocking(cfg, target).await?;
                 let id = plan.base.set.clone();
-                return restore::restore(cfg, &engines, &id, force, Some(plan), cancel).await;
+                return restore::restore(cfg, &engines, &id, force, Some(plan), &guard, cancel)
+                    .await;
             }
             if id != "latest" && crate::repo::parse_set_name(&id).is_none() {
                 return Err(Error::config(format!(
@@ -174,11 +177,14 @@ async fn dispatch(
                 )));
             }
             let engines = cfg.engines_required(&only)?;
-            restore::restore(cfg, &engines, &id, force, None, cancel).await
+            restore::restore(cfg, &engines, &id, force, None, &guard, cancel).await
         }
-        Command::Preseed { only } => {
+        Command::Preseed { only, migrations } => {
             let engines = cfg.engines_required(&only)?;
-            restore::preseed(cfg, &engines, cancel).await.map(|_| ())
+            let guard = restore::SchemaGuard::load(migrations.as_deref())?;
+            restore::preseed(cfg, &engines, &guard, cancel)
+                .await
+                .map(|_| ())
         }
         Command::Prune { dry_run, remote } => {
             let (repo, policy) = if remote {
@@ -205,7 +211,7 @@ async fn dispatch(
         }
         Command::Install { dir } => install::install(&dir),
         Command::Init { timeout, migrate } => {
-            init::init(cfg, timeout, cancel).await?;
+            init::init(cfg, timeout, migrate.migrations.as_deref(), cancel).await?;
             migrate::after_init(cfg, &migrate, cancel).await
         }
         Command::Migrate {

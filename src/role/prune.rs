@@ -56,10 +56,23 @@ pub async fn prune_repo(
                     false
                 }
             };
+            let (engines, pre_migration) = match &info.manifest {
+                Ok(m) => (
+                    m.engines.keys().copied().collect(),
+                    m.schema
+                        .as_ref()
+                        .and_then(|s| s.pre_migration.as_ref())
+                        .map(|p| p.keys().copied().collect())
+                        .unwrap_or_default(),
+                ),
+                Err(_) => (Vec::new(), Vec::new()),
+            };
             candidates.push(Candidate {
                 id: info.id,
                 time: info.time,
                 good,
+                engines,
+                pre_migration,
             });
         }
         let decision = retention::apply(&policy, &candidates);

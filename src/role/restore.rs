@@ -1,6 +1,8 @@
 //! `dbkeeper restore` and `dbkeeper preseed`: load a set into the engines, guarded by the
-//! emptiness rules and the in-progress marker.
+//! emptiness rules, the in-progress marker and the schema (no set newer than the migrations).
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -9,7 +11,56 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::engine::{Emptiness, Engine, EngineKind, EngineOps, RestoreOptions};
 use crate::error::{Error, Result};
+use crate::migrate::files::Version;
 use crate::repo::reader::SetReader;
+
+/// The newest migration file of each engine (`DBKEEPER_MIGRATIONS`): a set whose schema
+/// version is newer is a downgrade, refused. Empty (nothing refused) when migrations are not
+/// configured.
+#[derive(Debug, Clone, Default)]
+pub struct SchemaGuard {
+    newest: BTreeMap<EngineKind, Version>,
+}
+
+impl SchemaGuard {
+    pub fn load(dir: Option<&Path>) -> Result<SchemaGuard> {
+        Ok(SchemaGuard {
+            newest: match dir {
+                Some(d) => crate::migrate::newest_files(d)?,
+                None => BTreeMap::new(),
+            },
+        })
+    }
+
+    /// Why loading `set` into `kind` would be a downgrade, if it would.
+    fn check(&self, kind: EngineKind, set: &SetReader) -> Option<String> {
+        let have = set
+            .manifest
+            .schema
+            .as_ref()
+            .and_then(|s| s.versions.get(&kind));
+        crate::migrate::downgrade(
+            kind,
+            set.id(),
+            have.map(String::as_str),
+            self.newest.get(&kind),
+        )
+    }
+
+    /// Preseed has no override: the application would start on a schema it does not know,
+    /// and an older set is the operator's choice to make, by id.
+    fn refuse_preseed(&self, kind: EngineKind, set: &SetReader) -> Result<()> {
+        match self.check(kind, set) {
+            None => Ok(()),
+            Some(why) => Err(Error::engine(
+                kind.name(),
+                format!(
+                    "{why}; nothing was changed. Deploy the migrations that go with it, or load an older set with `dbkeeper restore ID`"
+                ),
+            )),
+        }
+    }
+}
 
 /// What preseed did for one engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +78,7 @@ pub async fn restore(
     id: &str,
     force: bool,
     plan: Option<crate::engine::mongodb::pitr::Plan>,
+    guard: &SchemaGuard,
     cancel: &CancellationToken,
 ) -> Result<()> {
     // Check every target before touching any, so a refusal changes nothing anywhere.
@@ -49,6 +101,17 @@ pub async fn restore(
     for e in engines {
         let set = super::find_set(cfg, id, Some(e.kind())).await?;
         set.require_key()?;
+        if let Some(why) = guard.check(e.kind(), &set) {
+            if !force {
+                return Err(Error::engine(
+                    e.kind().name(),
+                    format!(
+                        "{why}; nothing was changed. Deploy the migrations that go with it, or re-run with --force"
+                    ),
+                ));
+            }
+            warn!(engine = %e.kind(), set = set.id(), "{why}; restoring anyway (--force)");
+        }
         found.push(set);
     }
     for ((e, state), set) in engines.iter().zip(states).zip(found) {
@@ -73,15 +136,16 @@ pub async fn restore(
 pub async fn preseed(
     cfg: &Config,
     engines: &[Engine],
+    guard: &SchemaGuard,
     cancel: &CancellationToken,
 ) -> Result<Vec<(EngineKind, Outcome)>> {
     let mut outcomes = Vec::new();
     for e in engines {
         let outcome = if e.kind() == EngineKind::Redis && cfg.redis_data_dir.is_some() {
             let dir = cfg.redis_data_dir.as_deref().expect("checked");
-            preseed_redis_dir(cfg, dir).await?
+            preseed_redis_dir(cfg, dir, guard).await?
         } else {
-            preseed_one(cfg, e, cancel).await?
+            preseed_one(cfg, e, guard, cancel).await?
         };
         match &outcome {
             Outcome::Restored { set, records } => {
@@ -99,7 +163,12 @@ pub async fn preseed(
     Ok(outcomes)
 }
 
-async fn preseed_one(cfg: &Config, e: &Engine, cancel: &CancellationToken) -> Result<Outcome> {
+async fn preseed_one(
+    cfg: &Config,
+    e: &Engine,
+    guard: &SchemaGuard,
+    cancel: &CancellationToken,
+) -> Result<Outcome> {
     let state = e.is_empty().await?;
     if let Emptiness::HasData(what) = state {
         return Ok(Outcome::SkippedHasData(what));
@@ -112,6 +181,8 @@ async fn preseed_one(cfg: &Config, e: &Engine, cancel: &CancellationToken) -> Re
         }
         return Ok(Outcome::FirstStart);
     };
+    // Before an interrupted preseed's leftovers are wiped: a refusal changes nothing.
+    guard.refuse_preseed(e.kind(), &set)?;
     if state == Emptiness::Interrupted {
         warn!(engine = %e.kind(), "an earlier preseed was interrupted: wiping its partial data and restoring again");
         e.wipe().await?;
@@ -126,17 +197,23 @@ async fn preseed_one(cfg: &Config, e: &Engine, cancel: &CancellationToken) -> Re
 /// The data directory is written to temp names and renamed into place only once every byte
 /// checked out, so the newest set is tried directly and a corrupt one is dropped for the next:
 /// the set is read once, not checksummed first and read again.
-async fn preseed_redis_dir(cfg: &Config, dir: &std::path::Path) -> Result<Outcome> {
+async fn preseed_redis_dir(
+    cfg: &Config,
+    dir: &std::path::Path,
+    guard: &SchemaGuard,
+) -> Result<Outcome> {
     use crate::engine::redis;
     if let Emptiness::HasData(what) = redis::data_dir_state(dir)? {
         return Ok(Outcome::SkippedHasData(what));
     }
     let repos = super::sources(cfg)?;
     let dir = dir.to_owned();
+    let guard = guard.clone();
     tokio::task::spawn_blocking(move || -> Result<Outcome> {
         for (i, repo) in repos.iter().enumerate() {
             for set in repo.candidates(Some(EngineKind::Redis))? {
                 set.require_key()?;
+                guard.refuse_preseed(EngineKind::Redis, &set)?;
                 if i > 0 {
                     info!(set = set.id(), remote = %repo.display(), engine = %EngineKind::Redis, "no good set in the repository; using the remote's");
                 }

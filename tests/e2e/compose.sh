@@ -7,8 +7,9 @@
 # Skips (exit 0, with the reason) when no Docker engine answers. Builds the dbkeeper image from
 # the host release binary and a minimal local image for the databases (nothing is pulled); an
 # S3 object store (SeaweedFS, data in a host directory) is the remote, DBKEEPER_REMOTE. Then:
-# up → write data → backup through the API, copied to the bucket → down -v → up → data back,
-# healthchecks healthy, app started only after preseed → a stopped database shows in /health
+# up (init applies migration V1) → write data → backup through the API (a set at schema V1),
+# copied to the bucket → migration V2 added → down -v → up → data back and migrated to V2 (its
+# index exists) before the app started, healthchecks healthy → a stopped database shows in /health
 # and /metrics → docker stop of the sidecar mid-backup exits within 10 s and leaves no visible
 # partial set → down -v and the backup directory emptied (a new host) → up → data back from
 # the remote. Every wait has its own deadline; the project, the backup directory and the
@@ -115,6 +116,10 @@ mkdir -p "$BACKUPS"
 # these variables from this environment to every dbkeeper container.
 OBJSTORE="$TMP/objectstore"
 mkdir -p "$OBJSTORE"
+# Migrations mounted into the init container (DBKEEPER_MIGRATIONS): V1 now, V2 after the backup.
+MIGRATIONS="$TMP/migrations"
+mkdir -p "$MIGRATIONS/mongodb"
+echo '[{"create": "items"}]' > "$MIGRATIONS/mongodb/V1__items.json"
 E2E_S3_BUCKET=dbkeeper-e2e
 S3_PREFIX=stack
 AWS_ACCESS_KEY_ID=dbkeeper-e2e
@@ -132,7 +137,8 @@ export E2E_WEED="$WEED" E2E_OBJECTSTORE_DIR="$OBJSTORE" E2E_S3_CONFIG="$TMP/s3.j
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 API="http://127.0.0.1:$PORT"
 export DBKEEPER_IMAGE E2E_HOSTFS_IMAGE E2E_DIR E2E_VENV="$VENV" E2E_PYTHON_HOME="$PYHOME" \
-  E2E_SECANTUS_DIR="$SECANTUS_DIR" DBKEEPER_BACKUP_DIR="$BACKUPS" DBKEEPER_PORT="$PORT"
+  E2E_SECANTUS_DIR="$SECANTUS_DIR" DBKEEPER_BACKUP_DIR="$BACKUPS" DBKEEPER_PORT="$PORT" \
+  E2E_MIGRATIONS="$MIGRATIONS"
 
 DC=("${COMPOSE[@]}" -p "$PROJECT" --project-directory "$ROOT/compose"
     -f "$ROOT/compose/compose.yaml" -f "$E2E_DIR/compose.test.yaml")
@@ -219,6 +225,8 @@ sets_before=$(visible_sets)
 [ "$(echo "$sets_before" | grep -c .)" = 1 ] || fail "expected one backup set, found: $sets_before"
 [ -f "$BACKUPS/$sets_before/manifest.json" ] || fail "set $sets_before has no manifest.json"
 log "backup set $sets_before written"
+grep -q '"schema_version": *"1"' "$BACKUPS/$sets_before/manifest.json" \
+  || fail "set $sets_before does not record schema version 1: $(grep -o '"schema[^}]*' "$BACKUPS/$sets_before/manifest.json")"
 
 # The run copied the set to the remote before it finished: no remote_error, every file of the
 # set is an object in the bucket, and the metrics count it.
@@ -234,7 +242,11 @@ grep -Eq '^dbkeeper_remote_uploaded_sets_total 1(\.0)?$' <<<"$metrics" \
   || fail "metrics do not count one uploaded set: $(grep remote_uploaded <<<"$metrics")"
 log "set $sets_before copied to s3://$E2E_S3_BUCKET/$S3_PREFIX ($(grep -c "^$sets_before/" <<<"$keys") objects)"
 
-# ---- 2. down -v, up: everything comes back -------------------------------------------------
+# ---- 2. down -v, up: everything comes back, migrated to the newer schema --------------------
+# The application's next release ships migration V2: the set (at V1) is preseeded, then
+# migrated by init before the app starts.
+echo '[{"createIndexes": "items", "indexes": [{"key": {"n": 1}, "name": "n_1"}]}]' \
+  > "$MIGRATIONS/mongodb/V2__items_n_index.json"
 log "down -v"
 timeout 180 "${DC[@]}" down -v -t 10 >/dev/null 2>&1 || fail "docker compose down -v failed"
 for v in redis-data mongo-data chroma-data dbkeeper-bin; do
@@ -268,6 +280,28 @@ print("ok" if t(sys.argv[2]) >= t(sys.argv[1]) else "early")
 EOF
 )
 [ "$gate" = ok ] || fail "the app started before preseed finished"
+# The migration's index exists, and V2 was applied before the app started.
+v2_at=$(tools migrated) || fail "the preseeded data lacks the newer schema: $v2_at"
+v2_at=$(tail -1 <<<"$v2_at")
+gate=$(python3 - "$v2_at" "$(docker inspect -f '{{.State.StartedAt}}' "$(cid app)")" <<'EOF'
+import sys
+from datetime import datetime
+def t(s):
+    s = s.replace("Z", "")
+    if "." in s:
+        a, b = s.split(".", 1)
+        s = a + "." + b[:6]
+    return datetime.fromisoformat(s)
+print("ok" if t(sys.argv[2]) >= t(sys.argv[1]) else "early")
+EOF
+)
+[ "$gate" = ok ] || fail "the app started (at $(docker inspect -f '{{.State.StartedAt}}' "$(cid app)")) before migration V2 was applied ($v2_at)"
+# Migrating data that was there took a pre-migration set first (of MongoDB only).
+sets_now=$(visible_sets)
+premig=$(comm -13 <(echo "$sets_before") <(echo "$sets_now"))
+[ "$(echo "$premig" | grep -c .)" = 1 ] || fail "expected one pre-migration set beside $sets_before, found: $sets_now"
+grep -q '"pre_migration"' "$BACKUPS/$premig/manifest.json" || fail "set $premig is not marked pre-migration"
+log "migration V2 applied at $v2_at, before the app started; pre-migration set $premig"
 # (Output captured first: `grep -q` closing a pipe early would fail the pipeline.)
 plogs=$(dc logs --no-color preseed redis-preseed 2>&1)
 for e in redis mongodb chroma; do
@@ -308,7 +342,7 @@ STOP=$(python3 -c "print('%.1f' % ($s1 - $s0))")
 code=$(exit_code sidecar)
 python3 -c "import sys; sys.exit(0 if $s1 - $s0 < 10 else 1)" || fail "the sidecar took ${STOP}s to stop (limit 10 s)"
 [ "$code" != 137 ] || fail "the sidecar was killed (exit 137), not stopped"
-[ "$(visible_sets)" = "$sets_before" ] || fail "a partial set is visible after the stop: $(visible_sets)"
+[ "$(visible_sets)" = "$sets_now" ] || fail "a partial set is visible after the stop: $(visible_sets)"
 for s in $(visible_sets); do
   [ -f "$BACKUPS/$s/manifest.json" ] || fail "visible set $s has no manifest"
 done
@@ -335,11 +369,15 @@ RECOVERY_REMOTE=$(python3 -c "print('%.1f' % ($t1 - $t0))")
 log "data restored from the remote and every healthcheck healthy ${RECOVERY_REMOTE}s after up"
 plogs=$(dc logs --no-color preseed redis-preseed 2>&1)
 for e in redis mongodb chroma; do
-  grep -q "preseeded engine=$e set=\"$sets_before\"" <<<"$plogs" \
-    || fail "the preseed logs do not say $e was preseeded from $sets_before"
-  [ "$(grep "engine=$e" <<<"$plogs" | grep "$sets_before" | grep -c remote)" -gt 0 ] \
-    || fail "the preseed logs do not say $e's set $sets_before came from the remote"
+  # MongoDB's newest set on the remote may be its pre-migration set, if it was copied there.
+  want=$sets_before
+  [ "$e" = mongodb ] && grep -q "preseeded engine=mongodb set=\"$premig\"" <<<"$plogs" && want=$premig
+  grep -q "preseeded engine=$e set=\"$want\"" <<<"$plogs" \
+    || fail "the preseed logs do not say $e was preseeded from $want"
+  [ "$(grep "engine=$e" <<<"$plogs" | grep "$want" | grep -c remote)" -gt 0 ] \
+    || fail "the preseed logs do not say $e's set $want came from the remote"
 done
+tools migrated >/dev/null || fail "the data preseeded from the remote lacks the newer schema (index n_1)"
 
 echo "e2e compose: PASSED in $(( $(date +%s) - START ))s — image $DBKEEPER_IMAGE $IMAGE_BYTES bytes;" \
   "up on empty volumes → all healthy with data restored: ${RECOVERY}s; sidecar stop mid-backup: ${STOP}s;" \

@@ -1,7 +1,7 @@
 """Writes and checks the end-to-end test's data in MongoDB, Redis and Chroma (run inside the
 compose network by tests/e2e/compose.sh through the `tools` service).
 
-usage: data.py write | check | bulk N
+usage: data.py write | check | migrated | bulk N
 """
 import os
 import socket
@@ -116,6 +116,22 @@ def check():
     print("ok: mongodb %d docs, redis %d keys, chroma %d records" % (n, keys, RECORDS))
 
 
+def migrated():
+    """The index migration V2 creates exists; prints when V2 was applied (RFC 3339, UTC)."""
+    c = mongo()
+    if "n_1" not in c.e2e.items.index_information():
+        print("MISSING: mongodb index n_1 (migration V2) on e2e.items")
+        sys.exit(1)
+    row = c.e2e.dbkeeper_schema_history.find_one({"version": "2", "success": True})
+    if not row:
+        print("MISSING: migration V2 in e2e.dbkeeper_schema_history")
+        sys.exit(1)
+    t = row["applied_at"]
+    if not isinstance(t, str):
+        t = t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    print(t)
+
+
 def bulk(n):
     # Values large enough that a snapshot takes a few seconds to dump and compress.
     redis("DEBUG", "POPULATE", str(n), "bulk", "512")
@@ -128,6 +144,8 @@ if __name__ == "__main__":
         write()
     elif cmd == "check":
         check()
+    elif cmd == "migrated":
+        migrated()
     elif cmd == "bulk":
         bulk(int(sys.argv[2]))
     else:

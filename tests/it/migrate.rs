@@ -616,3 +616,167 @@ fn a_migrator_killed_mid_way_is_put_back_on_the_next_run() {
     assert_code(&o, 0);
     assert_eq!(m.sorted_docs("app", "items"), before);
 }
+
+fn has_index(m: &Mongo, coll: &str, name: &str) -> bool {
+    m.indexes("app", coll)
+        .iter()
+        .any(|i| i.get_str("name") == Ok(name))
+}
+
+const V1_ITEMS: &str = r#"[{"create": "items"},
+    {"insert": "items", "documents": [{"_id": 1, "sku": "a"}, {"_id": 2, "sku": "b"}]}]"#;
+const V2_SKU_INDEX: &str =
+    r#"[{"createIndexes": "items", "indexes": [{"key": {"sku": 1}, "name": "sku_1"}]}]"#;
+
+/// preseed → migrate → app: a set taken at V1 preseeds an empty server and `init` then applies
+/// V2. A set taken at V2 is a downgrade where the newest file is V1: preseed, init and restore
+/// refuse it with one line naming both versions and change nothing; `restore --force` loads it.
+#[test]
+fn an_older_set_is_migrated_after_preseed_and_a_newer_one_is_refused() {
+    let source = Mongo::start(false, true);
+    let target = Mongo::start(false, true);
+    let repo = tempfile::tempdir().unwrap();
+    let (new, old) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (repo, new, old) = (repo.path(), new.path(), old.path());
+    write(old, "mongodb", "V1__items.json", V1_ITEMS);
+    write(new, "mongodb", "V1__items.json", V1_ITEMS);
+    write(new, "mongodb", "V2__sku_index.json", V2_SKU_INDEX);
+
+    // A set at schema version 1.
+    assert_code(&migrate(&mut with_mongo(repo, &source, old), &[]), 0);
+    let o = run(with_mongo(repo, &source, old).arg("backup"));
+    assert_code(&o, 0);
+
+    // The app now ships V2: init preseeds the V1 set into the empty target, then migrates it.
+    let o = run(with_mongo(repo, &target, new).args(["init", "--timeout", "20s"]));
+    assert_code(&o, 0);
+    assert_eq!(target.sorted_docs("app", "items").len(), 2);
+    assert!(has_index(&target, "items", "sku_1"), "{}", stderr(&o));
+    let o = run(with_mongo(repo, &target, new).args(["migrate", "info"]));
+    assert!(info_line(&stdout(&o), "mongodb", "2").contains("applied"));
+
+    // A set at schema version 2, then a deployment that knows only V1, on an empty server.
+    let o = run(with_mongo(repo, &target, new).arg("backup"));
+    assert_code(&o, 0);
+    let v2 = stdout(&o).trim().to_owned();
+    source.command("app", doc! {"dropDatabase": 1});
+    assert!(source.collections("app").is_empty());
+    for args in [
+        &["preseed"][..],
+        &["init", "--timeout", "20s"],
+        &["restore", v2.as_str()],
+    ] {
+        let o = run(with_mongo(repo, &source, old).args(args));
+        assert_code(&o, 1);
+        let err = stderr(&o);
+        assert!(
+            err.lines().any(|l| l.contains(&v2)
+                && l.contains("schema version 2")
+                && l.contains("(1)")
+                && l.contains("downgrade")),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            source.collections("app").is_empty(),
+            "{args:?} changed data"
+        );
+    }
+    // --force loads it anyway.
+    let o = run(with_mongo(repo, &source, old).args(["restore", &v2, "--force"]));
+    assert_code(&o, 0);
+    assert!(has_index(&source, "items", "sku_1"));
+}
+
+/// `prune` keeps Redis's pre-migration set past DBKEEPER_KEEP_LAST=1 while the only later set
+/// holds MongoDB alone, and lets it go once a later verified set holds Redis.
+#[test]
+fn prune_keeps_the_newest_pre_migration_set_until_a_later_set_holds_its_engine() {
+    let r = RedisServer::start();
+    let m = Mongo::start(false, true);
+    let repo = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, dir) = (repo.path(), dir.path());
+    r.cli(&["SET", "app:data", "1"]);
+    populate(&m);
+    let both = |c: &mut Command| {
+        c.env("DBKEEPER_MONGODB_URI", mongo_uri(&m))
+            .env("DBKEEPER_KEEP_LAST", "1");
+    };
+    write(dir, "redis", "V1__one.redis", "SET app:schema 1\n");
+    let mut c = with_redis(repo, &r, dir);
+    both(&mut c);
+    assert_code(&migrate(&mut c, &[]), 0);
+    let pre = sets(repo);
+    assert_eq!(pre.len(), 1, "the pre-migration set");
+    let mut c = dbkeeper(repo);
+    both(&mut c);
+    let o = run(c.args(["backup", "--only", "mongodb"]));
+    assert_code(&o, 0);
+    let mongo_only = stdout(&o).trim().to_owned();
+
+    let prune = || {
+        let mut c = with_redis(repo, &r, dir);
+        both(&mut c);
+        let o = run(c.arg("prune"));
+        assert_code(&o, 0);
+        stdout(&o)
+    };
+    let out = prune();
+    assert!(
+        out.contains(&format!("keep    {}  (pre-migration)", pre[0])),
+        "{out}"
+    );
+    assert_eq!(sets(repo), vec![pre[0].clone(), mongo_only.clone()]);
+
+    let mut c = with_redis(repo, &r, dir);
+    both(&mut c);
+    let o = run(c.arg("backup"));
+    assert_code(&o, 0);
+    let newest = stdout(&o).trim().to_owned();
+    let out = prune();
+    assert!(out.contains(&format!("deleted {}", pre[0])), "{out}");
+    assert_eq!(sets(repo), vec![newest]);
+}
+
+/// On a replica set a file of document writes runs in one transaction: its third command fails
+/// and, even under `halt` (no restore), none of the first two is left behind. A file with DDL
+/// runs command by command.
+#[test]
+fn mongodb_crud_migration_runs_in_a_transaction_on_a_replica_set() {
+    let m = Mongo::start(false, false);
+    let repo = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, dir) = (repo.path(), dir.path());
+    populate(&m);
+    let before = m.sorted_docs("app", "items");
+    write(
+        dir,
+        "mongodb",
+        "V1__retag.json",
+        r#"[{"update": "items", "updates": [{"q": {}, "u": {"$set": {"tag": "migrated"}}, "multi": true}]},
+            {"insert": "items", "documents": [{"_id": 1000}]},
+            {"insert": "items", "documents": [{"_id": 1}]}]"#,
+    );
+    let mut c = with_mongo(repo, &m, dir);
+    c.env("DBKEEPER_MIGRATE_ON_FAILURE", "halt");
+    let o = migrate(&mut c, &[]);
+    assert_fails_naming(&o, 1, &["V1__retag.json", "item 3", "rolled back"]);
+    assert_eq!(m.sorted_docs("app", "items"), before);
+
+    // Fixed: it commits.
+    write(
+        dir,
+        "mongodb",
+        "V1__retag.json",
+        r#"[{"update": "items", "updates": [{"q": {}, "u": {"$set": {"tag": "migrated"}}, "multi": true}]},
+            {"insert": "items", "documents": [{"_id": 1000}]}]"#,
+    );
+    let mut c = with_mongo(repo, &m, dir);
+    assert_code(&run(c.args(["migrate", "repair"])), 0);
+    let o = migrate(&mut with_mongo(repo, &m, dir), &[]);
+    assert_code(&o, 0);
+    assert_eq!(m.sorted_docs("app", "items").len(), 51);
+    let n = m.command("app", doc! {"count": "items", "query": {"tag": "migrated"}});
+    assert_eq!(n.get_i32("n").unwrap(), 50);
+}
