@@ -23,6 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import metrics
 import pitr
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -1020,7 +1021,8 @@ def main():
                  ("mongodb", lambda: case_mongodb(mongo_uri, mongo_dst)),
                  ("chroma", case_chroma),
                  ("s3", lambda: case_s3(mongo_uri)),
-                 ("pitr", lambda: pitr.case_pitr(sys.modules[__name__]))]
+                 ("pitr", lambda: pitr.case_pitr(sys.modules[__name__])),
+                 ("metrics", lambda: metrics.case_metrics(sys.modules[__name__]))]
         for name, fn in steps:
             if ONLY and name not in ONLY.split(","):
                 continue
