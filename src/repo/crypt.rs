@@ -5,7 +5,11 @@
 //! it without dbkeeper. In passphrase mode each set gets a fresh X25519 key, sealed into the
 //! set as `identity.age` with the passphrase: scrypt costs about a second by design, and
 //! paying it once per set instead of once per file keeps a set of hundreds of files fast.
+//!
+//! Reading, the header stays age's (parsing, recipients, MAC); the payload is opened here by
+//! [`Payload`] with ring, for speed (see there).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -14,13 +18,21 @@ use std::sync::{Arc, Mutex};
 
 use age::secrecy::{ExposeSecret, SecretString};
 use age::{DecryptError, ssh, x25519};
+use age_core::format::{FileKey, Stanza};
+use ring::aead::{self, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
+use ring::hkdf;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::secret::{self, Secret};
 
 pub type SealWriter<W> = age::stream::StreamWriter<W>;
-pub type OpenReader<R> = age::stream::StreamReader<R>;
+
+/// age's STREAM (age-encryption.org/v1, "Payload"): the plaintext goes in 64 KiB chunks, each
+/// sealed with ChaCha20-Poly1305 and followed by its 16-byte tag.
+pub const CHUNK: usize = 64 * 1024;
+pub const TAG: usize = 16;
+pub const SEALED_CHUNK: usize = CHUNK + TAG;
 
 const RECIPIENTS: &str = "DBKEEPER_AGE_RECIPIENTS";
 const RECIPIENTS_FILE: &str = "DBKEEPER_AGE_RECIPIENTS_FILE";
@@ -472,14 +484,36 @@ impl fmt::Debug for SetOpener {
 }
 
 impl SetOpener {
-    /// Reads the age header from `r` and unwraps its file key. A wrong key or a corrupt
-    /// header is an `io::Error` saying which; a corrupt or truncated payload fails on read,
-    /// so wrong bytes are never returned.
-    pub fn open<R: Read>(&self, r: R) -> io::Result<OpenReader<R>> {
-        let decryptor = age::Decryptor::new(r).map_err(|e| self.io_error(e))?;
-        decryptor
-            .decrypt(self.identities.iter().map(|i| i.as_ref() as _))
-            .map_err(|e| self.io_error(e))
+    /// Reads the age header and the payload nonce from `r` and unwraps the file key, leaving
+    /// `r` at the first payload chunk. A wrong key or a corrupt header is an `io::Error`
+    /// saying which; the payload is checked chunk by chunk as [`Payload`] opens it.
+    ///
+    /// The header, its recipients (X25519, ssh, scrypt) and its MAC stay age's business:
+    /// `age` parses and authenticates it, and [`Capture`] keeps the file key it unwrapped.
+    /// Only the payload is ours (see [`Payload`]).
+    pub fn open_header<R: Read>(&self, r: &mut R) -> io::Result<Payload> {
+        let capture = Capture {
+            identities: &self.identities,
+            file_key: RefCell::new(None),
+        };
+        let mut tail = Tail {
+            inner: r,
+            last: [0; 16],
+            read: 0,
+        };
+        // `Decryptor::new` (not `new_buffered`) reads exactly the header and the nonce.
+        let decryptor = age::Decryptor::new(&mut tail).map_err(|e| self.io_error(e))?;
+        let stream = decryptor
+            .decrypt(std::iter::once(&capture as &dyn age::Identity))
+            .map_err(|e| self.io_error(e))?;
+        drop(stream);
+        let file_key = capture.file_key.into_inner();
+        match file_key {
+            Some(key) if tail.read >= 16 => Ok(Payload::new(&key, &tail.last)),
+            _ => Err(io::Error::other(
+                "age: the header opened without a file key",
+            )),
+        }
     }
 
     /// Opens a small sealed file (the sealed manifest) in memory.
@@ -531,6 +565,158 @@ fn describe_decrypt_error(e: &DecryptError) -> String {
         #[allow(unreachable_patterns)]
         _ => "age: cannot decrypt".into(),
     }
+}
+
+/// Passes the stanzas to the configured identities, as age would, and keeps the file key
+/// the first matching one unwrapped. age still authenticates the header with that key: a
+/// key captured from a header whose MAC fails is never used, since `decrypt` fails then.
+struct Capture<'a> {
+    identities: &'a [DynIdentity],
+    file_key: RefCell<Option<FileKey>>,
+}
+
+impl age::Identity for Capture<'_> {
+    fn unwrap_stanza(&self, stanza: &Stanza) -> Option<std::result::Result<FileKey, DecryptError>> {
+        self.unwrap_stanzas(std::slice::from_ref(stanza))
+    }
+
+    fn unwrap_stanzas(
+        &self,
+        stanzas: &[Stanza],
+    ) -> Option<std::result::Result<FileKey, DecryptError>> {
+        let found = self
+            .identities
+            .iter()
+            .find_map(|i| i.unwrap_stanzas(stanzas));
+        if let Some(Ok(key)) = &found {
+            let copy = FileKey::new(Box::new(*key.expose_secret()));
+            *self.file_key.borrow_mut() = Some(copy);
+        }
+        found
+    }
+}
+
+/// Remembers the last 16 bytes read through it: once age has read the header and the
+/// payload nonce after it, they are the nonce (which age keeps private).
+struct Tail<'a, R> {
+    inner: &'a mut R,
+    last: [u8; 16],
+    read: u64,
+}
+
+impl<R: Read> Read for Tail<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n >= 16 {
+            self.last.copy_from_slice(&buf[n - 16..n]);
+        } else {
+            self.last.rotate_left(n);
+            self.last[16 - n..].copy_from_slice(&buf[..n]);
+        }
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// The payload of one age file, opened chunk by chunk.
+///
+/// Written by hand after the age v1 spec rather than through the crate's `StreamReader`:
+/// the crate's ChaCha20-Poly1305 is generic Rust whose AVX2 helpers stay un-inlined in our
+/// size-optimised LTO build (half the speed of `age -d`), while ring's is assembly at any
+/// opt-level. The header is still age's (see [`SetOpener::open_header`]).
+pub struct Payload {
+    key: LessSafeKey,
+    /// The next chunk's index: the first 11 bytes of its nonce, big-endian.
+    counter: u64,
+    /// The final chunk was opened: nothing may follow.
+    ended: bool,
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Payload")
+            .field("counter", &self.counter)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Payload {
+    /// payload key = HKDF-SHA-256(ikm = file key, salt = nonce, info = "payload").
+    fn new(file_key: &FileKey, nonce: &[u8; 16]) -> Payload {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, nonce).extract(file_key.expose_secret());
+        let okm = prk
+            .expand(&[b"payload"], &aead::CHACHA20_POLY1305)
+            .expect("32 bytes is a valid HKDF-SHA-256 output length");
+        Payload {
+            key: LessSafeKey::new(UnboundKey::from(okm)),
+            counter: 0,
+            ended: false,
+        }
+    }
+
+    /// Opens the next sealed chunks of the payload in place: `buf` holds whole chunks of
+    /// [`SEALED_CHUNK`] bytes, except that its last one may be shorter when `last` says the
+    /// payload ends with it. That chunk must carry the final flag and every other chunk
+    /// must not, so a payload cut at a chunk boundary, one with a chunk after the final one,
+    /// or one whose final flag sits on an earlier chunk fails to authenticate. Each chunk's
+    /// plaintext is then at [`plaintext`]`(buf.len(), start)`. On error the buffer's
+    /// content is unspecified and the payload is not to be read further.
+    pub fn open_in_place(&mut self, buf: &mut [u8], last: bool) -> io::Result<()> {
+        let bad =
+            |why: &str| io::Error::new(io::ErrorKind::InvalidData, format!("age payload {why}"));
+        if self.ended {
+            return Err(bad("goes on after its final chunk (corrupt)"));
+        }
+        if buf.is_empty() {
+            return if last {
+                Err(bad("is truncated (no final chunk)"))
+            } else {
+                Ok(())
+            };
+        }
+        let chunks = buf.len().div_ceil(SEALED_CHUNK);
+        for (i, chunk) in buf.chunks_mut(SEALED_CHUNK).enumerate() {
+            let fin = last && i + 1 == chunks;
+            if chunk.len() < SEALED_CHUNK && !fin {
+                return Err(bad("is truncated (short chunk)"));
+            }
+            if chunk.len() < TAG {
+                return Err(bad("is truncated (partial tag)"));
+            }
+            // Only the payload of an empty file ends with an empty chunk.
+            if fin && chunk.len() == TAG && self.counter > 0 {
+                return Err(bad("ends with an empty chunk (corrupt)"));
+            }
+            let mut nonce = [0u8; 12];
+            nonce[3..11].copy_from_slice(&self.counter.to_be_bytes());
+            nonce[11] = u8::from(fin);
+            let (text, tag) = chunk.split_at_mut(chunk.len() - TAG);
+            let tag = Tag::try_from(&tag[..]).map_err(|_| bad("has a malformed tag"))?;
+            self.key
+                .open_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::empty(),
+                    tag,
+                    text,
+                    0..,
+                )
+                .map_err(|_| bad("does not authenticate (corrupt or truncated)"))?;
+            self.counter += 1;
+        }
+        self.ended = last;
+        Ok(())
+    }
+}
+
+/// Where the plaintext of the chunk starting at `start` lies in a buffer of `len` bytes of
+/// sealed chunks once [`Payload::open_in_place`] has opened it.
+pub fn plaintext(len: usize, start: usize) -> std::ops::Range<usize> {
+    start
+        ..(start + SEALED_CHUNK)
+            .min(len)
+            .saturating_sub(TAG)
+            .max(start)
 }
 
 /// Reads a key file. Held as a secret so an identity file's text is wiped when dropped.
@@ -727,7 +913,7 @@ fn parse_ssh_identity(text: &str, what: &str) -> Result<Key> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::testutil::env_of;
     use std::path::Path;
@@ -815,19 +1001,41 @@ fGNu+wyKxPnSU3svsuvrOdwwDKvfqCNyYK878qKAAaBqbGT1NJ8=
     }
 
     /// Bytes spanning several 64 KiB age chunks, not a multiple of the chunk size.
-    fn sample(len: usize) -> Vec<u8> {
+    pub(crate) fn sample(len: usize) -> Vec<u8> {
         crate::testutil::noise(len)
     }
 
-    fn seal(sealer: &SetSealer, data: &[u8]) -> Vec<u8> {
+    pub(crate) fn seal(sealer: &SetSealer, data: &[u8]) -> Vec<u8> {
         let mut w = sealer.seal(Vec::new()).unwrap();
         w.write_all(data).unwrap();
         w.finish().unwrap()
     }
 
+    /// Our payload decryption over a whole file in memory.
     fn open(opener: &SetOpener, sealed: &[u8]) -> io::Result<Vec<u8>> {
+        let mut r = sealed;
+        let mut payload = opener.open_header(&mut r)?;
+        let mut buf = r.to_vec();
+        payload.open_in_place(&mut buf, true)?;
+        Ok(opened(&buf))
+    }
+
+    /// The plaintext of a buffer of chunks opened in place.
+    fn opened(buf: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(buf.len());
+        for start in (0..buf.len()).step_by(SEALED_CHUNK) {
+            out.extend_from_slice(&buf[plaintext(buf.len(), start)]);
+        }
+        out
+    }
+
+    /// The age crate's own `StreamReader`: the reference our decryption must match.
+    fn crate_open(identity: &dyn age::Identity, sealed: &[u8]) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
-        opener.open(sealed)?.read_to_end(&mut out)?;
+        age::Decryptor::new(sealed)
+            .and_then(|d| d.decrypt(std::iter::once(identity)))
+            .map_err(|e| io::Error::other(e.to_string()))?
+            .read_to_end(&mut out)?;
         Ok(out)
     }
 
@@ -1213,7 +1421,7 @@ fGNu+wyKxPnSU3svsuvrOdwwDKvfqCNyYK878qKAAaBqbGT1NJ8=
             .open_set("x", &[], None)
             .unwrap();
         let sealed = seal(&sealer, b"data");
-        let err = opener.open(&sealed[..]).err().unwrap();
+        let err = opener.open_header(&mut &sealed[..]).err().unwrap();
         assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
         assert!(!err.to_string().contains('\n'));
         assert!(matches!(opener.open_bytes(&sealed), Err(Error::Key(_))));
@@ -1367,6 +1575,254 @@ fGNu+wyKxPnSU3svsuvrOdwwDKvfqCNyYK878qKAAaBqbGT1NJ8=
         assert!(matches!(opener.open_bytes(&v), Err(Error::Corrupt { .. })));
     }
 
+    /// The plaintext lengths around chunk boundaries, and a few MB of noise.
+    pub(crate) const LENGTHS: [usize; 8] = [
+        0,
+        1,
+        65535,
+        65536,
+        65537,
+        131072,
+        131073,
+        3 * 1024 * 1024 + 12345,
+    ];
+
+    /// An X25519 opener and a sealer to it; and the identity, for the crate's reader.
+    pub(crate) fn x25519_pair() -> (SetOpener, SetSealer, Arc<dyn age::Identity + Send + Sync>) {
+        let identity = x25519::Identity::generate();
+        let sealer = SetSealer {
+            recipients: vec![AnyRecipient::X25519(identity.to_public())].into(),
+            fingerprints: Vec::new().into(),
+        };
+        let identity: DynIdentity = Arc::new(identity);
+        let opener = SetOpener {
+            set_id: "s".into(),
+            no_key: "no key".into(),
+            identities: vec![identity.clone()].into(),
+        };
+        (opener, sealer, identity)
+    }
+
+    /// A passphrase-sealed (scrypt) file, at a work factor cheap enough for a test.
+    pub(crate) fn scrypt_seal(passphrase: &str, data: &[u8]) -> Vec<u8> {
+        let mut r = age::scrypt::Recipient::new(SecretString::from(passphrase.to_owned()));
+        r.set_work_factor(10);
+        let e =
+            age::Encryptor::with_recipients(std::iter::once(&r as &dyn age::Recipient)).unwrap();
+        let mut out = Vec::new();
+        let mut w = e.wrap_output(&mut out).unwrap();
+        w.write_all(data).unwrap();
+        w.finish().unwrap();
+        out
+    }
+
+    pub(crate) fn scrypt_opener(passphrase: &str) -> (SetOpener, DynIdentity) {
+        let identity: DynIdentity = Arc::new(age::scrypt::Identity::new(SecretString::from(
+            passphrase.to_owned(),
+        )));
+        let opener = SetOpener {
+            set_id: "s".into(),
+            no_key: "no key".into(),
+            identities: vec![identity.clone()].into(),
+        };
+        (opener, identity)
+    }
+
+    /// Where the payload starts: after the header's `--- <mac>` line and the 16-byte nonce.
+    pub(crate) fn payload_offset(sealed: &[u8]) -> usize {
+        let mac = sealed.windows(5).position(|w| w == b"\n--- ").unwrap() + 1;
+        let eol = mac + sealed[mac..].iter().position(|&b| b == b'\n').unwrap();
+        eol + 1 + 16
+    }
+
+    impl Payload {
+        /// Seals one chunk as chunk `counter`, final or not: for payloads age would never
+        /// write.
+        pub(crate) fn seal_chunk(&self, counter: u64, fin: bool, plain: &[u8]) -> Vec<u8> {
+            let mut nonce = [0u8; 12];
+            nonce[3..11].copy_from_slice(&counter.to_be_bytes());
+            nonce[11] = u8::from(fin);
+            let mut out = plain.to_vec();
+            let tag = self
+                .key
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::empty(),
+                    &mut out,
+                )
+                .unwrap();
+            out.extend_from_slice(tag.as_ref());
+            out
+        }
+    }
+
+    /// Payload chunks to seal: counter, final flag, plaintext.
+    pub(crate) type Chunks<'a> = Vec<(u64, bool, &'a [u8])>;
+
+    /// A file under `opener`'s key with the header of `sealed` and the payload `chunks`
+    /// (counter, final flag, plaintext).
+    pub(crate) fn crafted(
+        opener: &SetOpener,
+        sealed: &[u8],
+        chunks: &[(u64, bool, &[u8])],
+    ) -> Vec<u8> {
+        let at = payload_offset(sealed);
+        let payload = opener.open_header(&mut &sealed[..]).unwrap();
+        let mut out = sealed[..at].to_vec();
+        for (counter, fin, plain) in chunks {
+            out.extend_from_slice(&payload.seal_chunk(*counter, *fin, plain));
+        }
+        out
+    }
+
+    #[test]
+    fn our_payload_decryption_matches_the_crate() {
+        let (opener, sealer, identity) = x25519_pair();
+        let (s_opener, s_identity) = scrypt_opener("correct horse");
+        for len in LENGTHS {
+            let data = sample(len);
+            let sealed = seal(&sealer, &data);
+            let theirs = crate_open(identity.as_ref(), &sealed).unwrap();
+            assert!(theirs == data, "{len}: the crate disagrees with the input");
+            assert!(
+                open(&opener, &sealed).unwrap() == data,
+                "x25519, {len} bytes"
+            );
+            // Passphrase files: scrypt is slow, so a few lengths only.
+            if len <= 65537 || len == 131073 {
+                let sealed = scrypt_seal("correct horse", &data);
+                assert!(crate_open(s_identity.as_ref(), &sealed).unwrap() == data);
+                assert!(
+                    open(&s_opener, &sealed).unwrap() == data,
+                    "scrypt, {len} bytes"
+                );
+            }
+        }
+        // Wrong keys fail at the header, as age's own errors, never as data.
+        let (other, _, _) = x25519_pair();
+        let sealed = seal(&sealer, b"data");
+        let err = other.open_header(&mut &sealed[..]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+        let (wrong, _) = scrypt_opener("wrong horse");
+        let sealed = scrypt_seal("correct horse", b"data");
+        assert!(wrong.open_header(&mut &sealed[..]).is_err());
+        // An X25519 key does not open a passphrase file, nor a passphrase an X25519 one.
+        assert!(opener.open_header(&mut &sealed[..]).is_err());
+        assert!(s_opener.open_header(&mut &seal(&sealer, b"x")[..]).is_err());
+    }
+
+    #[test]
+    fn payload_damage_is_always_an_error() {
+        let (opener, sealer, _) = x25519_pair();
+        let (s_opener, _) = scrypt_opener("pw");
+        let data = sample(2 * CHUNK + 100);
+        for (opener, sealed) in [
+            (&opener, seal(&sealer, &data)),
+            (&s_opener, scrypt_seal("pw", &data)),
+        ] {
+            let at = payload_offset(&sealed);
+            assert_eq!(sealed.len() - at, 2 * SEALED_CHUNK + 100 + TAG);
+            let mut bad: Vec<(String, Vec<u8>)> = Vec::new();
+            // A flipped bit in each chunk, in its text and in its tag.
+            for chunk in 0..3 {
+                for off in [0, 99, 100 + TAG - 1] {
+                    let mut v = sealed.clone();
+                    let i = (at + chunk * SEALED_CHUNK + off).min(sealed.len() - 1);
+                    v[i] ^= 0x04;
+                    bad.push((format!("bit flipped in chunk {chunk} at {off}"), v));
+                }
+            }
+            // Truncated anywhere in the payload, including at chunk boundaries (the final
+            // chunk missing) and to no payload at all.
+            for keep in [
+                0,
+                1,
+                15,
+                16,
+                SEALED_CHUNK - 1,
+                SEALED_CHUNK,
+                SEALED_CHUNK + 1,
+                2 * SEALED_CHUNK,
+                sealed.len() - at - 1,
+            ] {
+                bad.push((
+                    format!("payload cut to {keep}"),
+                    sealed[..at + keep].to_vec(),
+                ));
+            }
+            // Bytes after the final chunk, as a whole or a partial chunk.
+            for extra in [1, TAG, SEALED_CHUNK] {
+                let mut v = sealed.clone();
+                v.extend(sample(extra));
+                bad.push((format!("{extra} bytes after the final chunk"), v));
+            }
+            // Chunks swapped.
+            let mut v = sealed.clone();
+            v.copy_within(at..at + SEALED_CHUNK, at + SEALED_CHUNK);
+            bad.push(("chunk 0 twice".into(), v));
+            // Payloads age never writes, under the right key.
+            let full = &data[..CHUNK];
+            let cases: Vec<(&str, Chunks)> = vec![
+                (
+                    "final flag on a non-final chunk",
+                    vec![(0, true, full), (1, true, b"x")],
+                ),
+                (
+                    "final flag on the first of two full chunks",
+                    vec![(0, true, full), (1, false, full)],
+                ),
+                (
+                    "a chunk after the final one",
+                    vec![(0, false, full), (1, true, full), (2, true, b"x")],
+                ),
+                ("no final chunk", vec![(0, false, full), (1, false, full)]),
+                (
+                    "a short non-final chunk",
+                    vec![(0, false, b"short"), (1, true, b"x")],
+                ),
+                (
+                    "an empty final chunk after a full one",
+                    vec![(0, false, full), (1, true, b"")],
+                ),
+                ("a skipped counter", vec![(0, false, full), (2, true, b"x")]),
+                ("a counter from 1", vec![(1, true, b"x")]),
+            ];
+            for (what, chunks) in cases {
+                bad.push((what.into(), crafted(opener, &sealed, &chunks)));
+            }
+            for (what, v) in bad {
+                assert!(
+                    open(opener, &v).is_err(),
+                    "{what}: read back without an error"
+                );
+            }
+            // The same construction, well-formed, does read back: the cases above fail for
+            // their flaw, not for the construction.
+            let good = crafted(opener, &sealed, &[(0, false, full), (1, true, b"x")]);
+            let mut want = full.to_vec();
+            want.push(b'x');
+            assert!(open(opener, &good).unwrap() == want);
+            let empty = crafted(opener, &sealed, &[(0, true, b"")]);
+            assert!(open(opener, &empty).unwrap().is_empty());
+        }
+    }
+
+    #[test]
+    fn plaintext_ranges_follow_the_chunks() {
+        assert_eq!(plaintext(TAG, 0), 0..0);
+        assert_eq!(plaintext(TAG + 1, 0), 0..1);
+        assert_eq!(plaintext(SEALED_CHUNK, 0), 0..CHUNK);
+        assert_eq!(plaintext(2 * SEALED_CHUNK + 20, 0), 0..CHUNK);
+        assert_eq!(
+            plaintext(2 * SEALED_CHUNK + 20, SEALED_CHUNK),
+            SEALED_CHUNK..SEALED_CHUNK + CHUNK
+        );
+        assert_eq!(
+            plaintext(2 * SEALED_CHUNK + 20, 2 * SEALED_CHUNK),
+            2 * SEALED_CHUNK..2 * SEALED_CHUNK + 4
+        );
+    }
+
     /// `cargo test --release -- --ignored --nocapture throughput`: 256 MiB through seal and
     /// open (memory to a sink), then the stock CLI on the same bytes (page cache to
     /// /dev/null). Rates are per CPU-second (user + system), best of three, since a shared
@@ -1405,10 +1861,14 @@ fGNu+wyKxPnSU3svsuvrOdwwDKvfqCNyYK878qKAAaBqbGT1NJ8=
             w.finish().unwrap();
             cpu_s() - t
         });
-        let mut buf = vec![0; 1 << 20];
-        let dec = best(&mut || {
+        let mut buf = vec![0; 16 * SEALED_CHUNK];
+        let identity = x25519::Identity::from_str(&a.secret).unwrap();
+        let crate_dec = best(&mut || {
             let t = cpu_s();
-            let mut r = opener.open(&sealed[..]).unwrap();
+            let mut r = age::Decryptor::new(&sealed[..])
+                .unwrap()
+                .decrypt(std::iter::once(&identity as &dyn age::Identity))
+                .unwrap();
             let mut n = 0;
             loop {
                 let k = r.read(&mut buf).unwrap();
@@ -1420,9 +1880,29 @@ fGNu+wyKxPnSU3svsuvrOdwwDKvfqCNyYK878qKAAaBqbGT1NJ8=
             assert_eq!(n, LEN);
             cpu_s() - t
         });
+        // Ours, a buffer of 16 chunks at a time as the set reader's stages do.
+        let dec = best(&mut || {
+            let t = cpu_s();
+            let mut r = &sealed[..];
+            let mut payload = opener.open_header(&mut r).unwrap();
+            let mut n = 0;
+            let mut blocks = r.chunks(16 * SEALED_CHUNK).peekable();
+            while let Some(block) = blocks.next() {
+                let b = &mut buf[..block.len()];
+                b.copy_from_slice(block);
+                payload.open_in_place(b, blocks.peek().is_none()).unwrap();
+                n += (0..b.len())
+                    .step_by(SEALED_CHUNK)
+                    .map(|s| plaintext(b.len(), s).len())
+                    .sum::<usize>();
+            }
+            assert_eq!(n, LEN);
+            cpu_s() - t
+        });
         eprintln!(
-            "crate: seal {:.0} MiB/s, open {:.0} MiB/s",
+            "seal (crate) {:.0} MiB/s, open: crate {:.0} MiB/s, ours (ring) {:.0} MiB/s",
             mib(enc),
+            mib(crate_dec),
             mib(dec)
         );
         let Some(age) = age_cli() else { return };

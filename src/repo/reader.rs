@@ -2,15 +2,16 @@
 //! a key opens it), and artifacts decrypted and decompressed while their checksum is checked
 //! on the fly.
 
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
 use super::MANIFEST;
 use super::backend::SetPlace;
-use super::crypt::{self, Crypto, SetOpener};
+use super::crypt::{self, Crypto, Payload, SEALED_CHUNK, SetOpener};
 use super::manifest::{FORMAT, FileEntry, Manifest};
 use crate::error::{Error, Result};
 
@@ -153,30 +154,32 @@ impl SetReader {
             .open(rel)
             .map_err(|e| Error::corrupt(self.id(), format!("{}: {e}", entry.path)))?;
         let state = Arc::new(Mutex::new((Sha256::new(), 0u64)));
-        let hashing = HashingReader {
+        let mut hashing = HashingReader {
             inner: BufReader::with_capacity(1 << 20, raw),
             state: state.clone(),
         };
         // Each stage a step ahead on a thread of its own, as `age -d | zstd -d` runs in two
         // processes: reading (a GET's network reads, or the file) with the SHA-256, then
-        // decrypting, beside the decompression and whatever consumes the bytes. A local plain
-        // file needs no such thread.
-        let source: Box<dyn Read + Send> = match (&self.opener, entry.stored.is_some()) {
+        // decrypting in place, beside the decompression and whatever consumes the bytes. The
+        // buffers pass from stage to stage and back, never copied. A local plain file needs
+        // no such thread.
+        let source: Box<dyn BufRead + Send> = match (&self.opener, entry.stored.is_some()) {
             (Some(opener), true) => {
-                let read = ReadAhead::spawn(Box::new(hashing));
-                let plain = opener
-                    .open(read)
+                // The header is read here, so a wrong key fails the open, before any output.
+                let payload = opener
+                    .open_header(&mut hashing)
                     .map_err(|e| Error::corrupt(self.id(), format!("{}: {e}", entry.path)))?;
-                Box::new(ReadAhead::spawn(Box::new(plain)))
+                let read = ReadAhead::spawn(Box::new(hashing), OPEN_AHEAD_CHUNK);
+                Box::new(Opened::spawn(read, payload))
             }
-            _ if matches!(self.place, SetPlace::S3 { .. }) => {
-                Box::new(ReadAhead::spawn(Box::new(hashing)))
-            }
-            _ => Box::new(hashing),
+            _ if matches!(self.place, SetPlace::S3 { .. }) => Box::new(BufReader::with_capacity(
+                1 << 17,
+                ReadAhead::spawn(Box::new(hashing), READ_AHEAD_CHUNK),
+            )),
+            _ => Box::new(BufReader::with_capacity(1 << 17, hashing)),
         };
-        let decoder =
-            zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(1 << 17, source))
-                .map_err(|e| Error::io(self.place.path(rel), e))?;
+        let decoder = zstd::stream::read::Decoder::with_buffer(source)
+            .map_err(|e| Error::io(self.place.path(rel), e))?;
         Ok(VerifyingReader {
             decoder,
             raw: 0,
@@ -291,8 +294,8 @@ fn hash_all(r: &mut dyn Read) -> io::Result<(u64, String)> {
 /// Written by hand: the crates that do this (e.g. `readahead`) are unmaintained, and the
 /// whole of it is a bounded channel and a recycled buffer.
 struct ReadAhead {
-    full: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
-    empty: std::sync::mpsc::SyncSender<Vec<u8>>,
+    full: Receiver<io::Result<Vec<u8>>>,
+    empty: SyncSender<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
     /// The source failed: every later read fails too, never a clean end.
@@ -302,17 +305,19 @@ struct ReadAhead {
 /// Chunks in flight, and their size: memory stays at a few MiB per open file.
 const READ_AHEAD: usize = 3;
 const READ_AHEAD_CHUNK: usize = 1 << 20;
+/// An encrypted file's chunks: whole sealed age chunks (about 1 MiB), so that each buffer
+/// opens in place.
+const OPEN_AHEAD_CHUNK: usize = 16 * SEALED_CHUNK;
 
 impl ReadAhead {
-    fn spawn(mut src: Box<dyn Read + Send>) -> ReadAhead {
-        let (full_tx, full) = std::sync::mpsc::sync_channel(READ_AHEAD);
-        let (empty, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(READ_AHEAD + 1);
+    /// Every chunk but the last of the source holds exactly `chunk` bytes.
+    fn spawn(mut src: Box<dyn Read + Send>, chunk: usize) -> ReadAhead {
+        let (full_tx, full) = sync_channel(READ_AHEAD);
+        let (empty, empty_rx) = sync_channel::<Vec<u8>>(READ_AHEAD + 2);
         std::thread::spawn(move || {
             loop {
-                let mut buf = empty_rx
-                    .try_recv()
-                    .unwrap_or_else(|_| vec![0; READ_AHEAD_CHUNK]);
-                buf.resize(READ_AHEAD_CHUNK, 0);
+                let mut buf = empty_rx.try_recv().unwrap_or_default();
+                buf.resize(chunk, 0);
                 let mut n = 0;
                 let r = loop {
                     if n == buf.len() {
@@ -326,7 +331,7 @@ impl ReadAhead {
                     }
                 };
                 buf.truncate(n);
-                let last = n < READ_AHEAD_CHUNK;
+                let last = n < chunk;
                 let sent = match r {
                     Ok(()) if n == 0 => break,
                     Ok(()) => full_tx.send(Ok(buf)),
@@ -352,22 +357,29 @@ impl ReadAhead {
             failed: false,
         }
     }
+
+    /// The next chunk whole, `None` once the source is read to its end.
+    fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
+        if self.failed {
+            return Err(io::Error::other("the stored file could not be read"));
+        }
+        match self.full.recv() {
+            Ok(Ok(chunk)) => Ok(Some(chunk)),
+            Ok(Err(e)) => {
+                self.failed = true;
+                Err(e)
+            }
+            // The thread is done: everything was read.
+            Err(_) => Ok(None),
+        }
+    }
 }
 
 impl Read for ReadAhead {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if self.failed {
-            return Err(io::Error::other("the stored file could not be read"));
-        }
         if self.pos == self.cur.len() {
-            let next = match self.full.recv() {
-                Ok(Ok(chunk)) => chunk,
-                Ok(Err(e)) => {
-                    self.failed = true;
-                    return Err(e);
-                }
-                // The thread is done: everything was read.
-                Err(_) => return Ok(0),
+            let Some(next) = self.next_chunk()? else {
+                return Ok(0);
             };
             let old = std::mem::replace(&mut self.cur, next);
             let _ = self.empty.try_send(old);
@@ -376,6 +388,107 @@ impl Read for ReadAhead {
         let n = out.len().min(self.cur.len() - self.pos);
         out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
         self.pos += n;
+        Ok(n)
+    }
+}
+
+/// The plaintext of an encrypted file: a thread opens [`ReadAhead`]'s buffers in place, one
+/// behind the reading (whether a buffer holds the final chunk is known when the next one
+/// arrives, or the end does), and the reader hands out each chunk's plaintext where it lies
+/// in the buffer, then gives the buffer back to the reading thread.
+struct Opened {
+    full: Receiver<io::Result<Vec<u8>>>,
+    recycle: SyncSender<Vec<u8>>,
+    cur: Vec<u8>,
+    /// Where the current chunk starts in `cur`, the next byte to hand out, and the end of
+    /// the chunk's plaintext.
+    chunk: usize,
+    pos: usize,
+    end: usize,
+    /// Decryption or the source failed: every later read fails too, never a clean end.
+    failed: bool,
+}
+
+impl Opened {
+    fn spawn(mut read: ReadAhead, mut payload: Payload) -> Opened {
+        let recycle = read.empty.clone();
+        let (tx, full) = sync_channel(2);
+        std::thread::spawn(move || {
+            let mut held: Option<Vec<u8>> = None;
+            loop {
+                let next = match read.next_chunk() {
+                    Ok(next) => next,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let last = next.is_none();
+                let mut buf = held.take().unwrap_or_default();
+                if let Err(e) = payload.open_in_place(&mut buf, last) {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                if !buf.is_empty() && tx.send(Ok(buf)).is_err() {
+                    return;
+                }
+                match next {
+                    Some(chunk) => held = Some(chunk),
+                    None => return,
+                }
+            }
+        });
+        Opened {
+            full,
+            recycle,
+            cur: Vec::new(),
+            chunk: 0,
+            pos: 0,
+            end: 0,
+            failed: false,
+        }
+    }
+}
+
+impl BufRead for Opened {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.failed {
+            return Err(io::Error::other("the stored file could not be decrypted"));
+        }
+        while self.pos == self.end {
+            if self.chunk + SEALED_CHUNK < self.cur.len() {
+                self.chunk += SEALED_CHUNK;
+            } else {
+                let next = match self.full.recv() {
+                    Ok(Ok(buf)) => buf,
+                    Ok(Err(e)) => {
+                        self.failed = true;
+                        return Err(e);
+                    }
+                    // The thread is done: the final chunk was opened.
+                    Err(_) => return Ok(&[]),
+                };
+                let old = std::mem::replace(&mut self.cur, next);
+                let _ = self.recycle.try_send(old);
+                self.chunk = 0;
+            }
+            let r = crypt::plaintext(self.cur.len(), self.chunk);
+            (self.pos, self.end) = (r.start, r.end);
+        }
+        Ok(&self.cur[self.pos..self.end])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.end);
+    }
+}
+
+impl Read for Opened {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = out.len().min(avail.len());
+        out[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
         Ok(n)
     }
 }
@@ -399,7 +512,7 @@ impl Read for HashingReader {
 
 /// Decompressed bytes of one stored file, checked against the manifest as they stream.
 pub struct VerifyingReader {
-    decoder: zstd::stream::read::Decoder<'static, BufReader<Box<dyn Read + Send>>>,
+    decoder: zstd::stream::read::Decoder<'static, Box<dyn BufRead + Send>>,
     raw: u64,
     state: Arc<Mutex<(Sha256, u64)>>,
     entry: FileEntry,
@@ -521,7 +634,7 @@ mod tests {
                     at: 0,
                     fail_at_end: fail,
                 };
-                let mut r = ReadAhead::spawn(Box::new(src));
+                let mut r = ReadAhead::spawn(Box::new(src), READ_AHEAD_CHUNK);
                 let mut got = Vec::new();
                 let mut buf = vec![0; 12_345];
                 let end = loop {
@@ -539,5 +652,150 @@ mod tests {
                 }
             }
         }
+    }
+
+    use crate::repo::crypt::tests::{
+        Chunks, LENGTHS, crafted, payload_offset, sample, scrypt_opener, scrypt_seal, seal,
+        x25519_pair,
+    };
+    use crate::repo::crypt::{CHUNK, TAG};
+
+    /// A sealed file through the stages as `open_file` runs them (source in uneven reads,
+    /// header, read-ahead in `stage`-byte buffers, decryption in place), read the way zstd
+    /// reads: `fill_buf` and `consume` in pieces.
+    fn staged(opener: &SetOpener, sealed: &[u8], stage: usize) -> io::Result<Vec<u8>> {
+        let mut src = Uneven {
+            data: sealed.to_vec(),
+            at: 0,
+            fail_at_end: false,
+        };
+        let payload = opener.open_header(&mut src)?;
+        let mut r = Opened::spawn(ReadAhead::spawn(Box::new(src), stage), payload);
+        let mut out = Vec::new();
+        loop {
+            let got = r.fill_buf()?;
+            if got.is_empty() {
+                break;
+            }
+            let n = got.len().min(40_000);
+            out.extend_from_slice(&got[..n]);
+            r.consume(n);
+        }
+        // The end stays the end.
+        assert!(r.fill_buf()?.is_empty());
+        Ok(out)
+    }
+
+    /// Buffers of one chunk, two, and the production size.
+    const STAGES: [usize; 3] = [SEALED_CHUNK, 2 * SEALED_CHUNK, OPEN_AHEAD_CHUNK];
+
+    #[test]
+    fn staged_decryption_matches_the_crate() {
+        let (opener, sealer, identity) = x25519_pair();
+        let (s_opener, s_identity) = scrypt_opener("pw");
+        for len in LENGTHS {
+            let data = sample(len);
+            let sealed = seal(&sealer, &data);
+            let mut theirs = Vec::new();
+            age::Decryptor::new(&sealed[..])
+                .unwrap()
+                .decrypt(std::iter::once(identity.as_ref() as &dyn age::Identity))
+                .unwrap()
+                .read_to_end(&mut theirs)
+                .unwrap();
+            assert!(theirs == data);
+            for stage in STAGES {
+                let ours = staged(&opener, &sealed, stage).unwrap();
+                assert!(ours == theirs, "{len} bytes in {stage}-byte stages");
+            }
+            if len == 65536 || len == 131073 {
+                let sealed = scrypt_seal("pw", &data);
+                let mut theirs = Vec::new();
+                age::Decryptor::new(&sealed[..])
+                    .unwrap()
+                    .decrypt(std::iter::once(s_identity.as_ref() as &dyn age::Identity))
+                    .unwrap()
+                    .read_to_end(&mut theirs)
+                    .unwrap();
+                for stage in STAGES {
+                    assert!(staged(&s_opener, &sealed, stage).unwrap() == theirs);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn staged_decryption_fails_cleanly_on_damage() {
+        let (opener, sealer, _) = x25519_pair();
+        let data = sample(3 * CHUNK + 7);
+        let sealed = seal(&sealer, &data);
+        let at = payload_offset(&sealed);
+        let mut bad: Vec<(String, Vec<u8>)> = Vec::new();
+        for chunk in 0..4 {
+            let mut v = sealed.clone();
+            let i = (at + chunk * SEALED_CHUNK + 3).min(sealed.len() - 1);
+            v[i] ^= 0x80;
+            bad.push((format!("bit flipped in chunk {chunk}"), v));
+        }
+        for keep in [
+            0,
+            1,
+            TAG,
+            SEALED_CHUNK,
+            2 * SEALED_CHUNK,
+            3 * SEALED_CHUNK,
+            3 * SEALED_CHUNK + TAG,
+        ] {
+            bad.push((
+                format!("payload cut to {keep}"),
+                sealed[..at + keep].to_vec(),
+            ));
+        }
+        for extra in [1, SEALED_CHUNK] {
+            let mut v = sealed.clone();
+            v.extend(sample(extra));
+            bad.push((format!("{extra} bytes after the final chunk"), v));
+        }
+        let full = &data[..CHUNK];
+        let cases: Vec<(&str, Chunks)> = vec![
+            (
+                "final flag on a non-final chunk",
+                vec![(0, true, full), (1, false, full), (2, true, b"x")],
+            ),
+            (
+                "a chunk after the final one",
+                vec![(0, false, full), (1, true, full), (2, true, b"x")],
+            ),
+            ("no final chunk", vec![(0, false, full), (1, false, full)]),
+            (
+                "an empty final chunk after a full one",
+                vec![(0, false, full), (1, true, b"")],
+            ),
+        ];
+        for (what, chunks) in cases {
+            bad.push((what.into(), crafted(&opener, &sealed, &chunks)));
+        }
+        for (what, v) in &bad {
+            for stage in STAGES {
+                assert!(
+                    staged(&opener, v, stage).is_err(),
+                    "{what}, {stage}-byte stages: no error"
+                );
+            }
+        }
+        // A wrong key fails at the header.
+        let (other, _, _) = x25519_pair();
+        assert!(staged(&other, &sealed, OPEN_AHEAD_CHUNK).is_err());
+        // A source that fails after the whole file never ends cleanly.
+        let mut src = Uneven {
+            data: sealed.clone(),
+            at: 0,
+            fail_at_end: true,
+        };
+        let payload = opener.open_header(&mut src).unwrap();
+        let mut r = Opened::spawn(ReadAhead::spawn(Box::new(src), SEALED_CHUNK), payload);
+        let mut out = Vec::new();
+        assert!(r.read_to_end(&mut out).is_err());
+        assert!(r.fill_buf().is_err());
     }
 }
