@@ -5,9 +5,9 @@
 //! a server that never answers; then the same through a running sidecar's `/metrics`.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dbkeeper::engine::mongodb::MongoEngine;
@@ -17,7 +17,8 @@ use dbkeeper::stats::{Family, Kind};
 use mongodb::bson::{Document, doc};
 
 use crate::common::mongodb::{Mongo, PASSWORD, USER, enc};
-use crate::common::{dbkeeper, free_port, wait_until};
+use crate::common::wait_until;
+use crate::metrics::{Sidecar, get_body as get};
 
 fn stats(url: &str, max: Option<usize>, timeout: Duration) -> dbkeeper::Result<Vec<Family>> {
     let opts = EngineOptions {
@@ -286,60 +287,30 @@ fn a_server_that_never_answers_costs_the_timeout_and_no_more() {
     hold.join().unwrap();
 }
 
-/// A `GET` as HTTP/1.0 (no chunking); the body of a 200.
-fn get(port: u16, path: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let (head, body) = buf
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {buf:?}")))?;
-    if head.split_whitespace().nth(1) != Some("200") {
-        return Err(std::io::Error::other(format!("GET {path}: {head}")));
-    }
-    Ok(body.to_owned())
-}
-
-/// A running `dbkeeper sidecar`, killed on drop.
-struct Sidecar(Child);
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn the_sidecar_serves_the_mongodb_families() {
     let m = Mongo::start(false, false);
     fill(&m);
     let repo = tempfile::tempdir().unwrap();
-    let log = repo.path().join("sidecar.log");
-    let port = free_port();
-    let _sc = Sidecar(
-        dbkeeper(repo.path())
-            .arg("sidecar")
-            .env("DBKEEPER_MONGODB_URI", m.uri())
-            .env("DBKEEPER_LISTEN", format!("127.0.0.1:{port}"))
-            .env("DBKEEPER_STATS_INTERVAL", "1s")
-            .env("DBKEEPER_STATS_MAX_COLLECTIONS", "2")
-            .env("DBKEEPER_MIN_FREE", "0%")
-            .env("DBKEEPER_LOG_FORMAT", "text")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start the sidecar"),
+    let uri = m.uri();
+    let sc = Sidecar::start(
+        repo.path(),
+        &[
+            ("DBKEEPER_MONGODB_URI", &uri),
+            ("DBKEEPER_STATS_MAX_COLLECTIONS", "2"),
+        ],
     );
+    let port = sc.port;
     let mut page = String::new();
     let served = wait_until(Duration::from_secs(30), || {
         page = get(port, "/metrics").unwrap_or_default();
         page.contains("\nmongodb_connections{")
     });
-    let log = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(served, "no mongodb_connections in 30s\n{page}\n{log}");
+    assert!(
+        served,
+        "no mongodb_connections in 30s\n{page}\n{}",
+        sc.log()
+    );
     for want in [
         "mongodb_up 1",
         "mongodb_connections{state=\"current\"}",

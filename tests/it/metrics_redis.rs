@@ -4,9 +4,8 @@
 //! them on `/metrics`. Also: the round's errors (a server that never answers, a password).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,8 @@ use serde::Deserialize;
 
 use crate::common::chroma::python;
 use crate::common::redis::{Opts, RedisServer};
-use crate::common::{dbkeeper, free_port, server_binary, wait_until};
+use crate::common::{free_port, server_binary, wait_until};
+use crate::metrics::{Sidecar, get_body as get};
 
 /// The families the issue names, but `redis_up` (which the sidecar adds, not `stats`).
 const FAMILIES: &[&str] = &[
@@ -256,22 +256,6 @@ impl Drop for Exporter {
     }
 }
 
-/// A `GET` as HTTP/1.0, so that no server chunks the body; the body of a 200.
-fn get(port: u16, path: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let (head, body) = buf
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {buf:?}")))?;
-    if head.split_whitespace().nth(1) != Some("200") {
-        return Err(std::io::Error::other(format!("GET {path}: {head}")));
-    }
-    Ok(body.to_owned())
-}
-
 fn stats(url: &str, timeout: Duration) -> dbkeeper::Result<Vec<Family>> {
     let e = RedisEngine::new(&Secret::new(url.to_owned()), &EngineOptions::default()).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -293,55 +277,14 @@ fn stats_name_type_and_label_as_the_exporter_does() {
 }
 
 /// A running `dbkeeper sidecar` on one Redis, killed on drop.
-struct Sidecar {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Sidecar {
-    fn start(redis: &RedisServer, repo: &Path) -> Sidecar {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("stderr");
-        let port = free_port();
-        let child = dbkeeper(repo)
-            .arg("sidecar")
-            .env("DBKEEPER_REDIS_URL", redis.url())
-            .env("DBKEEPER_LISTEN", format!("127.0.0.1:{port}"))
-            .env("DBKEEPER_STATS_INTERVAL", "1s")
-            .env("DBKEEPER_MIN_FREE", "0%")
-            .env("DBKEEPER_LOG_FORMAT", "text")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start the sidecar");
-        Sidecar {
-            child,
-            port,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn the_sidecar_serves_the_exporters_redis_families() {
     let r = server();
     let exporter = Exporter::start(&r);
     let repo = tempfile::tempdir().unwrap();
-    let sc = Sidecar::start(&r, repo.path());
+    let url = r.url();
+    let sc = Sidecar::start(repo.path(), &[("DBKEEPER_REDIS_URL", &url)]);
     // The first round runs in the background after start; one interval is 1s.
     let mut page = String::new();
     let served = wait_until(Duration::from_secs(30), || {
