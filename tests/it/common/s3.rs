@@ -147,9 +147,22 @@ impl S3Server {
             if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
                 return true;
             }
-            self.rclone(&["lsd", "s:"])
-                .map(|o| o.status.success())
-                .unwrap_or(false)
+            // Listing answers as soon as the filer does; a write and a delete also need a
+            // volume server registered with the master, which after a restart on the old data
+            // dir comes later (an abort then failed with InternalError under load).
+            [
+                "lsd s:",
+                "mkdir s:harness-ready",
+                "touch s:harness-ready/probe",
+                "deletefile s:harness-ready/probe",
+            ]
+            .iter()
+            .all(|c| {
+                let args: Vec<&str> = c.split(' ').collect();
+                self.rclone(&args)
+                    .map(|o| o.status.success())
+                    .unwrap_or(false)
+            })
         });
         if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
             panic!("weed mini exited ({status}):\n{}", self.log_tail());
