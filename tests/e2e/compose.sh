@@ -16,8 +16,8 @@
 # capabilities, a read-only root filesystem and no-new-privileges (docker inspect, and the
 # running sidecar's /proc status), the two root init containers with CHOWN and DAC_OVERRIDE
 # only; every file in the backup directory is 10001's, also after a `chown -R 0:0` that makes
-# it look written by an older root-run stack; the Redis volume is the Redis user's (999); the
-# new host runs with DBKEEPER_USER=10002:10002. Every wait has its own deadline; the project,
+# it look written by an older root-run stack; Redis runs as 999 without a chowning entrypoint
+# and every file of its volume is 999's; the new host runs with DBKEEPER_USER=10002:10002. Every wait has its own deadline; the project,
 # the backup directory and the object store's data are removed on exit.
 set -euo pipefail
 
@@ -97,9 +97,11 @@ IMAGE_BYTES=$(docker image inspect -f '{{.Size}}' "$DBKEEPER_IMAGE")
 
 # The database image: an empty root filesystem (a few directories and the merged-/usr links);
 # the servers come from the host's /usr, the venv and the secantus install, mounted read-only.
-# Built reproducibly and tagged by its content hash.
+# No /data: Docker would copy a root-owned /data's ownership onto an empty volume mounted there
+# (the official images' /data is their user's), and Redis runs as 999. Built reproducibly and
+# tagged by its content hash.
 rootfs="$TMP/rootfs"
-mkdir -p "$rootfs"/{usr,data/db,tmp,etc,root,opt,proc,sys,dev,run}
+mkdir -p "$rootfs"/{usr,tmp,etc,root,opt,proc,sys,dev,run}
 chmod 1777 "$rootfs/tmp"
 ln -s usr/bin "$rootfs/bin"; ln -s usr/sbin "$rootfs/sbin"
 ln -s usr/lib "$rootfs/lib"; ln -s usr/lib64 "$rootfs/lib64"
@@ -247,10 +249,11 @@ owned_by() {
   others=$(find "$BACKUPS" ! -uid "$1" -printf '%U:%G %p\n' | head -5)
   [ -z "$others" ] || fail "files in the backup directory not owned by $1: $others"
 }
-# The Redis volume's directory, as the dbkeeper-install left it (the Redis image's user).
-redis_volume_owner() {
+# Entries of the Redis volume (itself included) that are not the Redis user's (999:999): the
+# install hands the volume over, the preseed gives what it writes to the volume's owner.
+redis_volume_not_redis() {
   timeout 60 docker run --rm -v /usr:/usr:ro -v "${PROJECT}_redis-data:/d:ro" "$E2E_HOSTFS_IMAGE" \
-    /usr/bin/stat -c '%u:%g' /d
+    /usr/bin/find /d \( ! -uid 999 -o ! -gid 999 \) -printf '%U:%G %p\n'
 }
 
 up() { timeout 420 "${DC[@]}" up -d --quiet-pull 2>&1 | grep -v -e '^ *Container' -e '^ *Network' -e '^ *Volume' || true; }
@@ -322,7 +325,8 @@ t1=$(date +%s.%N)
 RECOVERY=$(python3 -c "print('%.1f' % ($t1 - $t0))")
 log "data restored and every healthcheck healthy ${RECOVERY}s after up"
 check_privileges 10001
-[ "$(redis_volume_owner)" = 999:999 ] || fail "the Redis volume is $(redis_volume_owner)'s, not the Redis user's (999:999)"
+others=$(redis_volume_not_redis) || fail "listing the Redis volume failed"
+[ -z "$others" ] || fail "entries of the Redis volume not the Redis user's (999:999): $others"
 
 # The app was gated on preseed: it started only after preseed finished successfully.
 gate=$(python3 - "$(docker inspect -f '{{.State.FinishedAt}}' "$(cid preseed)")" \
@@ -444,6 +448,8 @@ done
 tools migrated >/dev/null || fail "the data preseeded from the remote lacks the newer schema (index n_1)"
 check_privileges 10002
 owned_by 10002
+others=$(redis_volume_not_redis) || fail "listing the Redis volume failed"
+[ -z "$others" ] || fail "entries of the Redis volume not the Redis user's (999:999) after the new-host preseed: $others"
 
 echo "e2e compose: PASSED in $(( $(date +%s) - START ))s — image $DBKEEPER_IMAGE $IMAGE_BYTES bytes;" \
   "up on empty volumes → all healthy with data restored: ${RECOVERY}s; sidecar stop mid-backup: ${STOP}s;" \
