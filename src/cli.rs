@@ -331,6 +331,10 @@ pub enum Command {
     Install {
         /// Target directory, usually a volume shared with the database containers
         dir: std::path::PathBuf,
+        /// Before installing, hand the tree at PATH to UID:GID (what is not theirs already;
+        /// symlinks are not followed, other filesystems not entered). Repeatable.
+        #[arg(long, value_name = "PATH=UID:GID", value_parser = crate::role::install::parse_own)]
+        own: Vec<crate::role::install::Own>,
     },
     /// The resident role: scheduled backups, verify, retention, health loop, HTTP API
     Sidecar(SidecarArgs),

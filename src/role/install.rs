@@ -6,10 +6,14 @@
 //! inside the mount whether it is read-only or not, argv[0] stays the link's name (which is
 //! how the multi-call binary picks its role), and a later install that replaces `dbkeeper`
 //! updates every name at once (hard links would keep pointing at the old inode).
+//!
+//! `--own PATH=UID:GID` first hands directories to the user the other containers run as (the
+//! install container is the stack's one root container besides the Redis preseed): a backup
+//! directory the engine created root-owned, or one written by an older root-run stack.
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tracing::info;
@@ -19,6 +23,89 @@ use crate::error::{Error, Result};
 /// The binary's file name in DIR, and the role names that point at it.
 pub const BINARY: &str = "dbkeeper";
 pub const ROLE_LINKS: [&str; 2] = ["dbkeeper-health", "dbkeeper-init"];
+
+/// `--own PATH=UID:GID`: a tree handed to a numeric user and group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Own {
+    pub path: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Parses `PATH=UID:GID` (absolute path, numeric ids: the image has no user database to look
+/// names up in, and Compose's `user:` takes the same numbers).
+pub fn parse_own(s: &str) -> std::result::Result<Own, String> {
+    let bad = |why: &str| format!("{s:?} is not PATH=UID:GID ({why})");
+    let (path, ids) = s.rsplit_once('=').ok_or_else(|| bad("no '='"))?;
+    if !path.starts_with('/') {
+        return Err(bad("the path must be absolute"));
+    }
+    let (uid, gid) = ids
+        .split_once(':')
+        .ok_or_else(|| bad("the owner must be numeric UID:GID"))?;
+    let num = |v: &str| {
+        v.parse::<u32>()
+            .map_err(|_| bad("the owner must be numeric UID:GID"))
+    };
+    Ok(Own {
+        path: PathBuf::from(path),
+        uid: num(uid)?,
+        gid: num(gid)?,
+    })
+}
+
+/// Hands every tree of `own` over, then installs the binary into `dir`.
+pub fn own_and_install(own: &[Own], dir: &Path) -> Result<()> {
+    for o in own {
+        let changed = own_tree(o)?;
+        info!(path = %o.path.display(), uid = o.uid, gid = o.gid, changed, "ownership handed over");
+    }
+    install(dir)
+}
+
+/// Gives `own.path` and everything under it that is not already `uid:gid`'s to them, like the
+/// database images' entrypoints do with their data directories (`find . ! -user … -exec
+/// chown`). Symlinks are changed themselves, never followed; a mount point of another
+/// filesystem inside the tree is left alone (`find -xdev`). Returns how many entries changed.
+/// Hand-written over std (a stack of directories and `lchown`): a dozen lines, not worth a
+/// directory-walking dependency for one init step.
+pub fn own_tree(own: &Own) -> Result<u64> {
+    let root = &own.path;
+    let meta = fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
+    if !meta.is_dir() {
+        return Err(Error::io(
+            root,
+            io::Error::new(io::ErrorKind::NotADirectory, "--own needs a directory"),
+        ));
+    }
+    let dev = meta.dev();
+    let mut changed = 0u64;
+    let mut stack = vec![(root.clone(), meta)];
+    while let Some((path, meta)) = stack.pop() {
+        if (meta.uid(), meta.gid()) != (own.uid, own.gid) {
+            std::os::unix::fs::lchown(&path, Some(own.uid), Some(own.gid))
+                .map_err(|e| Error::io(&path, e))?;
+            changed += 1;
+        }
+        if !meta.is_dir() {
+            continue;
+        }
+        for entry in fs::read_dir(&path).map_err(|e| Error::io(&path, e))? {
+            let entry = entry.map_err(|e| Error::io(&path, e))?;
+            let child = entry.path();
+            let m = match fs::symlink_metadata(&child) {
+                Ok(m) => m,
+                // Removed meanwhile (a temp file of a still-running writer): nothing to own.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(&child, e)),
+            };
+            if m.dev() == dev {
+                stack.push((child, m));
+            }
+        }
+    }
+    Ok(changed)
+}
 
 /// Installs the running executable into `dir` (created if missing). Idempotent: a second run
 /// replaces every file atomically, so a container executing the old binary is never disturbed.

@@ -34,8 +34,8 @@ const CLEANUP_GRACE: Duration = Duration::from_secs(5);
 pub async fn run(cli: Cli, shutdown: &Shutdown) -> Result<()> {
     // Install needs no engine or repository settings: it runs in an init container that
     // is given none.
-    if let Command::Install { dir } = &cli.command {
-        return install::install(dir);
+    if let Command::Install { dir, own } = &cli.command {
+        return install::own_and_install(own, dir);
     }
     let cfg = Config::from_args(&cli.global, &process_env)?;
     let token = shutdown.token().clone();
@@ -209,7 +209,7 @@ async fn dispatch(
             );
             Ok(())
         }
-        Command::Install { dir } => install::install(&dir),
+        Command::Install { dir, own } => install::own_and_install(&own, &dir),
         Command::Init { timeout, migrate } => {
             init::init(cfg, timeout, migrate.migrations.as_deref(), cancel).await?;
             migrate::after_init(cfg, &migrate, cancel).await

@@ -12,8 +12,13 @@
 # index exists) before the app started, healthchecks healthy → a stopped database shows in /health
 # and /metrics → docker stop of the sidecar mid-backup exits within 10 s and leaves no visible
 # partial set → down -v and the backup directory emptied (a new host) → up → data back from
-# the remote. Every wait has its own deadline; the project, the backup directory and the
-# object store's data are removed on exit.
+# the remote. Least privilege throughout: the sidecar and preseed run as 10001 with no
+# capabilities, a read-only root filesystem and no-new-privileges (docker inspect, and the
+# running sidecar's /proc status), the two root init containers with CHOWN and DAC_OVERRIDE
+# only; every file in the backup directory is 10001's, also after a `chown -R 0:0` that makes
+# it look written by an older root-run stack; Redis runs as 999 without a chowning entrypoint
+# and every file of its volume is 999's; the new host runs with DBKEEPER_USER=10002:10002. Every wait has its own deadline; the project,
+# the backup directory and the object store's data are removed on exit.
 set -euo pipefail
 
 E2E_DIR=$(cd "$(dirname "$0")" && pwd)
@@ -92,9 +97,11 @@ IMAGE_BYTES=$(docker image inspect -f '{{.Size}}' "$DBKEEPER_IMAGE")
 
 # The database image: an empty root filesystem (a few directories and the merged-/usr links);
 # the servers come from the host's /usr, the venv and the secantus install, mounted read-only.
-# Built reproducibly and tagged by its content hash.
+# No /data: Docker would copy a root-owned /data's ownership onto an empty volume mounted there
+# (the official images' /data is their user's), and Redis runs as 999. Built reproducibly and
+# tagged by its content hash.
 rootfs="$TMP/rootfs"
-mkdir -p "$rootfs"/{usr,data/db,tmp,etc,root,opt,proc,sys,dev,run}
+mkdir -p "$rootfs"/{usr,tmp,etc,root,opt,proc,sys,dev,run}
 chmod 1777 "$rootfs/tmp"
 ln -s usr/bin "$rootfs/bin"; ln -s usr/sbin "$rootfs/sbin"
 ln -s usr/lib "$rootfs/lib"; ln -s usr/lib64 "$rootfs/lib64"
@@ -203,6 +210,52 @@ wait_job() {
   done
 }
 
+# ---- least privilege --------------------------------------------------------------------------
+# hardened SERVICE USER CAPADD: the container's configuration as docker inspect reports it.
+hardened() {
+  local svc=$1 user=$2 capadd=$3 got
+  got=$(docker inspect -f '{{.Config.User}}|{{.HostConfig.ReadonlyRootfs}}|{{.HostConfig.CapDrop}}|{{.HostConfig.CapAdd}}|{{.HostConfig.SecurityOpt}}' "$(cid "$svc")") \
+    || fail "docker inspect of $svc failed"
+  # The engine may report capabilities with or without their CAP_ prefix.
+  got=${got//CAP_/}
+  [[ "$got" =~ ^$user\|true\|\[ALL\]\|$capadd\|\[no-new-privileges(:true)?\]$ ]] \
+    || fail "$svc is not hardened: user|read-only|cap_drop|cap_add|security_opt = $got (want $user|true|[ALL]|$capadd|[no-new-privileges:true])"
+}
+# check_privileges UID: every dbkeeper container as configured, and the running sidecar process
+# itself (its /proc status, when the engine's processes are visible from here).
+check_privileges() {
+  local uid=$1 pid st cmd=""
+  hardened sidecar "$uid:$uid" '\[\]'
+  hardened preseed "$uid:$uid" '\[\]'
+  hardened dbkeeper-install 0:0 '\[CHOWN DAC_OVERRIDE\]'
+  hardened redis-preseed 0:0 '\[CHOWN DAC_OVERRIDE\]'
+  pid=$(docker inspect -f '{{.State.Pid}}' "$(cid sidecar)")
+  [ "$pid" -gt 0 ] && cmd=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null || true)
+  if [[ "$cmd" == "/dbkeeper/dbkeeper sidecar"* ]]; then
+    st=$(cat "/proc/$pid/status")
+    grep -Eq "^Uid:[[:space:]]+$uid[[:space:]]+$uid[[:space:]]+$uid[[:space:]]+$uid\$" <<<"$st" \
+      || fail "the sidecar process does not run as $uid: $(grep ^Uid: <<<"$st")"
+    grep -Eq '^CapEff:[[:space:]]+0+$' <<<"$st" || fail "the sidecar process has capabilities: $(grep ^Cap <<<"$st")"
+    grep -Eq '^CapBnd:[[:space:]]+0+$' <<<"$st" || fail "the sidecar's bounding set is not empty: $(grep ^CapBnd <<<"$st")"
+    grep -Eq '^NoNewPrivs:[[:space:]]+1$' <<<"$st" || fail "the sidecar process lacks no_new_privs: $(grep ^NoNewPrivs <<<"$st")"
+    log "sidecar process $pid: uid $uid, no capabilities, no_new_privs"
+  else
+    log "the sidecar's process is not visible from here: its /proc status is not checked"
+  fi
+}
+# owned_by UID: every entry of the backup directory (itself included) is UID's.
+owned_by() {
+  local others
+  others=$(find "$BACKUPS" ! -uid "$1" -printf '%U:%G %p\n' | head -5)
+  [ -z "$others" ] || fail "files in the backup directory not owned by $1: $others"
+}
+# Entries of the Redis volume (itself included) that are not the Redis user's (999:999): the
+# install hands the volume over, the preseed gives what it writes to the volume's owner.
+redis_volume_not_redis() {
+  timeout 60 docker run --rm -v /usr:/usr:ro -v "${PROJECT}_redis-data:/d:ro" "$E2E_HOSTFS_IMAGE" \
+    /usr/bin/find /d \( ! -uid 999 -o ! -gid 999 \) -printf '%U:%G %p\n'
+}
+
 up() { timeout 420 "${DC[@]}" up -d --quiet-pull 2>&1 | grep -v -e '^ *Container' -e '^ *Network' -e '^ *Volume' || true; }
 
 # ---- 1. first start on empty volumes, no backup yet ------------------------------------------
@@ -212,6 +265,7 @@ up
 [ "$(exit_code preseed)" = 0 ] || fail "preseed exited $(exit_code preseed) on a first start"
 [ "$(exit_code redis-preseed)" = 0 ] || fail "redis-preseed exited $(exit_code redis-preseed) on a first start"
 wait_for 180 "every healthcheck healthy and the app running (first start)" all_healthy
+check_privileges 10001
 
 log "writing data into MongoDB, Redis and Chroma"
 tools write || fail "writing the test data failed"
@@ -225,6 +279,7 @@ sets_before=$(visible_sets)
 [ "$(echo "$sets_before" | grep -c .)" = 1 ] || fail "expected one backup set, found: $sets_before"
 [ -f "$BACKUPS/$sets_before/manifest.json" ] || fail "set $sets_before has no manifest.json"
 log "backup set $sets_before written"
+owned_by 10001
 grep -q '"schema_version": *"1"' "$BACKUPS/$sets_before/manifest.json" \
   || fail "set $sets_before does not record schema version 1: $(grep -o '"schema[^}]*' "$BACKUPS/$sets_before/manifest.json")"
 
@@ -253,6 +308,11 @@ for v in redis-data mongo-data chroma-data dbkeeper-bin; do
   docker volume inspect "${PROJECT}_$v" >/dev/null 2>&1 && fail "volume ${PROJECT}_$v survived down -v"
 done
 [ "$(visible_sets)" = "$sets_before" ] || fail "the backup directory changed across down -v"
+# As an older, root-run stack would have left it: every set root-owned. dbkeeper-install must
+# hand it back, or the preseed (10001) could not write its pre-migration set.
+timeout 60 docker run --rm -v /usr:/usr:ro -v "$BACKUPS:/b" "$E2E_HOSTFS_IMAGE" \
+  /usr/bin/chown -R 0:0 /b || fail "chown -R 0:0 of the backup directory failed"
+owned_by 0
 
 log "up on empty volumes: preseed from the backup"
 t0=$(date +%s.%N)
@@ -264,6 +324,9 @@ tools check || fail "data is missing after down -v and up"
 t1=$(date +%s.%N)
 RECOVERY=$(python3 -c "print('%.1f' % ($t1 - $t0))")
 log "data restored and every healthcheck healthy ${RECOVERY}s after up"
+check_privileges 10001
+others=$(redis_volume_not_redis) || fail "listing the Redis volume failed"
+[ -z "$others" ] || fail "entries of the Redis volume not the Redis user's (999:999): $others"
 
 # The app was gated on preseed: it started only after preseed finished successfully.
 gate=$(python3 - "$(docker inspect -f '{{.State.FinishedAt}}' "$(cid preseed)")" \
@@ -302,6 +365,8 @@ premig=$(comm -13 <(echo "$sets_before") <(echo "$sets_now"))
 [ "$(echo "$premig" | grep -c .)" = 1 ] || fail "expected one pre-migration set beside $sets_before, found: $sets_now"
 grep -q '"pre_migration"' "$BACKUPS/$premig/manifest.json" || fail "set $premig is not marked pre-migration"
 log "migration V2 applied at $v2_at, before the app started; pre-migration set $premig"
+owned_by 10001
+log "the root-owned backup directory was handed back to 10001; the pre-migration set is 10001's"
 # (Output captured first: `grep -q` closing a pipe early would fail the pipeline.)
 plogs=$(dc logs --no-color preseed redis-preseed 2>&1)
 for e in redis mongodb chroma; do
@@ -357,7 +422,10 @@ timeout 60 docker run --rm -v /usr:/usr:ro -v "$BACKUPS:/b" "$E2E_HOSTFS_IMAGE" 
   /usr/bin/find /b -mindepth 1 -delete || fail "emptying the backup directory failed"
 [ -z "$(find "$BACKUPS" -mindepth 1 | head -1)" ] || fail "the backup directory is not empty"
 
-log "up on empty volumes and an empty backup directory: preseed from the remote"
+# Another DBKEEPER_USER: the install hands the (empty) backup directory to it, and the
+# dbkeeper containers run as it.
+export DBKEEPER_USER=10002:10002
+log "up on empty volumes and an empty backup directory, DBKEEPER_USER=$DBKEEPER_USER: preseed from the remote"
 t0=$(date +%s.%N)
 up
 [ "$(exit_code redis-preseed)" = 0 ] || fail "redis-preseed exited $(exit_code redis-preseed) (remote only)"
@@ -378,6 +446,10 @@ for e in redis mongodb chroma; do
     || fail "the preseed logs do not say $e's set $want came from the remote"
 done
 tools migrated >/dev/null || fail "the data preseeded from the remote lacks the newer schema (index n_1)"
+check_privileges 10002
+owned_by 10002
+others=$(redis_volume_not_redis) || fail "listing the Redis volume failed"
+[ -z "$others" ] || fail "entries of the Redis volume not the Redis user's (999:999) after the new-host preseed: $others"
 
 echo "e2e compose: PASSED in $(( $(date +%s) - START ))s — image $DBKEEPER_IMAGE $IMAGE_BYTES bytes;" \
   "up on empty volumes → all healthy with data restored: ${RECOVERY}s; sidecar stop mid-backup: ${STOP}s;" \

@@ -144,3 +144,114 @@ fn install_into_a_file_or_without_dir_fails_clearly() {
     let o = run(dbkeeper(repo.path()).arg("install"));
     assert_code(&o, 2);
 }
+
+/// Runs `dbkeeper install DIR --own …` with the given `--own` values.
+fn install_owning(dir: &Path, own: &[String]) -> std::process::Output {
+    let repo = tempfile::tempdir().unwrap();
+    let mut cmd = dbkeeper(repo.path());
+    cmd.arg("install").arg(dir);
+    for o in own {
+        cmd.arg("--own").arg(o);
+    }
+    run(&mut cmd)
+}
+
+#[test]
+fn install_own_hands_a_tree_over_without_following_symlinks() {
+    use std::os::unix::fs::MetadataExt;
+    // Changing an owner needs root (CAP_CHOWN), as the compose install container has.
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED install_own_hands_a_tree_over…: needs root (CAP_CHOWN)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // A backup directory written by an older root-run stack: root-owned sets, a lock file, a
+    // private file, and a symlink pointing outside the tree (its target must stay root's).
+    let tree = tmp.path().join("backups");
+    std::fs::create_dir_all(tree.join("20260101T000000Z/redis")).unwrap();
+    std::fs::write(tree.join("20260101T000000Z/manifest.json"), b"{}").unwrap();
+    std::fs::write(tree.join("20260101T000000Z/redis/dump.rdb.zst"), b"x").unwrap();
+    std::fs::write(tree.join(".lock"), b"").unwrap();
+    std::fs::set_permissions(tree.join(".lock"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let outside = tmp.path().join("outside");
+    std::fs::write(&outside, b"not theirs").unwrap();
+    std::os::unix::fs::symlink(&outside, tree.join("link")).unwrap();
+    let bin_dir = tmp.path().join("bin");
+
+    let o = install_owning(&bin_dir, &[format!("{}=10001:10002", tree.display())]);
+    assert_code(&o, 0);
+    assert_installed(&bin_dir);
+    let mut seen = 0;
+    let mut stack = vec![tree.clone()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (10001, 10002),
+            "{} handed over",
+            p.display()
+        );
+        seen += 1;
+        if m.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    assert_eq!(
+        seen, 7,
+        "the root, the set, its redis dir, two files, .lock and the link"
+    );
+    let m = std::fs::metadata(&outside).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid()),
+        (0, 0),
+        "the symlink's target is not followed"
+    );
+
+    // A second run changes nothing and says so.
+    let o = install_owning(&bin_dir, &[format!("{}=10001:10002", tree.display())]);
+    assert_code(&o, 0);
+    assert!(stderr(&o).contains("changed=0"), "{}", stderr(&o));
+}
+
+#[test]
+fn install_own_refuses_bad_values_before_installing_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("bin");
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    for bad in [
+        "relative/path=1:1".to_string(),
+        format!("{}", tree.display()),
+        format!("{}=10001", tree.display()),
+        format!("{}=dbkeeper:dbkeeper", tree.display()),
+        format!("{}=1:-1", tree.display()),
+    ] {
+        let o = install_owning(&dir, std::slice::from_ref(&bad));
+        assert_code(&o, 2);
+        assert!(stderr(&o).contains("PATH=UID:GID"), "{bad}: {}", stderr(&o));
+        assert!(!dir.exists(), "{bad}: nothing installed");
+    }
+    // A path that is missing, or not a directory: one line naming it, exit 1, nothing installed.
+    for (what, path) in [
+        ("missing", tmp.path().join("gone")),
+        ("a file", tmp.path().join("f")),
+    ] {
+        if what == "a file" {
+            std::fs::write(&path, b"x").unwrap();
+        }
+        let o = install_owning(&dir, &[format!("{}=10001:10001", path.display())]);
+        assert_code(&o, 1);
+        assert_eq!(
+            stderr(&o).trim().lines().count(),
+            1,
+            "{what}: {}",
+            stderr(&o)
+        );
+        assert!(
+            stderr(&o).contains(&*path.to_string_lossy()),
+            "{what}: {}",
+            stderr(&o)
+        );
+        assert!(!dir.exists(), "{what}: nothing installed");
+    }
+}
