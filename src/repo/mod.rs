@@ -441,7 +441,8 @@ impl Repo {
     ) -> Result<VerifyReport> {
         let res = verify(set, level, cancel);
         let outcome = match &res {
-            Err(Error::Interrupted(_)) => return res,
+            // Interrupted, or no key to decode an encrypted set: nothing was learnt about it.
+            Err(Error::Interrupted(_) | Error::Key(_)) => return res,
             Ok(_) => Ok(()),
             Err(e) => Err(format!("{e:#}")),
         };

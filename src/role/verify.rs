@@ -79,7 +79,8 @@ fn verify_one(
         }
         Ok(set) => match repo.verify_recorded(&set, level, cancel) {
             Ok(r) => Ok(r),
-            Err(Error::Interrupted(n)) => return Err(Error::Interrupted(n)),
+            // No key to decode an encrypted set (exit 1): this host cannot judge any set.
+            Err(e @ (Error::Interrupted(_) | Error::Key(_))) => return Err(e),
             Err(e) => Err(format!("{e:#}")),
         },
     };

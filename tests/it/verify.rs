@@ -354,3 +354,31 @@ fn verify_and_records_work_the_same_in_a_bucket() {
             .any(|k| k.starts_with(&format!("repo/{}/", ids[0])))
     );
 }
+
+#[test]
+fn bad_ids_and_an_empty_repository_get_their_exit_codes() {
+    let repo = tempfile::tempdir().unwrap();
+    let o = run(dbkeeper(repo.path()).arg("verify"));
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains("no backup sets"), "{}", stdout(&o));
+    let o = run(dbkeeper(repo.path()).args(["verify", "--json"]));
+    assert_code(&o, 0);
+    assert_eq!(json(&o), serde_json::json!([]));
+    for (args, want) in [
+        (vec!["verify", "latest"], 4),
+        (vec!["verify", "2026-01-01_00-00-00"], 4),
+        (vec!["verify", "yesterday"], 2),
+        (vec!["list", "--verify", "--pitr"], 2),
+    ] {
+        let o = run(dbkeeper(repo.path()).args(&args));
+        assert_code(&o, want);
+        let err = stderr(&o);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        if want == 4 {
+            assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+            assert!(err.starts_with("dbkeeper: "), "{args:?}: {err}");
+        }
+    }
+    // Nothing was written into the repository by failing or empty verifies.
+    assert!(std::fs::read_dir(repo.path()).unwrap().next().is_none());
+}
