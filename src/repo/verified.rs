@@ -113,6 +113,21 @@ pub fn read_for(place: &SetPlace, id: &str) -> Option<Record> {
     }
 }
 
+/// Records a pass for the set at `place` (a set found by a restore); a failure to write is a
+/// warning.
+pub fn record_pass_for(place: &SetPlace, id: &str, level: VerifyLevel) {
+    let backend = match place {
+        SetPlace::Local(dir) => match dir.parent() {
+            Some(root) => Backend::Local(root.to_owned()),
+            None => return,
+        },
+        SetPlace::S3 { store, .. } => Backend::S3(store.clone()),
+    };
+    if let Err(e) = write(&backend, &Record::new(id, level, Ok(()))) {
+        tracing::warn!(set = %id, error = %e, "cannot record the verification");
+    }
+}
+
 /// Removes a set's record; a missing one is fine.
 pub fn remove(backend: &Backend, id: &str) -> Result<()> {
     match backend {

@@ -382,3 +382,34 @@ fn bad_ids_and_an_empty_repository_get_their_exit_codes() {
     // Nothing was written into the repository by failing or empty verifies.
     assert!(std::fs::read_dir(repo.path()).unwrap().next().is_none());
 }
+
+#[test]
+fn a_test_restore_of_every_engine_is_recorded_and_a_failed_one_is_not() {
+    let repo = tempfile::tempdir().unwrap();
+    let (r, ids) = make_sets(repo.path(), 2);
+    let scratch = RedisServer::start();
+    let o = run(with_url(repo.path(), &r.url()).args([
+        "test-restore",
+        &ids[0],
+        "--into",
+        &scratch.url(),
+    ]));
+    assert_code(&o, 0);
+    let v = json(&run(dbkeeper(repo.path()).args(["list", "--json"])));
+    let s = listed(&v, &ids[0]);
+    assert_eq!(s["status"], "ok", "{s}");
+    assert_eq!(s["verified"]["level"], "deep", "{s}");
+    assert_eq!(listed(&v, &ids[1])["verified_text"], "never verified");
+
+    // A test-restore that fails (a damaged set) records nothing.
+    corrupt(repo.path(), &ids[1]);
+    let o = run(with_url(repo.path(), &r.url()).args([
+        "test-restore",
+        &ids[1],
+        "--into",
+        &scratch.url(),
+    ]));
+    assert_ne!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v = json(&run(dbkeeper(repo.path()).args(["list", "--json"])));
+    assert_eq!(listed(&v, &ids[1])["verified_text"], "never verified");
+}
