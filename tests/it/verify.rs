@@ -413,3 +413,58 @@ fn a_test_restore_of_every_engine_is_recorded_and_a_failed_one_is_not() {
     let v = json(&run(dbkeeper(repo.path()).args(["list", "--json"])));
     assert_eq!(listed(&v, &ids[1])["verified_text"], "never verified");
 }
+
+#[test]
+fn verify_remote_checks_and_records_the_off_host_copy_on_its_own() {
+    let Some(s3) = S3Server::start_or_skip() else {
+        return;
+    };
+    s3.create_bucket("offhost");
+    let local = tempfile::tempdir().unwrap();
+    let r = RedisServer::start();
+    let host = || {
+        let mut c = with_url(local.path(), &r.url());
+        c.env("DBKEEPER_REMOTE", "s3://offhost/copy")
+            .env("DBKEEPER_S3_ENDPOINT", &s3.endpoint)
+            .env("DBKEEPER_S3_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", &s3.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &s3.secret_key)
+            .env("DBKEEPER_KEEP_DAILY", "0")
+            .env("DBKEEPER_KEEP_LAST", "5")
+            .env("DBKEEPER_REMOTE_KEEP_DAILY", "0")
+            .env("DBKEEPER_REMOTE_KEEP_LAST", "5");
+        c
+    };
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        r.cli(&["SET", &format!("key:{i}"), "v"]);
+        let o = run(host().arg("backup"));
+        assert_code(&o, 0);
+        ids.push(stdout(&o).trim().to_owned());
+    }
+    let key = format!("copy/{}/redis/dump.rdb.zst", ids[0]);
+    assert!(
+        s3.list_keys("offhost").contains(&key),
+        "{:?}",
+        s3.list_keys("offhost")
+    );
+    let mut b = s3.get("offhost", &key);
+    flip(&mut b);
+    s3.put("offhost", &key, &b);
+
+    let o = run(host().args(["verify", "--remote"]));
+    assert_code(&o, 4);
+    let err = stderr(&o);
+    assert!(err.contains("1 of 2") && err.contains(&ids[0]), "{err}");
+    assert!(!err.contains(&ids[1]), "{err}");
+    // The repository's own copies are whole and were not judged by that.
+    let v = json(&run(host().args(["list", "--json"])));
+    assert_eq!(listed(&v, &ids[0])["verified_text"], "never verified");
+    assert_code(&run(host().arg("verify")), 0);
+
+    let v = json(&run(host().args(["list", "--remote", "--json"])));
+    assert_eq!(listed(&v, &ids[0])["verified"]["ok"], false, "{v}");
+    assert_eq!(listed(&v, &ids[1])["status"], "ok", "{v}");
+    let o = run(host().args(["verify", "--remote", "latest"]));
+    assert_code(&o, 0);
+}
