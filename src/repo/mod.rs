@@ -265,12 +265,19 @@ impl Repo {
     pub async fn lock(&self, wait: Duration) -> Result<RepoLock> {
         let lock = self.lock_named(lock::LOCK_FILE, wait).await?;
         match &self.backend {
-            Backend::Local(root) => remove_stale_temps(root),
+            Backend::Local(root) => {
+                remove_stale_temps(root);
+                verified::sweep(&self.backend);
+            }
             Backend::S3(store) => {
                 let store = store.clone();
-                tokio::task::spawn_blocking(move || remove_stale_objects(&store))
-                    .await
-                    .map_err(|e| Error::engine("repo", format!("cleanup task failed: {e}")))?;
+                let backend = self.backend.clone();
+                tokio::task::spawn_blocking(move || {
+                    remove_stale_objects(&store);
+                    verified::sweep(&backend);
+                })
+                .await
+                .map_err(|e| Error::engine("repo", format!("cleanup task failed: {e}")))?;
             }
         }
         Ok(lock)

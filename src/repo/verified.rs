@@ -143,6 +143,62 @@ pub fn remove(backend: &Backend, id: &str) -> Result<()> {
     }
 }
 
+/// Removes the records of sets that are gone (deleted by hand, or a crash between a set's
+/// deletion and its record's) and, locally, temp files of interrupted writes. Run by writers
+/// holding the lock; a failure is a warning.
+pub fn sweep(backend: &Backend) {
+    let names: Vec<String> = match backend {
+        Backend::Local(root) => match fs::read_dir(root.join(VERIFIED_DIR)) {
+            Ok(rd) => rd
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => return,
+        },
+        Backend::S3(store) => match store.list_files(VERIFIED_DIR) {
+            Ok(v) => v
+                .into_iter()
+                .filter_map(|(p, _)| p.rsplit('/').next().map(str::to_owned))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the verification records");
+                return;
+            }
+        },
+    };
+    for name in names {
+        let gone = match name.strip_suffix(".json") {
+            Some(tmp) if tmp.starts_with(TMP_PREFIX) => true,
+            Some(id) if super::parse_set_name(id).is_some() => {
+                match backend.set(id).read_small(super::MANIFEST) {
+                    Ok(m) => m.is_none(),
+                    Err(_) => false,
+                }
+            }
+            _ => false,
+        };
+        if !gone {
+            continue;
+        }
+        let res = match backend {
+            Backend::Local(root) => {
+                fs::remove_file(root.join(VERIFIED_DIR).join(&name)).map_err(|e| e.to_string())
+            }
+            Backend::S3(store) => store
+                .delete(&format!("{VERIFIED_DIR}/{name}"))
+                .map_err(|e| e.to_string()),
+        };
+        match res {
+            Ok(()) => {
+                tracing::info!(record = %name, "removed the verification record of a set that is gone")
+            }
+            Err(e) => {
+                tracing::warn!(record = %name, error = %e, "cannot remove a stale verification record")
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

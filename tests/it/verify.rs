@@ -278,6 +278,21 @@ fn a_record_is_not_a_set_and_goes_with_its_set_on_prune() {
     let v = json(&run(dbkeeper(repo.path()).args(["list", "--json"])));
     assert_eq!(v.as_array().unwrap().len(), 3, "{v}");
 
+    // The record of a set deleted by hand, and a write interrupted before its rename: the
+    // next writer sweeps both.
+    std::fs::copy(
+        repo.path()
+            .join(".verified")
+            .join(format!("{}.json", ids[0])),
+        repo.path().join(".verified/2020-01-01_00-00-00.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        repo.path().join(".verified/.tmp-2020-01-01_00-00-01.json"),
+        b"{",
+    )
+    .unwrap();
+
     let o = run(dbkeeper(repo.path())
         .arg("prune")
         .env("DBKEEPER_KEEP_DAILY", "0")
@@ -336,6 +351,9 @@ fn verify_and_records_work_the_same_in_a_bucket() {
     assert_eq!(v.as_array().unwrap().len(), 3, "records are no sets: {v}");
     let rec = |id: &str| format!("repo/.verified/{id}.json");
     assert!(s3.list_keys("verify").contains(&rec(&ids[0])));
+    // A record whose set is gone is swept by the next writer.
+    let orphan = rec("2020-01-01_00-00-00");
+    s3.put("verify", &orphan, &s3.get("verify", &rec(&ids[0])));
 
     // Prune deletes the oldest good set, and its record with it; the corrupt one is left
     // for an operator, with its record.
@@ -348,6 +366,7 @@ fn verify_and_records_work_the_same_in_a_bucket() {
     assert!(!keys.contains(&rec(&ids[0])), "{keys:?}");
     assert!(keys.contains(&rec(&ids[1])), "{keys:?}");
     assert!(keys.contains(&rec(&ids[2])), "{keys:?}");
+    assert!(!keys.contains(&orphan), "{keys:?}");
     assert!(
         !keys
             .iter()
