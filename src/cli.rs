@@ -273,18 +273,23 @@ pub enum Command {
         /// The point-in-time recovery windows (from, to) per engine instead of the sets
         #[arg(long)]
         pitr: bool,
+        /// Verify every set's checksums now (and record it) before listing
+        #[arg(long, conflicts_with = "pitr")]
+        verify: bool,
     },
-    /// Check a set's checksums (and with --deep decode every record)
+    /// Check the checksums of every set, the newest (`latest`) or one (with --deep decode every record)
     Verify {
-        /// Set id, or `latest`
-        #[arg(default_value = "latest")]
-        id: String,
+        /// Set id, or `latest` (the newest set, good or not); default: every set
+        id: Option<String>,
         /// Also decode every record and compare counts with the manifest
         #[arg(long, env = "DBKEEPER_VERIFY_DEEP")]
         deep: bool,
         /// The off-host copy (DBKEEPER_REMOTE) instead of the repository
         #[arg(long)]
         remote: bool,
+        /// Machine-readable output on stdout (one object per set)
+        #[arg(long)]
+        json: bool,
     },
     /// Restore a set into the configured engines
     Restore {

@@ -9,6 +9,7 @@ pub mod manifest;
 pub mod reader;
 pub mod retention;
 pub mod s3;
+pub mod verified;
 pub mod writer;
 
 use std::fs;
@@ -264,12 +265,19 @@ impl Repo {
     pub async fn lock(&self, wait: Duration) -> Result<RepoLock> {
         let lock = self.lock_named(lock::LOCK_FILE, wait).await?;
         match &self.backend {
-            Backend::Local(root) => remove_stale_temps(root),
+            Backend::Local(root) => {
+                remove_stale_temps(root);
+                verified::sweep(&self.backend);
+            }
             Backend::S3(store) => {
                 let store = store.clone();
-                tokio::task::spawn_blocking(move || remove_stale_objects(&store))
-                    .await
-                    .map_err(|e| Error::engine("repo", format!("cleanup task failed: {e}")))?;
+                let backend = self.backend.clone();
+                tokio::task::spawn_blocking(move || {
+                    remove_stale_objects(&store);
+                    verified::sweep(&backend);
+                })
+                .await
+                .map_err(|e| Error::engine("repo", format!("cleanup task failed: {e}")))?;
             }
         }
         Ok(lock)
@@ -425,10 +433,45 @@ impl Repo {
         Ok(out)
     }
 
+    /// A set's last verification, from its record beside the sets.
+    pub fn verification(&self, id: &str) -> Option<verified::Record> {
+        verified::read(&self.backend, id)
+    }
+
+    /// Verifies a set and records the outcome (unless interrupted) beside the sets. A record
+    /// that cannot be written (a read-only mount) is a warning: the verdict stands.
+    pub fn verify_recorded(
+        &self,
+        set: &SetReader,
+        level: VerifyLevel,
+        cancel: &CancellationToken,
+    ) -> Result<VerifyReport> {
+        let res = verify(set, level, cancel);
+        let outcome = match &res {
+            // Interrupted, or no key to decode an encrypted set: nothing was learnt about it.
+            Err(Error::Interrupted(_) | Error::Key(_)) => return res,
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        self.record(set.id(), level, outcome);
+        res
+    }
+
+    /// Records a verification's outcome for a set; a failure to write is a warning.
+    pub fn record(&self, id: &str, level: VerifyLevel, outcome: std::result::Result<(), String>) {
+        let rec = verified::Record::new(id, level, outcome);
+        if let Err(e) = verified::write(&self.backend, &rec) {
+            warn!(set = %id, repo = %self.display(), error = %e, "cannot record the verification");
+        }
+    }
+
     /// Deletes a set (retention). A local set is first renamed to a temp name, and on
     /// object storage its manifest goes first, so a crash half-way never leaves a set that
     /// looks complete but lacks files.
     pub fn delete_set(&self, id: &str) -> Result<()> {
+        // The verification record goes first: a crash between the two leaves a set shown as
+        // never verified, never a record that vouches for a set that is gone.
+        verified::remove(&self.backend, id)?;
         match &self.backend {
             Backend::Local(root) => {
                 let dir = root.join(id);

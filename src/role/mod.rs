@@ -132,18 +132,24 @@ async fn dispatch(
             }
             Ok(())
         }
-        Command::List { json, remote, pitr } => {
+        Command::List {
+            json,
+            remote,
+            pitr,
+            verify,
+        } => {
             if pitr {
                 pitr::list(&pick(cfg, remote)?, json)
             } else {
-                list::list(&pick(cfg, remote)?, json)
+                list::list(pick(cfg, remote)?, json, verify, cancel).await
             }
         }
-        Command::Verify { id, deep, remote } => {
-            verify::verify(pick(cfg, remote)?, id, deep, cancel)
-                .await
-                .map(|_| ())
-        }
+        Command::Verify {
+            id,
+            deep,
+            remote,
+            json,
+        } => verify::verify(pick(cfg, remote)?, id, deep, json, cancel).await,
         Command::Restore {
             id,
             only,

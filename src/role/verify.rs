@@ -1,48 +1,189 @@
-//! `dbkeeper verify`: checksums, and with `--deep` every record decoded and counted.
+//! `dbkeeper verify`: checksums, and with `--deep` every record decoded and counted; of every
+//! set (the default), of the newest set (`latest`), or of one set. Each verification is
+//! recorded beside the sets (`repo::verified`), so `list` can say when a set was last checked.
 
-use std::time::Instant;
-
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
 use crate::error::{Error, Result};
-use crate::repo::{self, Repo, VerifyLevel, VerifyReport};
+use crate::repo::{Repo, VerifyLevel, VerifyReport, verified};
 
+/// One set's verdict.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub id: String,
+    pub result: std::result::Result<VerifyReport, String>,
+}
+
+impl Outcome {
+    fn line(&self, level: VerifyLevel) -> String {
+        match &self.result {
+            Ok(r) => format!(
+                "{}  ok   {} ({} files, {} bytes, {} records)",
+                self.id,
+                verified::level_name(level),
+                r.files,
+                r.bytes,
+                r.records
+            ),
+            Err(e) => format!("{}  BAD  {e}", self.id),
+        }
+    }
+
+    fn json(&self, level: VerifyLevel) -> serde_json::Value {
+        match &self.result {
+            Ok(r) => json!({
+                "id": self.id, "ok": true, "level": verified::level_name(level),
+                "files": r.files, "bytes": r.bytes, "records": r.records,
+            }),
+            Err(e) => json!({
+                "id": self.id, "ok": false, "level": verified::level_name(level), "error": e,
+            }),
+        }
+    }
+}
+
+/// Verifies every set of `repo`, newest first, recording each verdict; `on_each` sees each
+/// one as it is reached. Stops only when interrupted.
+pub fn verify_all(
+    repo: &Repo,
+    level: VerifyLevel,
+    cancel: &CancellationToken,
+    on_each: &mut dyn FnMut(&Outcome),
+) -> Result<Vec<Outcome>> {
+    let mut out = Vec::new();
+    for info in repo.list()? {
+        let o = verify_one(repo, &info.id, info.reader(), level, cancel)?;
+        on_each(&o);
+        out.push(o);
+    }
+    Ok(out)
+}
+
+fn verify_one(
+    repo: &Repo,
+    id: &str,
+    reader: Result<crate::repo::reader::SetReader>,
+    level: VerifyLevel,
+    cancel: &CancellationToken,
+) -> Result<Outcome> {
+    if cancel.is_cancelled() {
+        return Err(Error::Interrupted(0));
+    }
+    let result = match reader {
+        Err(e) => {
+            // The manifest cannot be read: the set is as bad as one whose checksums differ.
+            let msg = format!("{e:#}");
+            repo.record(id, level, Err(msg.clone()));
+            Err(msg)
+        }
+        Ok(set) => match repo.verify_recorded(&set, level, cancel) {
+            Ok(r) => Ok(r),
+            // No key to decode an encrypted set (exit 1): this host cannot judge any set.
+            Err(e @ (Error::Interrupted(_) | Error::Key(_))) => return Err(e),
+            Err(e) => Err(format!("{e:#}")),
+        },
+    };
+    Ok(Outcome {
+        id: id.to_owned(),
+        result,
+    })
+}
+
+/// `id`: `None` for every set, `latest` for the newest set (good or not: this is where a
+/// corrupt newest set is reported, where `restore latest` would pass it over), or a set id.
 pub async fn verify(
     repo: Repo,
-    id: String,
+    id: Option<String>,
     deep: bool,
+    as_json: bool,
     cancel: &CancellationToken,
-) -> Result<VerifyReport> {
+) -> Result<()> {
     let level = if deep {
         VerifyLevel::Deep
     } else {
         VerifyLevel::Checksums
     };
     let cancel = cancel.clone();
-    let start = Instant::now();
-    let report = tokio::task::spawn_blocking(move || {
-        let set = repo.resolve(&id, None)?;
-        repo::verify(&set, level, &cancel)
-    })
-    .await
-    .map_err(|e| Error::engine("verify", format!("task failed: {e}")))??;
-    info!(
-        set = %report.id,
-        files = report.files,
-        bytes = report.bytes,
-        records = report.records,
-        deep,
-        elapsed_ms = start.elapsed().as_millis() as u64,
-        "set verifies"
-    );
-    println!(
-        "ok: set {} verifies{} ({} files, {} bytes, {} records)",
-        report.id,
-        if deep { " deeply" } else { "" },
-        report.files,
-        report.bytes,
-        report.records
-    );
-    Ok(report)
+    tokio::task::spawn_blocking(move || run(&repo, id.as_deref(), level, as_json, &cancel))
+        .await
+        .map_err(|e| Error::engine("verify", format!("task failed: {e}")))?
+}
+
+fn run(
+    repo: &Repo,
+    id: Option<&str>,
+    level: VerifyLevel,
+    as_json: bool,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let mut print = |o: &Outcome| {
+        if !as_json {
+            println!("{}", o.line(level));
+        }
+    };
+    let outcomes = match id {
+        None => verify_all(repo, level, cancel, &mut print)?,
+        Some("latest") => {
+            let Some(newest) = repo.list()?.into_iter().next() else {
+                return Err(Error::repo(repo.display(), "holds no set"));
+            };
+            let o = verify_one(repo, &newest.id, newest.reader(), level, cancel)?;
+            print(&o);
+            vec![o]
+        }
+        Some(id) => {
+            // Resolves (and refuses a malformed or missing id) as before.
+            let set = repo.resolve(id, None);
+            let set = match set {
+                Err(e @ (Error::Config(_) | Error::Repository { .. })) => return Err(e),
+                other => other,
+            };
+            let o = verify_one(repo, id, set, level, cancel)?;
+            print(&o);
+            vec![o]
+        }
+    };
+    if as_json {
+        let items: Vec<_> = outcomes.iter().map(|o| o.json(level)).collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&items).expect("serializes")
+        );
+    }
+    let bad: Vec<&Outcome> = outcomes.iter().filter(|o| o.result.is_err()).collect();
+    match (id, bad.as_slice()) {
+        (_, []) => {
+            if id.is_none() && outcomes.is_empty() && !as_json {
+                println!("no backup sets in {}", repo.display());
+            }
+            Ok(())
+        }
+        (Some("latest"), [o]) => Err(Error::corrupt(
+            &o.id,
+            format!(
+                "the newest set fails verification: {}; restore and preseed use the newest good set instead",
+                o.result.as_ref().err().map(String::as_str).unwrap_or("")
+            ),
+        )),
+        (Some(_), [o]) => Err(Error::corrupt(
+            &o.id,
+            format!(
+                "fails verification: {}",
+                o.result.as_ref().err().map(String::as_str).unwrap_or("")
+            ),
+        )),
+        (_, bad) => Err(Error::repo(
+            repo.display(),
+            format!(
+                "{} of {} sets fail verification: {}",
+                bad.len(),
+                outcomes.len(),
+                bad.iter()
+                    .map(|o| o.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
 }

@@ -243,12 +243,13 @@ fn list_shows_sets_newest_first_and_flags_a_damaged_one() {
     assert_eq!(items.len(), 2);
     assert_eq!(items[0]["id"], "2026-01-02_02-00-00");
     assert!(items[0]["status"].as_str().unwrap().starts_with("corrupt"));
-    assert_eq!(items[1]["status"], "ok");
+    // Only the manifest and the sizes were read: not `ok` until its checksums are verified.
+    assert_eq!(items[1]["status"], "unverified");
     assert_eq!(items[1]["engines"]["redis"]["records"], 1);
 }
 
 #[test]
-fn verify_checks_checksums_and_latest_skips_a_corrupt_newest_set() {
+fn verify_checks_checksums_and_latest_names_a_corrupt_newest_set() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path();
     make_set(repo, "2026-01-01_02-00-00");
@@ -259,23 +260,25 @@ fn verify_checks_checksums_and_latest_skips_a_corrupt_newest_set() {
     assert_code(&o, 4);
     assert!(stderr(&o).contains("checksum mismatch"), "{}", stderr(&o));
 
+    // `latest` is the newest set, good or not: a corrupt one is reported, not skipped.
     let o = run(dbkeeper(repo).args(["verify", "latest"]));
-    assert_code(&o, 0);
-    assert!(stdout(&o).contains("2026-01-01_02-00-00"), "{}", stdout(&o));
+    assert_code(&o, 4);
     assert!(
-        stderr(&o).contains("2026-01-02_02-00-00"),
-        "the skipped set is named: {}",
+        stderr(&o).contains("2026-01-02_02-00-00") && stderr(&o).contains("newest"),
+        "{}",
         stderr(&o)
     );
+    let o = run(dbkeeper(repo).args(["verify", "2026-01-01_02-00-00"]));
+    assert_code(&o, 0);
 
     // A manifest that does not parse is a corrupt set, not a crash.
     fs::write(repo.join("2026-01-01_02-00-00/manifest.json"), b"{not json").unwrap();
     let o = run(dbkeeper(repo).args(["verify", "2026-01-01_02-00-00"]));
     assert_code(&o, 4);
-    let o = run(dbkeeper(repo).args(["verify", "latest"]));
+    let o = run(dbkeeper(repo).arg("verify"));
     assert_code(&o, 4);
     assert!(
-        stderr(&o).contains("no set that verifies"),
+        stderr(&o).contains("2 of 2 sets fail verification"),
         "{}",
         stderr(&o)
     );

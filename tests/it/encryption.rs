@@ -164,7 +164,7 @@ fn sealed_sets_list_and_verify_without_the_key_and_damage_is_caught() {
     let o = run(dbkeeper(repo.path()).args(["list", "--json"]));
     assert_code(&o, 0);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!(v[0]["status"], "ok");
+    assert_eq!(v[0]["status"], "unverified");
     assert_eq!(v[0]["encrypted"], true);
     assert!(v[0]["bytes"].as_u64().unwrap() > 0);
     assert_eq!(

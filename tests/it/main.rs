@@ -21,3 +21,4 @@ mod redis;
 mod remote;
 mod s3store;
 mod sidecar;
+mod verify;

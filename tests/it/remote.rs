@@ -88,7 +88,7 @@ fn redis_backs_up_to_a_bucket_and_restores_bit_exact_plain_and_encrypted() {
         let sets = json(&list);
         assert_eq!(sets.as_array().unwrap().len(), 1, "{sets}");
         assert_eq!(sets[0]["id"], id.as_str());
-        assert_eq!(sets[0]["status"], "ok");
+        assert_eq!(sets[0]["status"], "unverified");
         assert_eq!(sets[0]["encrypted"], keys.is_some());
         assert_eq!(sets[0]["engines"]["redis"]["records"], 20001);
 

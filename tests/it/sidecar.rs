@@ -188,6 +188,11 @@ fn a_backup_started_over_the_api_publishes_a_set_that_verifies() {
         sc.log()
     );
     assert!(sc.log().contains("retention applied"), "{}", sc.log());
+    // The sidecar recorded its verification beside the set: `list` shows it.
+    let o = run(dbkeeper(repo.path()).args(["list", "--json"]));
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(listed[0]["status"], "ok", "{listed}");
+    assert_eq!(listed[0]["verified"]["level"], "deep", "{listed}");
 
     // The CLI agrees the set is whole.
     let o = run(dbkeeper(repo.path()).args(["verify", &set, "--deep"]));
