@@ -266,7 +266,17 @@ impl SetWriter {
         match &*self.target {
             Target::Local { repo, tmp } => {
                 let path = tmp.join(MANIFEST);
-                let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+                let mut f = File::create(&path).map_err(|e| {
+                    if tmp.is_dir() {
+                        Error::io(&path, e)
+                    } else {
+                        // Removed or renamed under us: a repository problem (exit 4).
+                        Error::repo(
+                            repo,
+                            "the repository (or this backup's temp set in it) disappeared during the backup; nothing was published",
+                        )
+                    }
+                })?;
                 f.write_all(json)
                     .and_then(|_| f.sync_all())
                     .map_err(|e| Error::io(&path, e))?;
