@@ -346,3 +346,94 @@ fn a_migration_killed() {
         trim(r, 2);
     });
 }
+
+#[test]
+fn a_mongodb_migration_killed() {
+    use mongodb::bson::doc;
+    let repo = tempfile::tempdir().unwrap();
+    let r = repo.path();
+    let files = tempfile::tempdir().unwrap();
+    let d = files.path().join("mongodb");
+    std::fs::create_dir_all(&d).unwrap();
+    // Many commands, and not idempotent: a half-applied file run again would count twice.
+    let mut cmds = vec![serde_json::json!({
+        "update": "meta",
+        "updates": [{"q": {"_id": "runs"}, "u": {"$inc": {"n": 1}}, "upsert": true}],
+    })];
+    for b in 0..300 {
+        let docs: Vec<_> = (0..40)
+            .map(|i| serde_json::json!({"_id": b * 40 + i, "v": format!("value {b} {i}")}))
+            .collect();
+        cmds.push(serde_json::json!({"insert": "things", "documents": docs}));
+    }
+    cmds.push(serde_json::json!({
+        "createIndexes": "things",
+        "indexes": [{"key": {"v": 1}, "name": "v_1"}],
+    }));
+    std::fs::write(
+        d.join("V1__load.json"),
+        serde_json::to_string(&cmds).unwrap(),
+    )
+    .unwrap();
+    let secrets = [mongo::PASSWORD];
+    let t = Mongo::start(true, false);
+    let uri = t.uri().replacen("/?", "/app?", 1);
+    let reset = || {
+        t.wipe();
+        mongo_populate(&t, 2_000);
+    };
+    // The migrated data: every collection but the history (times differ) and the lock.
+    let migrated = || {
+        let lock = t.block(async {
+            t.client()
+                .database("app")
+                .collection::<mongodb::bson::Document>("dbkeeper_schema_lock")
+                .count_documents(doc! {})
+                .await
+        });
+        assert_eq!(lock.unwrap(), 0, "the lock was left");
+        let mut out = Vec::new();
+        for db in t.databases() {
+            for (name, _) in t.collections(&db) {
+                if !name.starts_with("dbkeeper_schema") && !name.starts_with("system.") {
+                    out.push((format!("{db}.{name}"), t.sorted_docs(&db, &name)));
+                }
+            }
+        }
+        out
+    };
+    let migrate = || {
+        let mut c = dbkeeper(r);
+        c.env("DBKEEPER_MONGODB_URI", &uri)
+            .env("DBKEEPER_MIGRATIONS", files.path())
+            .arg("migrate");
+        c
+    };
+    reset();
+    let dur = measure(&mut migrate(), &secrets);
+    let want = migrated();
+    kills("crash/migrate-mongodb", dur, |at| {
+        reset();
+        run_killed(&mut migrate(), at, &secrets);
+        // A killed migrator's lease runs out by itself (30 s): shown bounded, then ended here
+        // rather than waited for.
+        let lock = t.block(async {
+            t.client()
+                .database("app")
+                .collection::<mongodb::bson::Document>("dbkeeper_schema_lock")
+                .find_one_and_delete(doc! {})
+                .await
+        });
+        if let Some(l) = lock.unwrap() {
+            let expires = l.get_datetime("expires_at").unwrap().timestamp_millis();
+            let now = mongodb::bson::DateTime::now().timestamp_millis();
+            assert!(expires <= now + 30_000, "a lease beyond 30 s: {l}");
+        }
+        every_set_verifies(r, &secrets);
+        let o = checked_output(&mut migrate(), &secrets);
+        assert_code(&o, 0);
+        assert!(temps(r).is_empty(), "{:?}", temps(r));
+        assert!(migrated() == want, "the migrated data differs");
+        trim(r, 2);
+    });
+}
