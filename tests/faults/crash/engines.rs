@@ -303,7 +303,7 @@ fn mongodb_backup_preseed_and_restore_killed() {
     let r = repo.path();
     let secrets = [mongo::PASSWORD];
     let src = Mongo::start(true, false);
-    mongo_populate(&src, 25_000);
+    mongo_populate(&src, 15_000);
     let want = mongo_fp(&src);
     let backup = || {
         let mut c = dbkeeper(r);
@@ -320,47 +320,134 @@ fn mongodb_backup_preseed_and_restore_killed() {
 
 const CHROMA_MARKER: &str = "dbkeeper.restore-in-progress";
 
-/// Every collection of the default database: name, count, metadata and a hash of its records.
-/// With "wipe" as argv[2], deletes them all instead.
-const CHROMA_FP: &str = r#"
-import sys, hashlib, json, chromadb
-c = chromadb.HttpClient(host="127.0.0.1", port=int(sys.argv[1]), settings=chromadb.Settings(anonymized_telemetry=False))
-wipe = len(sys.argv) > 2 and sys.argv[2] == "wipe"
-for col in sorted(c.list_collections(), key=lambda x: x.name):
-    if wipe:
-        c.delete_collection(col.name); continue
-    g = col.get(include=["embeddings", "documents", "metadatas"])
-    h = hashlib.sha256()
-    for i in sorted(range(len(g["ids"])), key=lambda i: g["ids"][i]):
-        h.update(json.dumps([g["ids"][i], g["documents"][i], g["metadatas"][i], [float(x) for x in g["embeddings"][i]]], sort_keys=True).encode())
-    print(col.name, len(g["ids"]), json.dumps(col.metadata, sort_keys=True), h.hexdigest()[:16])
-"#;
+/// One request to a Chroma server (HTTP/1.0, so the body ends with the connection): the
+/// status and the body as JSON. Written by hand to keep Python (a second or more to start)
+/// out of the per-kill checks.
+fn chroma_http(port: u16, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (
+        code,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+const CHROMA_DB: &str = "/api/v2/tenants/default_tenant/databases/default_database/collections";
+
+/// The default database's collections: (name, id, metadata).
+fn chroma_collections(port: u16) -> Vec<(String, String, serde_json::Value)> {
+    let (code, v) = chroma_http(port, "GET", &format!("{CHROMA_DB}?limit=1000"), "");
+    assert_eq!(code, 200, "list collections: {v}");
+    let mut out: Vec<_> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_owned(),
+                c["id"].as_str().unwrap().to_owned(),
+                c["metadata"].clone(),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// JSON text with every object's keys sorted (serde_json keeps their order here, and a
+/// restored record need not list its metadata in the same order).
+fn canon(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            let parts: Vec<String> = keys
+                .iter()
+                .map(|k| format!("{}:{}", Value::String((*k).clone()), canon(&m[*k])))
+                .collect();
+            format!("{{{}}}", parts.join(","))
+        }
+        Value::Array(a) => format!("[{}]", a.iter().map(canon).collect::<Vec<_>>().join(",")),
+        other => other.to_string(),
+    }
+}
+
+/// Every collection: name, count, metadata and a hash of its records sorted by id.
+fn chroma_fp(port: u16) -> String {
+    use sha2::Digest;
+    let mut out = String::new();
+    for (name, id, meta) in chroma_collections(port) {
+        let (code, g) = chroma_http(
+            port,
+            "POST",
+            &format!("{CHROMA_DB}/{id}/get"),
+            r#"{"include": ["embeddings", "documents", "metadatas", "uris"]}"#,
+        );
+        assert_eq!(code, 200, "get {name}: {g}");
+        let ids = g["ids"].as_array().unwrap();
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by(|&a, &b| ids[a].as_str().cmp(&ids[b].as_str()));
+        let mut h = sha2::Sha256::new();
+        for i in order {
+            for k in ["ids", "embeddings", "documents", "metadatas", "uris"] {
+                h.update(canon(g[k].get(i).unwrap_or(&serde_json::Value::Null)));
+            }
+        }
+        out.push_str(&format!(
+            "{name} {} {} {}\n",
+            ids.len(),
+            canon(&meta),
+            hex::encode(&h.finalize()[..8])
+        ));
+    }
+    out
+}
 
 pub const CHROMA_SPEC: &str = r#"[{"name":"docs","space":"l2","dim":32,"n":4000,"seed":1,"metadata":{"team":"a"}},
 {"name":"small","space":"ip","dim":8,"n":500,"seed":2,"docs":false}]"#;
 
 impl Target for ChromaServer {
     fn wipe(&self) {
-        py(CHROMA_FP, &[&self.port.to_string(), "wipe"]);
+        for (name, _, _) in chroma_collections(self.port) {
+            let (code, v) = chroma_http(self.port, "DELETE", &format!("{CHROMA_DB}/{name}"), "");
+            assert_eq!(code, 200, "delete {name}: {v}");
+        }
     }
     fn own_data(&self) {
-        py(
-            SEED,
-            &[
-                &self.port.to_string(),
-                r#"[{"name":"mine","space":"l2","dim":4,"n":50,"seed":9}]"#,
-            ],
+        let (code, v) = chroma_http(
+            self.port,
+            "POST",
+            CHROMA_DB,
+            r#"{"name": "mine", "metadata": {"own": true}}"#,
         );
+        assert_eq!(code, 200, "create: {v}");
+        let id = v["id"].as_str().unwrap();
+        let ids: Vec<String> = (0..50).map(|i| format!("mine-{i}")).collect();
+        let emb: Vec<[f32; 4]> = (0..50).map(|i| [i as f32, 1.0, -0.5, 2.0]).collect();
+        let body = serde_json::json!({"ids": ids, "embeddings": emb}).to_string();
+        let (code, v) = chroma_http(self.port, "POST", &format!("{CHROMA_DB}/{id}/add"), &body);
+        assert!(code == 200 || code == 201, "add: {code} {v}");
     }
     fn state(&self) -> (String, bool) {
-        let fp = py(CHROMA_FP, &[&self.port.to_string()]);
-        let marked = fp
-            .lines()
-            .any(|l| l.split_whitespace().next() == Some(CHROMA_MARKER));
+        let marked = chroma_collections(self.port)
+            .iter()
+            .any(|(n, _, _)| n == CHROMA_MARKER);
         if marked {
             return (String::new(), true);
         }
-        (fp, false)
+        (chroma_fp(self.port), false)
     }
     fn env(&self, c: &mut Command) {
         c.env("DBKEEPER_CHROMA_URL", self.url());
