@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{assert_code, dbkeeper, free_port, sets, stderr, temps, wait_until};
+use crate::common::{assert_code, dbkeeper, free_port, sets, temps, wait_until};
 use crate::report;
 use crate::secrets::{assert_clean, checked_output};
 
@@ -301,11 +301,4 @@ fn empty_dir(dir: &Path) {
             std::fs::remove_file(&p).unwrap();
         }
     }
-}
-
-/// The last lines of a command's stderr, for messages.
-#[allow(dead_code)]
-fn tail(o: &std::process::Output) -> String {
-    let e = stderr(o);
-    e.lines().rev().take(5).collect::<Vec<_>>().join("\n")
 }

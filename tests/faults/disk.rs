@@ -275,7 +275,8 @@ fn a_repository_that_disappears_mid_run() {
     rs.cli(&["DEBUG", "POPULATE", "1500000", "key", "100"]);
     let secrets = [REDIS_PW];
     let mut failures = Vec::new();
-    for how in ["renamed", "removed"] {
+    let hows = ["renamed", "removed", "renamed-early"];
+    for how in hows {
         let base = tempfile::tempdir().unwrap();
         let repo = base.path().join("repo");
         std::fs::create_dir(&repo).unwrap();
@@ -287,18 +288,20 @@ fn a_repository_that_disappears_mid_run() {
             .spawn()
             .unwrap();
         let started = wait_until(Duration::from_secs(60), || {
-            temps(&repo).iter().any(|t| {
-                repo.join(t)
-                    .join("redis/dump.rdb.zst")
-                    .metadata()
-                    .is_ok_and(|m| m.len() > 0)
-            })
+            // Early: as soon as the temp set exists, before or while its files are created.
+            (how == "renamed-early" && !temps(&repo).is_empty())
+                || temps(&repo).iter().any(|t| {
+                    repo.join(t)
+                        .join("redis/dump.rdb.zst")
+                        .metadata()
+                        .is_ok_and(|m| m.len() > 0)
+                })
         });
         assert!(started, "the backup never started writing");
         let gone = base.path().join("gone");
         match how {
-            "renamed" => std::fs::rename(&repo, &gone).unwrap(),
-            _ => std::fs::remove_dir_all(&repo).unwrap(),
+            "removed" => std::fs::remove_dir_all(&repo).unwrap(),
+            _ => std::fs::rename(&repo, &gone).unwrap(),
         }
         let o = child.wait_with_output().unwrap();
         crate::secrets::assert_output_clean(&o, &secrets);
@@ -310,10 +313,18 @@ fn a_repository_that_disappears_mid_run() {
         if let Err(e) = std::panic::catch_unwind(|| one_error_line(&o)) {
             failures.push(format!("{how}: {e:?}"));
         }
+        if repo.exists() {
+            failures.push(format!("{how}: the repository directory was created again"));
+        }
         if gone.exists() && !sets(&gone).is_empty() {
             failures.push(format!("{how}: a set appeared in the moved directory"));
         }
     }
-    report::record("disk/vanished", 2, 2 - failures.len(), &failures);
+    report::record(
+        "disk/vanished",
+        hows.len(),
+        hows.len() - failures.len(),
+        &failures,
+    );
     assert!(failures.is_empty(), "{failures:#?}");
 }
