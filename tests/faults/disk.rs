@@ -208,8 +208,10 @@ fn a_full_repository_fails_each_engine_cleanly_and_the_sidecar_says_so() {
             names.contains(&"last_run_failed") && names.contains(&"repository_low_space")
         });
         assert!(raised, "alerts: {alerts}\n{}", sc.log());
-        let (log, _) = sc.stop();
+        let (log, out) = sc.stop();
         assert!(!log.contains("panicked"), "{log}");
+        crate::secrets::assert_clean("the sidecar's stderr", log.as_bytes(), &secrets);
+        crate::secrets::assert_clean("the sidecar's stdout", out.as_bytes(), &secrets);
         assert!(temps(r).is_empty(), "temps left: {:?}", temps(r));
         assert_eq!(sets(r), old);
         std::fs::remove_file(r.join(".filler")).unwrap();
