@@ -164,6 +164,20 @@ impl ChromaTarget {
         }
     }
 
+    pub async fn retake(&self, owner: &str, lease: Duration) -> Result<()> {
+        self.api()
+            .delete_collection_if_exists(&self.db, LOCK)
+            .await?;
+        if self.lock(owner, lease).await? {
+            Ok(())
+        } else {
+            Err(Error::engine(
+                "chroma",
+                "another migrator took the migration lock while this one put the database back",
+            ))
+        }
+    }
+
     pub async fn unlock(&self, owner: &str) -> Result<()> {
         if let Some(c) = self.api().get_collection(&self.db, LOCK).await?
             && Self::holder(&c).0 == owner

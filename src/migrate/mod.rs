@@ -378,6 +378,13 @@ impl Target {
         each!(self, t => t.unlock(owner).await)
     }
 
+    /// Makes `owner` the holder whoever holds it now. For a migrator that just put its
+    /// database back from a pre-migration set: the set holds the lock as it was when the set
+    /// was taken, often by an earlier, killed, migrator, and a wipe removes ours.
+    pub async fn retake(&self, owner: &str, lease: Duration) -> Result<()> {
+        each!(self, t => t.retake(owner, lease).await)
+    }
+
     /// A baseline another tool left (golang-migrate's `schema_migrations`), for a database
     /// with no history of ours.
     pub async fn foreign_baseline(&self) -> Result<Option<Applied>> {

@@ -130,6 +130,21 @@ impl MongoTarget {
         Ok(r.matched_count == 1)
     }
 
+    pub async fn retake(&self, owner: &str, lease: Duration) -> Result<()> {
+        let coll: Collection<Document> = self.client.database(&self.db).collection(LOCK);
+        let expires = bson::DateTime::from_millis(
+            bson::DateTime::now().timestamp_millis() + lease.as_millis() as i64,
+        );
+        coll.replace_one(
+            doc! {"_id": LOCK_ID},
+            doc! {"_id": LOCK_ID, "owner": owner, "expires_at": expires},
+        )
+        .upsert(true)
+        .await
+        .map_err(self.err("take the migration lock"))?;
+        Ok(())
+    }
+
     pub async fn unlock(&self, owner: &str) -> Result<()> {
         let coll: Collection<Document> = self.client.database(&self.db).collection(LOCK);
         coll.delete_one(doc! {"_id": LOCK_ID, "owner": owner})

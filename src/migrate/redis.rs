@@ -116,6 +116,20 @@ impl RedisTarget {
         .await
     }
 
+    pub async fn retake(&self, owner: &str, lease: Duration) -> Result<()> {
+        let owner = owner.to_owned();
+        let ms = lease.as_millis() as u64;
+        self.with("take the migration lock", move |c| {
+            redis::cmd("SET")
+                .arg(LOCK)
+                .arg(&owner)
+                .arg("PX")
+                .arg(ms)
+                .query::<()>(c)
+        })
+        .await
+    }
+
     pub async fn unlock(&self, owner: &str) -> Result<()> {
         let owner = owner.to_owned();
         self.with("release the migration lock", move |c| {

@@ -50,7 +50,15 @@ impl LocalLock {
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
+            .map_err(|e| match e.raw_os_error() {
+                // EROFS: a repository mounted read-only can be read (list, verify, preseed,
+                // restore) but not written; that is a repository problem (exit 4).
+                Some(30) => Error::repo(
+                    root,
+                    "read-only file system: a writer needs the repository mounted read-write",
+                ),
+                _ => Error::io(&path, e),
+            })?;
         let deadline = tokio::time::Instant::now() + wait;
         let mut announced = false;
         loop {

@@ -47,6 +47,23 @@ enum Target {
     },
 }
 
+/// Creates `dir` and its missing parents inside the temp set `tmp`, never `tmp` itself or
+/// anything above it: a repository removed or renamed under a running backup must fail the
+/// backup, not be created again (perhaps on the container's own filesystem, not the volume).
+fn create_within(tmp: &Path, dir: &Path) -> Result<()> {
+    let rel = dir.strip_prefix(tmp).unwrap_or(Path::new(""));
+    let mut p = tmp.to_path_buf();
+    for c in rel.components() {
+        p.push(c);
+        match fs::create_dir(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => {}
+            Err(e) => return Err(Error::io(&p, e)),
+        }
+    }
+    Ok(())
+}
+
 impl Target {
     fn path(&self, rel: &str) -> PathBuf {
         match self {
@@ -61,7 +78,7 @@ impl Target {
             Target::Local { tmp, .. } => {
                 let path = tmp.join(rel);
                 if let Some(parent) = path.parent() {
-                    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+                    create_within(tmp, parent)?;
                 }
                 let out = DirectWriter::create(&path).map_err(|e| Error::io(&path, e))?;
                 Ok(Plain::Direct(out))
@@ -171,8 +188,7 @@ impl SetWriter {
     /// Where an engine writes its artifacts (`<set>/<engine>/…`).
     pub fn engine_writer(&self, kind: EngineKind) -> Result<EngineWriter> {
         if let Target::Local { tmp, .. } = &*self.target {
-            let dir = tmp.join(kind.name());
-            fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            create_within(tmp, &tmp.join(kind.name()))?;
         }
         Ok(EngineWriter {
             target: self.target.clone(),
@@ -266,7 +282,17 @@ impl SetWriter {
         match &*self.target {
             Target::Local { repo, tmp } => {
                 let path = tmp.join(MANIFEST);
-                let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+                let mut f = File::create(&path).map_err(|e| {
+                    if tmp.is_dir() {
+                        Error::io(&path, e)
+                    } else {
+                        // Removed or renamed under us: a repository problem (exit 4).
+                        Error::repo(
+                            repo,
+                            "the repository (or this backup's temp set in it) disappeared during the backup; nothing was published",
+                        )
+                    }
+                })?;
                 f.write_all(json)
                     .and_then(|_| f.sync_all())
                     .map_err(|e| Error::io(&path, e))?;
@@ -856,6 +882,21 @@ mod tests {
     use super::*;
 
     use crate::testutil::noise as pattern;
+
+    #[test]
+    fn directories_are_created_inside_the_temp_set_only() {
+        let root = tempfile::tempdir().unwrap();
+        let tmp = root.path().join("repo/.tmp-x");
+        fs::create_dir_all(&tmp).unwrap();
+        create_within(&tmp, &tmp.join("mongodb/app")).unwrap();
+        assert!(tmp.join("mongodb/app").is_dir());
+        create_within(&tmp, &tmp.join("mongodb/app")).unwrap();
+        // The repository renamed away under the backup: nothing is created again.
+        fs::rename(root.path().join("repo"), root.path().join("gone")).unwrap();
+        let e = create_within(&tmp, &tmp.join("redis")).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e}");
+        assert!(!root.path().join("repo").exists());
+    }
 
     /// Writes `len` bytes in `piece`-sized writes (after `buffered_after` of them, O_DIRECT is
     /// turned off) and checks the file holds exactly those bytes.

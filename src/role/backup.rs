@@ -34,6 +34,28 @@ pub async fn backup_marked(
     cancel: &CancellationToken,
 ) -> Result<Manifest> {
     let repo = cfg.open_repo()?;
+    let root = repo.local_root().map(std::path::Path::to_owned);
+    let r = backup_into(cfg, repo, engines, pre_migration, cancel).await;
+    match (r, root) {
+        // A file error because the directory itself went away (removed or renamed under the
+        // running backup) is a repository problem (exit 4), said as such.
+        (Err(Error::Io { .. }), Some(root)) if !root.is_dir() => Err(Error::repo(
+            &root,
+            "the repository directory disappeared during the backup (removed or renamed); nothing was published",
+        )),
+        (r, _) => r,
+    }
+}
+
+async fn backup_into(
+    cfg: &Config,
+    repo: crate::repo::Repo,
+    engines: &[Engine],
+    pre_migration: Option<
+        std::collections::BTreeMap<crate::engine::EngineKind, crate::repo::manifest::PreMigration>,
+    >,
+    cancel: &CancellationToken,
+) -> Result<Manifest> {
     let lock = repo.lock(cfg.lock_wait).await?;
     // Fail before creating anything if an engine is down.
     for e in engines {

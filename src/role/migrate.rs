@@ -204,6 +204,7 @@ async fn migrate_one(
                 dry_run,
                 held,
                 restore: args.on_failure == "restore",
+                owner: &lease.owner,
             };
             apply(cfg, p, target, &how, cancel).await
         }
@@ -225,6 +226,8 @@ struct How<'a> {
     held: bool,
     /// `DBKEEPER_MIGRATE_ON_FAILURE=restore` (else `halt`).
     restore: bool,
+    /// Who holds the lease, so that putting the database back keeps it ours.
+    owner: &'a str,
 }
 
 async fn apply(
@@ -256,14 +259,24 @@ async fn apply(
         let engine = engine_of(cfg, kind)?;
         for mut a in unfinished {
             warn!(engine = %kind, file = %a.file, set = a.snapshot.as_deref(), "a migration was interrupted; putting the database back");
-            put_back(cfg, &engine, a.snapshot.as_deref(), cancel)
-                .await
-                .map_err(|e| {
-                    Error::engine(
-                        kind.name(),
-                        format!("migration {} was interrupted, and putting the database back failed: {e:#}", a.file),
-                    )
-                })?;
+            put_back(
+                cfg,
+                &engine,
+                target,
+                how.owner,
+                a.snapshot.as_deref(),
+                cancel,
+            )
+            .await
+            .map_err(|e| {
+                Error::engine(
+                    kind.name(),
+                    format!(
+                        "migration {} was interrupted, and putting the database back failed: {e:#}",
+                        a.file
+                    ),
+                )
+            })?;
             a.restored = true;
             target.record(&a).await?;
         }
@@ -339,7 +352,8 @@ async fn apply(
                         ),
                     ));
                 }
-                let back = put_back(cfg, &engine, snapshot.as_deref(), cancel).await;
+                let back =
+                    put_back(cfg, &engine, target, how.owner, snapshot.as_deref(), cancel).await;
                 let to = snapshot
                     .as_deref()
                     .map_or("empty, as it was".to_owned(), |id| {
@@ -363,14 +377,18 @@ async fn apply(
 }
 
 /// The database as it was before a migration run: its pre-migration set restored, or, when
-/// it held nothing then, wiped.
+/// it held nothing then, wiped. The lease is ours again afterwards: the set holds the lock as
+/// it was when the set was taken (by an earlier migrator, perhaps one that was killed, whose
+/// stale lease would outlive this run and hold off the next), and a wipe removes it.
 async fn put_back(
     cfg: &Config,
     engine: &Engine,
+    target: &Target,
+    owner: &str,
     snapshot: Option<&str>,
     cancel: &CancellationToken,
 ) -> Result<()> {
-    match snapshot {
+    let back = match snapshot {
         Some(id) => {
             restore::restore(
                 cfg,
@@ -384,7 +402,9 @@ async fn put_back(
             .await
         }
         None => engine.wipe().await,
-    }
+    };
+    back?;
+    target.retake(owner, LEASE).await
 }
 
 fn engine_of(cfg: &Config, kind: EngineKind) -> Result<Engine> {
