@@ -52,9 +52,10 @@ pub fn case_seed(class: &str, case: usize) -> u64 {
 }
 
 fn results_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .expect("the target directory")
+    // `target/faults/`, whatever target triple the build is configured for.
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
         .join("faults")
         .join("results.json")
 }
