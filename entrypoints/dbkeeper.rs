@@ -33,6 +33,12 @@ fn main() -> std::process::ExitCode {
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         Err(e) => {
+            // A malformed DBKEEPER_* value is a configuration error: name the variable in one
+            // line, not the flag clap would blame (with a usage hint for a flag never typed).
+            if let Some(line) = dbkeeper::cli::env_value_error(&e, &args) {
+                eprintln!("dbkeeper: {line}");
+                return ExitCode::Usage.into();
+            }
             let _ = e.print();
             return if e.use_stderr() {
                 ExitCode::Usage

@@ -486,3 +486,96 @@ pub struct SidecarArgs {
     #[arg(long, env = "DBKEEPER_ALERT_WINDOW", default_value = "5m", value_parser = parse_duration)]
     pub alert_window: Duration,
 }
+
+/// When clap refused a value that came from a `DBKEEPER_*` variable rather than from a flag,
+/// the one line that names the variable the operator set, e.g.
+/// `DBKEEPER_WAIT_TIMEOUT="10": "10" is not a duration with a unit such as 30s, 5m or 2h (…)`.
+/// `None` for every other error (a bad flag keeps clap's own report and usage hint).
+///
+/// clap reports an environment value as if it were the flag (`invalid value '10' for
+/// '--timeout <TIMEOUT>'`) and records no source in the error, so the failing argument is found
+/// again here: by its rendering among the arguments of the subcommands actually called, then
+/// taken as coming from its variable when the variable is set and the flag is not on the command
+/// line (a flag wins over its variable in clap, so then the flag was the value refused).
+pub fn env_value_error(err: &clap::Error, args: &[std::ffi::OsString]) -> Option<String> {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+
+    if !matches!(
+        err.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation | ErrorKind::InvalidUtf8
+    ) {
+        return None;
+    }
+    let rendered = match err.get(ContextKind::InvalidArg)? {
+        ContextValue::String(s) => s.clone(),
+        _ => return None,
+    };
+    // The chain of subcommands called: their own arguments (and the globals above them) are
+    // the candidates; `--timeout` of `wait` and of `init` read different variables.
+    let matches = Cli::command()
+        .ignore_errors(true)
+        .try_get_matches_from(args)
+        .ok();
+    // Built (recursively) so that an argument renders as clap rendered it in the error.
+    let mut root = Cli::command();
+    root.build();
+    let mut chain = vec![root];
+    let mut m = matches.as_ref();
+    while let Some((name, sub)) = m.and_then(|m| m.subcommand()) {
+        let next = chain.last()?.find_subcommand(name)?.clone();
+        chain.push(next);
+        m = Some(sub);
+    }
+    let arg = chain
+        .iter()
+        .rev()
+        .flat_map(|c| c.get_arguments())
+        .find(|a| a.get_env().is_some() && a.to_string() == rendered)?;
+    let var = arg.get_env()?;
+    let value = std::env::var_os(var)?;
+    if on_command_line(arg, args) {
+        return None;
+    }
+    let why = match err.kind() {
+        ErrorKind::ValueValidation => std::error::Error::source(err)
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "malformed".into()),
+        ErrorKind::InvalidUtf8 => "not valid UTF-8".into(),
+        _ => match err.get(ContextKind::ValidValue) {
+            Some(ContextValue::Strings(v)) => format!("expected one of: {}", v.join(", ")),
+            _ => "not an accepted value".into(),
+        },
+    };
+    Some(format!(
+        "{}={:?}: invalid value for --{}: {why}",
+        var.to_string_lossy(),
+        value.to_string_lossy(),
+        arg.get_long().unwrap_or(arg.get_id().as_str())
+    ))
+}
+
+/// Whether `arg` was given as a flag (`--name`, `--name=v`, an alias, `-x`) before any `--`.
+fn on_command_line(arg: &clap::Arg, args: &[std::ffi::OsString]) -> bool {
+    let longs: Vec<&str> = arg
+        .get_long_and_visible_aliases()
+        .unwrap_or_default()
+        .into_iter()
+        .chain(arg.get_all_aliases().unwrap_or_default())
+        .collect();
+    let short = arg.get_short();
+    args.iter()
+        .skip(1)
+        .map(|a| a.to_string_lossy())
+        .take_while(|a| a != "--")
+        .any(|a| {
+            if let Some(long) = a.strip_prefix("--") {
+                let name = long.split('=').next().unwrap_or(long);
+                longs.contains(&name)
+            } else if let (Some(s), Some(rest)) = (short, a.strip_prefix('-')) {
+                rest.starts_with(s)
+            } else {
+                false
+            }
+        })
+}

@@ -125,6 +125,89 @@ fn configuration_errors_are_exit_2() {
     }
 }
 
+/// A malformed `DBKEEPER_*` value is a configuration error that names the variable the
+/// operator set, in one line, without clap's usage hint that blames a flag never typed.
+#[test]
+fn malformed_environment_values_name_the_variable_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&[&str], &str, &str, &str)] = &[
+        // (args, variable, value, what the reason says)
+        (&["wait"], "DBKEEPER_WAIT_TIMEOUT", "10", "not a duration"),
+        (&["init"], "DBKEEPER_WAIT_TIMEOUT", "10", "not a duration"),
+        (&["list"], "DBKEEPER_LOCK_LEASE", "3", "not a duration"),
+        (&["list"], "DBKEEPER_KEEP_DAILY", "seven", "invalid digit"),
+        (&["list"], "DBKEEPER_REMOTE_KEEP_LAST", "-1", "not in 0.."),
+        (&["list"], "DBKEEPER_PARALLEL", "0", "zero"),
+        (&["list"], "DBKEEPER_LIST_JSON", "yes", "true, false"),
+        (&["list"], "DBKEEPER_LOG_FORMAT", "xml", "text, json"),
+        (&["verify"], "DBKEEPER_VERIFY_DEEP", "sure", "true, false"),
+        (
+            &["migrate", "info"],
+            "DBKEEPER_MIGRATE_ON_FAILURE",
+            "undo",
+            "restore, halt",
+        ),
+        (&["sidecar"], "DBKEEPER_ALERT_WINDOW", "5", "not a duration"),
+        (
+            &["sidecar"],
+            "DBKEEPER_NOTIFY_ON",
+            "never",
+            "failure, always",
+        ),
+    ];
+    for (args, var, value, why) in cases {
+        let o = run(dbkeeper(dir.path()).args(*args).env(var, value));
+        assert_code(&o, 2);
+        let err = stderr(&o);
+        let line = format!("dbkeeper: {var}=\"{value}\": ");
+        assert!(err.starts_with(&line), "{args:?} {var}: {err}");
+        assert!(err.contains(why), "{args:?} {var}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?} {var}: {err}");
+        assert!(!err.contains("Usage") && !err.contains("--help"), "{err}");
+    }
+}
+
+/// A bad flag keeps clap's report (the flag and a usage hint), even when its variable is set;
+/// a good flag wins over a bad variable.
+#[test]
+fn a_bad_flag_is_reported_as_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    for env in [None, Some("10")] {
+        let mut cmd = dbkeeper(dir.path());
+        cmd.args(["wait", "--timeout", "5"]);
+        if let Some(v) = env {
+            cmd.env("DBKEEPER_WAIT_TIMEOUT", v);
+        }
+        let o = run(&mut cmd);
+        assert_code(&o, 2);
+        let err = stderr(&o);
+        assert!(err.contains("'--timeout <TIMEOUT>'"), "{err}");
+        assert!(err.contains("'5'") && err.contains("--help"), "{err}");
+        assert!(!err.contains("DBKEEPER_WAIT_TIMEOUT"), "{err}");
+    }
+    let o = run(dbkeeper(dir.path())
+        .args(["list", "--log-format=xml"])
+        .env("DBKEEPER_LOG_FORMAT", "json"));
+    assert_code(&o, 2);
+    assert!(stderr(&o).contains("--log-format"), "{}", stderr(&o));
+    assert!(
+        !stderr(&o).contains("DBKEEPER_LOG_FORMAT"),
+        "{}",
+        stderr(&o)
+    );
+
+    let port = free_port();
+    let o = run(dbkeeper(dir.path())
+        .args([
+            "wait",
+            "--timeout",
+            "1s",
+            &format!("redis://127.0.0.1:{port}"),
+        ])
+        .env("DBKEEPER_WAIT_TIMEOUT", "10"));
+    assert_code(&o, 3);
+}
+
 #[test]
 fn help_and_errors_never_show_secret_values() {
     let dir = tempfile::tempdir().unwrap();
