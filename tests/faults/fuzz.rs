@@ -207,6 +207,7 @@ fn run(t: Target<'_>, f: impl Fn(&[u8])) {
     let total = report::cases(t.quick, 1_000_000).max(t.seeds.len());
     let mut failures = Vec::new();
     let mut passed = 0;
+    let started = std::time::Instant::now();
     for i in 0..total {
         let seed = report::case_seed(&class, i);
         let input = if i < t.seeds.len() {
@@ -245,6 +246,8 @@ fn run(t: Target<'_>, f: impl Fn(&[u8])) {
             }
         }
     }
+    // Printed for the record (how long a full run takes), never asserted.
+    eprintln!("{class}: {total} inputs in {:.1?}", started.elapsed());
     report::record(&class, total, passed, &failures);
     assert!(
         failures.is_empty(),
@@ -318,7 +321,7 @@ fn rdb() {
     run(
         Target {
             name: "rdb",
-            quick: 3000,
+            quick: 10_000,
             seeds,
             dict: &[
                 b"REDIS0011",
@@ -352,7 +355,7 @@ fn bson() {
     run(
         Target {
             name: "bson",
-            quick: 4000,
+            quick: 10_000,
             seeds,
             dict: &[&[3, b'a', 0], &[4, b'a', 0], &[5, 0, 0, 0, 0], &[0x0F]],
             per_byte: 4,
@@ -393,7 +396,7 @@ fn chroma_records() {
     run(
         Target {
             name: "chroma_records",
-            quick: 4000,
+            quick: 10_000,
             seeds,
             dict: &[
                 b"\n",
@@ -489,7 +492,7 @@ fn manifest() {
     run(
         Target {
             name: "manifest",
-            quick: 3000,
+            quick: 10_000,
             seeds: manifests(),
             dict: &[
                 b"18446744073709551615",
@@ -562,7 +565,7 @@ fn resp() {
     run(
         Target {
             name: "resp",
-            quick: 1500,
+            quick: 3000,
             seeds,
             dict: &[
                 b"$4294967295\r\n",
@@ -603,7 +606,7 @@ fn cron() {
     run(
         Target {
             name: "cron",
-            quick: 3000,
+            quick: 2000,
             seeds,
             dict: &[
                 b"*",
@@ -653,7 +656,7 @@ fn duration() {
     run(
         Target {
             name: "duration",
-            quick: 3000,
+            quick: 10_000,
             seeds,
             dict: &[
                 b"18446744073709551615",

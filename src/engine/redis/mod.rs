@@ -1683,9 +1683,9 @@ mod tests {
         r
     }
 
-    /// Found by fuzzing: nested one-element arrays recursed once per `*1`, so a hostile peer
-    /// could overflow the stack (an abort, not an error); a bulk header promising more than
-    /// arrives reserved the whole promise up front (the allocation bound itself is checked by
+    /// Nested one-element arrays recursed once per `*1`, so a hostile peer could overflow the
+    /// stack (an abort, not an error: found by reading, a fuzzer cannot report it); a bulk
+    /// header promising more than arrives reserved the whole promise up front (found by fuzzing) (the allocation bound itself is checked by
     /// the fault suite's counting allocator).
     #[test]
     fn hostile_replies_fail_cleanly() {
