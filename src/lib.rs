@@ -28,6 +28,18 @@ pub mod shutdown;
 pub mod sidecar;
 pub mod stats;
 
+/// Entry points of parsers that are otherwise private, for the fault suite's fuzzing
+/// (`tests/faults/fuzz.rs`). Not an API: nothing outside the tests may rely on it.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::engine::mongodb::bsonfile::{DocReader, validate as validate_bson};
+
+    /// Parses `manifest.json` of set `id` as a set reader does (format and id checks included).
+    pub fn manifest(id: &str, bytes: &[u8]) -> crate::Result<crate::repo::manifest::Manifest> {
+        crate::repo::reader::parse(id, bytes)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testutil;
 

@@ -210,7 +210,7 @@ impl SetReader {
     }
 }
 
-fn parse(id: &str, bytes: &[u8]) -> Result<Manifest> {
+pub(crate) fn parse(id: &str, bytes: &[u8]) -> Result<Manifest> {
     let manifest: Manifest = serde_json::from_slice(bytes)
         .map_err(|e| Error::corrupt(id, format!("{MANIFEST} does not parse: {e}")))?;
     if manifest.format > FORMAT {

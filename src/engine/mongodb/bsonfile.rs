@@ -15,6 +15,14 @@ pub const MAX_DOC: usize = 16 * 1024 * 1024 + 16 * 1024;
 /// Smallest valid document: a 4-byte length and the terminating NUL.
 const MIN_DOC: usize = 5;
 
+/// What a document's buffer starts with; a bigger document grows it as its bytes arrive.
+const PREALLOC: usize = 64 * 1024;
+
+/// The deepest nesting [`validate`] walks: five times MongoDB's `maxBSONDepth` (200), and
+/// twice what bsondump's own test file holds (501). Each level costs a stack frame: a
+/// 16 MiB document of two million levels would overflow the stack and abort the process.
+pub const MAX_DEPTH: usize = 1000;
+
 /// Why a stream stopped being readable.
 #[derive(Debug)]
 pub enum StreamError {
@@ -95,7 +103,9 @@ impl<R: Read> DocReader<R> {
                 "document length {len} exceeds the BSON maximum of {MAX_DOC}"
             )));
         }
-        let mut buf = Vec::with_capacity(len);
+        // Capacity grows as the bytes arrive: a corrupt prefix claiming 16 MiB in front of a
+        // few bytes must not cost 16 MiB.
+        let mut buf = Vec::with_capacity(len.min(PREALLOC));
         buf.extend_from_slice(&len_buf);
         let want = (len - 4) as u64;
         let n = (&mut self.inner)
@@ -118,23 +128,33 @@ impl<R: Read> DocReader<R> {
 /// Walks every element of a document, nested documents and arrays included, so that every
 /// length, type byte, key and string is checked. Depth is bounded by the document's size.
 pub fn validate(doc: &RawDocument) -> Result<(), String> {
+    validate_at(doc, 1)
+}
+
+fn validate_at(doc: &RawDocument, depth: usize) -> Result<(), String> {
+    if depth > MAX_DEPTH {
+        return Err(format!("nested deeper than {MAX_DEPTH} levels"));
+    }
     for elem in doc.iter() {
         let (_key, value) = elem.map_err(|e| e.to_string())?;
-        validate_value(value)?;
+        validate_value(value, depth)?;
     }
     Ok(())
 }
 
-fn validate_value(value: RawBsonRef<'_>) -> Result<(), String> {
+fn validate_value(value: RawBsonRef<'_>, depth: usize) -> Result<(), String> {
     match value {
-        RawBsonRef::Document(d) => validate(d),
+        RawBsonRef::Document(d) => validate_at(d, depth + 1),
         RawBsonRef::Array(a) => {
+            if depth + 1 > MAX_DEPTH {
+                return Err(format!("nested deeper than {MAX_DEPTH} levels"));
+            }
             for v in a.into_iter() {
-                validate_value(v.map_err(|e| e.to_string())?)?;
+                validate_value(v.map_err(|e| e.to_string())?, depth + 1)?;
             }
             Ok(())
         }
-        RawBsonRef::JavaScriptCodeWithScope(c) => validate(c.scope),
+        RawBsonRef::JavaScriptCodeWithScope(c) => validate_at(c.scope, depth + 1),
         _ => Ok(()),
     }
 }
@@ -186,6 +206,34 @@ mod tests {
         let mut r = DocReader::new(&bad[..]);
         let doc = r.next_doc().unwrap().unwrap();
         assert!(validate(&doc).is_err());
+    }
+
+    /// A document nested `levels` deep: `{"a": {"a": … {} … }}`, built as bytes (the bson
+    /// crate's builders recurse too).
+    fn nested(levels: usize) -> Vec<u8> {
+        // Level d (0 = outermost): length, type 0x03, key "a\0", level d+1, closing NUL; the
+        // innermost is the empty document.
+        let mut doc = Vec::with_capacity(levels * 8 + 5);
+        for d in 0..levels {
+            doc.extend_from_slice(&((8 * (levels - d) + 5) as u32).to_le_bytes());
+            doc.extend_from_slice(&[3, b'a', 0]);
+        }
+        doc.extend_from_slice(&[5, 0, 0, 0, 0]);
+        doc.resize(doc.len() + levels, 0);
+        doc
+    }
+
+    /// Found while writing the fuzzing (a stack overflow aborts, so the fuzzer could not report
+    /// it): a 2-million-level document (16 MiB) overflowed the stack of the recursive walk.
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let ok = nested(MAX_DEPTH - 1);
+        let mut r = DocReader::new(&ok[..]);
+        validate(&r.next_doc().unwrap().unwrap()).unwrap();
+        let deep = nested(1_000_000);
+        let mut r = DocReader::new(&deep[..]);
+        let err = validate(&r.next_doc().unwrap().unwrap()).unwrap_err();
+        assert!(err.contains("nested deeper"), "{err}");
     }
 
     /// Reads a whole stream the way deep verify does: every document framed and validated.

@@ -5,7 +5,7 @@
 //! or view with its true database and collection names (file names are escaped) and the set
 //! paths of its metadata and data files.
 
-mod bsonfile;
+pub(crate) mod bsonfile;
 mod dump;
 pub use dump::zstd_workers;
 mod archive;

@@ -147,6 +147,8 @@ enum Reply {
 const MAX_LINE: usize = 64 * 1024;
 /// Replies this module reads are small (INFO, CONFIG GET); a bigger one is not ours.
 const MAX_BULK: i64 = 64 << 20;
+/// Nested arrays deeper than this are not a reply of the commands this module sends.
+const MAX_DEPTH: usize = 32;
 
 /// A plain or TLS connection; writes go through the `BufReader`, which buffers reads only.
 enum Stream {
@@ -387,6 +389,12 @@ impl<'a> Conn<'a> {
     }
 
     fn read_reply(&mut self) -> Result<Reply> {
+        self.read_reply_at(0)
+    }
+
+    /// One reply; `depth` counts the arrays around it, so that a hostile peer's `*1` repeated
+    /// cannot recurse until the stack overflows.
+    fn read_reply_at(&mut self, depth: usize) -> Result<Reply> {
         let line = self.read_line()?;
         let (kind, rest) = match line.split_first() {
             Some((k, r)) => (*k, r),
@@ -410,11 +418,18 @@ impl<'a> Conn<'a> {
                 } else if n > MAX_BULK {
                     return Err(self.cfg.refused(format!("reply of {n} bytes is too large")));
                 } else {
-                    let mut buf = vec![0; n as usize + 2];
+                    // Grown as the bytes arrive: a `$67108864` header before a closed socket
+                    // must not cost 64 MiB.
+                    let want = n as u64 + 2;
+                    let mut buf = Vec::new();
                     self.arm()?;
-                    self.reader
-                        .read_exact(&mut buf)
+                    (&mut self.reader)
+                        .take(want)
+                        .read_to_end(&mut buf)
                         .map_err(|e| self.io_error(e))?;
+                    if (buf.len() as u64) < want {
+                        return Err(self.cfg.unreachable("the server closed the connection"));
+                    }
                     buf.truncate(n as usize);
                     Reply::Bulk(Some(buf))
                 }
@@ -423,10 +438,12 @@ impl<'a> Conn<'a> {
                 let n = int(self)?;
                 if n < 0 {
                     Reply::Array(None)
+                } else if depth >= MAX_DEPTH {
+                    return Err(self.not_redis());
                 } else {
                     let mut v = Vec::new();
                     for _ in 0..n.min(1 << 20) {
-                        v.push(self.read_reply()?);
+                        v.push(self.read_reply_at(depth + 1)?);
                     }
                     Reply::Array(Some(v))
                 }
@@ -1648,6 +1665,36 @@ mod tests {
 
     fn cfg(url: &str) -> Result<RedisConfig> {
         RedisConfig::parse(&Secret::new(url))
+    }
+
+    /// Serves `answer` to one probe on a loopback socket and returns the probe's outcome.
+    fn probe_answered(answer: Vec<u8>) -> Result<Probe> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let _ = s.write_all(&answer);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let _ = io::copy(&mut s, &mut io::sink());
+        });
+        let url = Secret::new(format!("redis://127.0.0.1:{port}"));
+        let r = probe_blocking(&url, Duration::from_secs(10));
+        server.join().unwrap();
+        r
+    }
+
+    /// Nested one-element arrays recursed once per `*1`, so a hostile peer could overflow the
+    /// stack (an abort, not an error: found by reading, a fuzzer cannot report it); a bulk
+    /// header promising more than arrives reserved the whole promise up front (found by fuzzing) (the allocation bound itself is checked by
+    /// the fault suite's counting allocator).
+    #[test]
+    fn hostile_replies_fail_cleanly() {
+        let deep = probe_answered(b"*1\r\n".repeat(200_000)).unwrap_err();
+        assert!(deep.to_string().contains("not a Redis server"), "{deep}");
+        let short = probe_answered(b"$67108864\r\nabc".to_vec()).unwrap_err();
+        assert!(short.to_string().contains("closed"), "{short}");
+        let nested_ok = probe_answered(b"+PONG\r\n*2\r\n*1\r\n:1\r\n$1\r\nx\r\n".to_vec());
+        assert!(nested_ok.is_ok(), "{nested_ok:?}");
     }
 
     #[test]
