@@ -52,7 +52,9 @@ pub fn bounded(cmd: &mut Command, bound: Duration) -> Result<Output, String> {
             let _ = child.kill();
             let _ = child.wait();
             let e = String::from_utf8_lossy(&t_err.join().unwrap()).into_owned();
-            return Err(format!("still running after {bound:?}, killed; stderr:\n{e}"));
+            return Err(format!(
+                "still running after {bound:?}, killed; stderr:\n{e}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -210,10 +212,7 @@ fn redis_backup_trickle_completes() {
             return Err(format!("exit {:?}: {}", o.status.code(), stderr(&o)));
         }
         let id = sets(repo.path()).pop().ok_or("no set")?;
-        let v = bounded(
-            dbkeeper(repo.path()).args(["verify", &id, "--deep"]),
-            BOUND,
-        )?;
+        let v = bounded(dbkeeper(repo.path()).args(["verify", &id, "--deep"]), BOUND)?;
         (v.status.code() == Some(0))
             .then_some(())
             .ok_or(format!("deep verify: {}", stderr(&v)))
@@ -272,7 +271,11 @@ fn wait_and_health_keep_their_deadlines_on_a_stalled_link() {
         ("mongodb", mongo.port, "mongodb"),
         ("chroma", chroma.port, "http"),
     ] {
-        for fault in [Fault::StallAfter(0), Fault::ResetAfter(0), Fault::CutAfter(0)] {
+        for fault in [
+            Fault::StallAfter(0),
+            Fault::ResetAfter(0),
+            Fault::CutAfter(0),
+        ] {
             let p = Proxy::start(port, fault.clone());
             let url = format!("{scheme}://127.0.0.1:{}", p.port);
             let h = bounded(

@@ -312,7 +312,8 @@ fn http_up(from: TcpStream, mut to: TcpStream, sh: &Shared) -> std::io::Result<(
                 503 => "Service Unavailable",
                 _ => "Error",
             };
-            let msg = format!(r#"{{"error":"Injected","message":"{status} injected by the test"}}"#);
+            let msg =
+                format!(r#"{{"error":"Injected","message":"{status} injected by the test"}}"#);
             write!(
                 client_w,
                 "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{msg}",
