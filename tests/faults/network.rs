@@ -175,7 +175,7 @@ fn redis_backup_stall() {
     // Stalled mid-snapshot: the 120 s idle limit of the snapshot (full run only: it takes 2 min).
     let mut offs = vec![0, 50];
     if report::full() {
-        offs.push(1_000_000);
+        offs.push(wire_size(src.port, redis_cmd, "redis", "") / 2);
     }
     for off in offs {
         let p = Proxy::start(src.port, Fault::StallAfter(off));
@@ -375,6 +375,23 @@ fn chroma_backup_cut_and_reset() {
         let url = format!("http://127.0.0.1:{}", p.port);
         let r = backup_fails(chroma_cmd(repo.path(), &url), repo.path());
         results.push((name, r));
+    }
+    // Stalled mid-export: each request's 300 s deadline (full run only: it takes 5 min).
+    if report::full() {
+        let p = Proxy::start(src.port, Fault::StallAfter(total / 2));
+        let url = format!("http://127.0.0.1:{}", p.port);
+        let before = sets(repo.path());
+        let r = bounded(
+            chroma_cmd(repo.path(), &url).arg("backup"),
+            Duration::from_secs(400),
+        )
+        .and_then(|o| clean_failure(&o, &[1, 3]))
+        .and_then(|()| {
+            (sets(repo.path()) == before)
+                .then_some(())
+                .ok_or("a set was published".to_owned())
+        });
+        results.push(("stall mid-export".into(), r));
     }
     tally("network/chroma-backup-cut", results);
 }
