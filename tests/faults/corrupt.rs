@@ -221,10 +221,19 @@ fn encrypted_artifacts() {
     let mut all = Vec::new();
     let set = src.repo.path().join(&src.newer);
     files(&set, &set, &mut all);
-    assert!(
-        all.iter().any(|p| p.to_string_lossy().ends_with(".age")),
-        "no .age artifact in an encrypted set: {all:?}"
-    );
+    let sealed = all
+        .iter()
+        .find(|p| p.starts_with("redis") && p.to_string_lossy().ends_with(".age"))
+        .unwrap_or_else(|| panic!("no sealed Redis artifact in an encrypted set: {all:?}"))
+        .to_string_lossy()
+        .into_owned();
+    let empty = RedisServer::start();
+    let r = preseed_falls_back(&src, "DBKEEPER_REDIS_URL", &empty.url(), &sealed).and_then(|()| {
+        (empty.total_keys() == s.total_keys())
+            .then_some(())
+            .ok_or("the older set's keys are not all there".to_owned())
+    });
+    results.push(("preseed falls back".into(), r));
     tally("corrupt/age", results);
 }
 
