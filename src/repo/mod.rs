@@ -33,6 +33,11 @@ use s3::{S3Config, S3Store};
 use writer::SetWriter;
 
 pub const MANIFEST: &str = "manifest.json";
+/// The manifest's own SHA-256, in `sha256sum` format (`sha256sum -c manifest.json.sha256`),
+/// written just before it: without it a bit flipped in a time, a version or a count of the
+/// manifest would go unnoticed by a checksum verify. Sets written before it existed have none
+/// and are read as before.
+pub const MANIFEST_SUM: &str = "manifest.json.sha256";
 pub const TMP_PREFIX: &str = ".tmp-";
 /// On object storage, each set's `{stored path: ETag}` as the store answered its uploads.
 /// Not part of the manifest (a copy keeps the manifest's bytes): a cache that lets the newest

@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
-use super::MANIFEST;
 use super::backend::SetPlace;
 use super::crypt::{self, Crypto, Payload, SEALED_CHUNK, SetOpener};
 use super::manifest::{FORMAT, FileEntry, Manifest};
+use super::{MANIFEST, MANIFEST_SUM};
 use crate::error::{Error, Result};
 
 #[derive(Clone)]
@@ -58,6 +58,7 @@ impl SetReader {
         raw: Vec<u8>,
         crypto: Option<&Crypto>,
     ) -> Result<Self> {
+        check_sum(&place, id, &raw)?;
         let public = parse(id, &raw)?;
         let Some(enc) = public.encryption.clone() else {
             return Ok(SetReader {
@@ -208,6 +209,24 @@ impl SetReader {
             .open(rel)
             .map_err(|e| Error::corrupt(self.id(), format!("{}: {e}", entry.path)))
     }
+}
+
+/// Checks `manifest.json` against `manifest.json.sha256` where the set has one.
+fn check_sum(place: &SetPlace, id: &str, raw: &[u8]) -> Result<()> {
+    let Some(sum) = place
+        .read_small(MANIFEST_SUM)
+        .map_err(|e| Error::corrupt(id, format!("cannot read {MANIFEST_SUM}: {e}")))?
+    else {
+        return Ok(());
+    };
+    let want = format!("{}  {MANIFEST}\n", hex::encode(Sha256::digest(raw)));
+    if sum != want.as_bytes() {
+        return Err(Error::corrupt(
+            id,
+            format!("{MANIFEST} does not match {MANIFEST_SUM}: the manifest or its sum is damaged"),
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn parse(id: &str, bytes: &[u8]) -> Result<Manifest> {

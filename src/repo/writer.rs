@@ -20,7 +20,7 @@ use super::manifest::{
     Encryption, EngineEntry, FORMAT_PLAIN, FileEntry, Manifest, SEALED_MANIFEST, SET_IDENTITY, Tool,
 };
 use super::s3::{S3Store, S3Writer};
-use super::{MANIFEST, fsync_dir};
+use super::{MANIFEST, MANIFEST_SUM, fsync_dir};
 use crate::engine::EngineKind;
 use crate::error::{Error, Result};
 
@@ -279,8 +279,14 @@ impl SetWriter {
     }
 
     fn publish_manifest(&mut self, json: &[u8]) -> Result<()> {
+        let sum = format!("{}  {MANIFEST}\n", hex::encode(Sha256::digest(json)));
         match &*self.target {
             Target::Local { repo, tmp } => {
+                let path = tmp.join(MANIFEST_SUM);
+                let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+                f.write_all(sum.as_bytes())
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| Error::io(&path, e))?;
                 let path = tmp.join(MANIFEST);
                 let mut f = File::create(&path).map_err(|e| {
                     if tmp.is_dir() {
@@ -312,6 +318,7 @@ impl SetWriter {
                 let tags = etags.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let tags = serde_json::to_vec(&tags).expect("a map of strings serializes");
                 store.put_small(&format!("{id}/{}", super::ETAGS), tags)?;
+                store.put_small(&format!("{id}/{MANIFEST_SUM}"), sum.into_bytes())?;
                 store.put_small(&format!("{id}/{MANIFEST}"), json.to_vec())?;
                 self.published = true;
                 Ok(())

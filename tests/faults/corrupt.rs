@@ -1,1 +1,296 @@
-//! (filled in by the fault-suite work)
+//! Corrupt bytes: bit flips and truncations at seeded random positions of every artifact type
+//! (Redis RDB, MongoDB BSON and metadata, Chroma collection/records/embeddings, age-encrypted
+//! artifacts) and of the manifest, each in a copy of one good set. `dbkeeper verify ID` must
+//! catch every one (exit 4, one line); `verify --deep` must never panic; `preseed` falls back
+//! to the previous good set and names the corrupt one.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::common::chroma::{ChromaServer, SEED, py};
+use crate::common::mongodb::Mongo;
+use crate::common::redis::RedisServer;
+use crate::common::{age_key, dbkeeper, sets, stderr};
+use crate::network::{bounded, clean_failure, tally};
+use crate::report;
+
+const BOUND: Duration = Duration::from_secs(60);
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn files(dir: &Path, base: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files(&p, base, out);
+        } else {
+            out.push(p.strip_prefix(base).unwrap().to_owned());
+        }
+    }
+}
+
+/// The artifact type of a file in a set: its path with database, collection and numbers
+/// left out.
+fn kind(rel: &Path) -> String {
+    let s = rel.to_string_lossy();
+    let name = rel.file_name().unwrap().to_string_lossy().into_owned();
+    let engine = s.split('/').next().unwrap_or("");
+    let name = if engine == "mongodb" {
+        let stem = name.split('.').next().unwrap_or("");
+        name.replacen(stem, "<coll>", 1)
+    } else {
+        name
+    };
+    if engine == name {
+        name
+    } else {
+        format!("{engine}/{name}")
+    }
+}
+
+/// One good set per engine (an older and a newer one), made once per test.
+struct Source {
+    repo: tempfile::TempDir,
+    older: String,
+    newer: String,
+    env: Vec<(String, String)>,
+}
+
+fn two_sets(var: &str, url: &str, extra: &[(&str, &str)]) -> Source {
+    let repo = tempfile::tempdir().unwrap();
+    let run = || {
+        let mut c = dbkeeper(repo.path());
+        c.env(var, url).envs(extra.iter().copied()).arg("backup");
+        let o = bounded(&mut c, BOUND).unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    };
+    run();
+    // Set names have a resolution of one second.
+    std::thread::sleep(Duration::from_millis(1100));
+    run();
+    let s = sets(repo.path());
+    assert_eq!(s.len(), 2, "{s:?}");
+    Source {
+        older: s[0].clone(),
+        newer: s[1].clone(),
+        env: extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        repo,
+    }
+}
+
+/// Flips one bit, or truncates, at a seeded position of a copy of `src`'s newer set's `rel`;
+/// `verify` must fail with exit 4 and `verify --deep` must fail without a panic.
+fn corrupt_cases(engine: &str, src: &Source, results: &mut Vec<(String, Result<(), String>)>) {
+    let set = src.repo.path().join(&src.newer);
+    let mut all = Vec::new();
+    files(&set, &set, &mut all);
+    all.sort();
+    // One file of each type.
+    let mut seen = std::collections::BTreeMap::new();
+    for rel in all {
+        seen.entry(kind(&rel)).or_insert(rel);
+    }
+    let n = report::cases(10, 100);
+    for (k, rel) in seen {
+        let len = std::fs::metadata(set.join(&rel)).unwrap().len() as usize;
+        for i in 0..n {
+            let class = format!("corrupt/{engine}/{k}");
+            let seed = report::case_seed(&class, i);
+            let pos = (seed % len as u64) as usize;
+            let flip = i % 2 == 0;
+            let what = if flip {
+                format!(
+                    "{k}: bit {} of byte {pos} of {len} flipped (seed {seed})",
+                    seed >> 61
+                )
+            } else {
+                format!("{k}: truncated to {pos} of {len} bytes (seed {seed})")
+            };
+            let tmp = tempfile::tempdir().unwrap();
+            let copy = tmp.path().join(&src.newer);
+            copy_dir(&set, &copy);
+            let path = copy.join(&rel);
+            let mut bytes = std::fs::read(&path).unwrap();
+            if flip {
+                bytes[pos] ^= 1 << (seed >> 61);
+            } else {
+                bytes.truncate(pos);
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            let verify = |deep: bool| {
+                let mut c = dbkeeper(tmp.path());
+                c.envs(src.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                c.args(["verify", &src.newer]);
+                if deep {
+                    c.arg("--deep");
+                }
+                bounded(&mut c, BOUND)
+            };
+            let r = verify(false)
+                .and_then(|o| clean_failure(&o, &[4]).map_err(|e| format!("verify: {e}")))
+                .and_then(|()| verify(true))
+                .and_then(|o| {
+                    clean_failure(&o, &[1, 4]).map_err(|e| format!("verify --deep: {e}"))
+                });
+            results.push((what, r));
+        }
+    }
+}
+
+/// Corrupts the newer set's `rel`, then preseeds `target`: the older set is used and the
+/// corrupt one named.
+fn preseed_falls_back(src: &Source, var: &str, target: &str, rel: &str) -> Result<(), String> {
+    let path = src.repo.path().join(&src.newer).join(rel);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    let mut c = dbkeeper(src.repo.path());
+    c.env(var, target)
+        .envs(src.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .arg("preseed");
+    let o = bounded(&mut c, BOUND)?;
+    let e = stderr(&o);
+    if o.status.code() != Some(0) {
+        return Err(format!("preseed exit {:?}: {e}", o.status.code()));
+    }
+    if !e.contains(&src.newer) {
+        return Err(format!("the corrupt set {} is not named: {e}", src.newer));
+    }
+    if !e.contains(&src.older) {
+        return Err(format!("the older set {} is not named: {e}", src.older));
+    }
+    Ok(())
+}
+
+#[test]
+fn redis_artifacts() {
+    let s = RedisServer::start();
+    s.cli(&["DEBUG", "POPULATE", "3000", "key", "64"]);
+    s.cli(&["RPUSH", "list", "a", "b", "c"]);
+    s.cli(&["HSET", "hash", "f", "v", "g", "w"]);
+    let src = two_sets("DBKEEPER_REDIS_URL", &s.url(), &[]);
+    let mut results = Vec::new();
+    corrupt_cases("redis", &src, &mut results);
+    let empty = RedisServer::start();
+    let r = preseed_falls_back(
+        &src,
+        "DBKEEPER_REDIS_URL",
+        &empty.url(),
+        "redis/dump.rdb.zst",
+    )
+    .and_then(|()| {
+        (empty.total_keys() == s.total_keys())
+            .then_some(())
+            .ok_or("the older set's keys are not all there".to_owned())
+    });
+    results.push(("preseed falls back".into(), r));
+    tally("corrupt/redis", results);
+}
+
+#[test]
+fn encrypted_artifacts() {
+    let keys = tempfile::tempdir().unwrap();
+    let (identity, public) = age_key(keys.path(), "id.txt");
+    let s = RedisServer::start();
+    s.cli(&["DEBUG", "POPULATE", "2000", "key", "64"]);
+    let id = identity.to_string_lossy().into_owned();
+    let src = two_sets(
+        "DBKEEPER_REDIS_URL",
+        &s.url(),
+        &[
+            ("DBKEEPER_AGE_RECIPIENTS", public.as_str()),
+            ("DBKEEPER_AGE_IDENTITY_FILE", id.as_str()),
+        ],
+    );
+    let mut results = Vec::new();
+    corrupt_cases("age", &src, &mut results);
+    let mut all = Vec::new();
+    let set = src.repo.path().join(&src.newer);
+    files(&set, &set, &mut all);
+    let sealed = all
+        .iter()
+        .find(|p| p.starts_with("redis") && p.to_string_lossy().ends_with(".age"))
+        .unwrap_or_else(|| panic!("no sealed Redis artifact in an encrypted set: {all:?}"))
+        .to_string_lossy()
+        .into_owned();
+    let empty = RedisServer::start();
+    let r = preseed_falls_back(&src, "DBKEEPER_REDIS_URL", &empty.url(), &sealed).and_then(|()| {
+        (empty.total_keys() == s.total_keys())
+            .then_some(())
+            .ok_or("the older set's keys are not all there".to_owned())
+    });
+    results.push(("preseed falls back".into(), r));
+    tally("corrupt/age", results);
+}
+
+#[test]
+fn mongodb_artifacts() {
+    let m = Mongo::start(false, true);
+    let docs = (0..2000)
+        .map(|i| mongodb::bson::rawdoc! { "_id": i, "name": format!("n{i}"), "v": i * 3 })
+        .collect();
+    m.insert("app", "people", docs);
+    m.command(
+        "app",
+        mongodb::bson::doc! { "createIndexes": "people", "indexes": [ { "key": { "name": 1 }, "name": "by_name" } ] },
+    );
+    let src = two_sets("DBKEEPER_MONGODB_URI", &m.uri(), &[]);
+    let mut results = Vec::new();
+    corrupt_cases("mongodb", &src, &mut results);
+    let empty = Mongo::start(false, true);
+    let r = preseed_falls_back(
+        &src,
+        "DBKEEPER_MONGODB_URI",
+        &empty.uri(),
+        "mongodb/app/people.bson.zst",
+    )
+    .and_then(|()| {
+        (empty.sorted_docs("app", "people") == m.sorted_docs("app", "people"))
+            .then_some(())
+            .ok_or("the older set's documents are not all there".to_owned())
+    });
+    results.push(("preseed falls back".into(), r));
+    tally("corrupt/mongodb", results);
+}
+
+#[test]
+fn chroma_artifacts() {
+    let c = ChromaServer::start();
+    py(
+        SEED,
+        &[
+            &c.port.to_string(),
+            r#"[{"name":"coll_a","space":"cosine","dim":8,"n":300,"seed":3}]"#,
+        ],
+    );
+    let src = two_sets("DBKEEPER_CHROMA_URL", &c.url(), &[]);
+    let mut results = Vec::new();
+    corrupt_cases("chroma", &src, &mut results);
+    let mut all = Vec::new();
+    let set = src.repo.path().join(&src.newer);
+    files(&set, &set, &mut all);
+    let records = all
+        .iter()
+        .find(|p| p.ends_with("records.jsonl.zst"))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let empty = ChromaServer::start();
+    let r = preseed_falls_back(&src, "DBKEEPER_CHROMA_URL", &empty.url(), &records);
+    results.push(("preseed falls back".into(), r));
+    tally("corrupt/chroma", results);
+}

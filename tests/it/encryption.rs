@@ -69,6 +69,7 @@ fn a_passphrase_set_holds_its_own_identity_and_opens_only_with_the_passphrase() 
             "identity.age",
             "manifest.json",
             "manifest.json.age",
+            "manifest.json.sha256",
             "redis/0001.zst.age"
         ]
     );

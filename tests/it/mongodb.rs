@@ -558,6 +558,7 @@ fn deep_verify_rejects_a_truncated_stream_that_checksums_accept() {
         }
     }
     std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
+    let _ = std::fs::remove_file(repo.path().join(&id).join("manifest.json.sha256"));
 
     let o = dbk(repo.path(), &src.uri(), &["verify", &id]);
     assert_code(&o, 0);

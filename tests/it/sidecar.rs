@@ -406,6 +406,7 @@ fn age_set(repo: &Path, set: &str, old: &str) {
     m["started_at"] = "2020-01-01T00:00:00Z".into();
     m["finished_at"] = "2020-01-01T00:00:05Z".into();
     std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let _ = std::fs::remove_file(to.join("manifest.json.sha256"));
     std::fs::remove_dir_all(&from).unwrap();
 }
 

@@ -165,7 +165,7 @@ impl Api {
     fn transport(&self, what: &str, e: reqwest::Error) -> Error {
         if is_tls_failure(&e) {
             self.refused(format!("{what}: TLS: {}", chain(&e)))
-        } else if e.is_connect() || e.is_timeout() {
+        } else if e.is_connect() || e.is_timeout() || is_dropped_link(&e) {
             self.unreachable(format!("{what}: {}", chain(&e)))
         } else {
             Error::engine(ENGINE, format!("{what} at {}: {}", self.display, chain(&e)))
@@ -255,7 +255,8 @@ impl Api {
     fn probe_status(&self, status: StatusCode, what: &str) -> Result<()> {
         if status.is_success() {
             Ok(())
-        } else if status.is_server_error() {
+        } else if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            // 5xx and 429 (a rate limit in front of the server) may pass: "not yet".
             Err(self.unreachable(format!("{what}: HTTP {status}")))
         } else {
             match self.status_error(status, what, "") {
@@ -270,7 +271,9 @@ impl Api {
         match rb.send().await {
             Ok(r) => Ok(r.status()),
             Err(e) if is_tls_failure(&e) => Err(self.refused(format!("TLS: {}", chain(&e)))),
-            Err(e) if e.is_connect() || e.is_timeout() => Err(self.unreachable(chain(&e))),
+            Err(e) if e.is_connect() || e.is_timeout() || is_dropped_link(&e) => {
+                Err(self.unreachable(chain(&e)))
+            }
             // Anything else (a TLS handshake with a plain-HTTP port, garbage instead of HTTP)
             // will not improve by waiting.
             Err(e) => Err(self.refused(chain(&e))),
@@ -617,6 +620,38 @@ fn is_tls_failure(e: &reqwest::Error) -> bool {
 
 /// The error and its causes on one line. reqwest names the request URL, which never holds
 /// credentials: they were moved out of the base URL when it was parsed.
+/// Whether the connection was reset or closed before an answer: a server (or Docker's port
+/// proxy in front of a container that is not listening yet) that may answer on the next try,
+/// so `wait` keeps waiting instead of failing at once.
+fn is_dropped_link(e: &reqwest::Error) -> bool {
+    use std::error::Error as _;
+    use std::io::ErrorKind;
+    let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::UnexpectedEof
+            )
+        {
+            return true;
+        }
+        // hyper's IncompleteMessage and Canceled carry no io::Error; their text is all they
+        // expose.
+        let t = s.to_string();
+        if t.contains("connection closed before message completed")
+            || t.contains("operation was canceled")
+        {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
 fn chain(e: &reqwest::Error) -> String {
     use std::error::Error as _;
     let mut parts = vec![e.to_string()];

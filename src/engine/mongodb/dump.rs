@@ -28,6 +28,11 @@ const BATCH_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Collections at least this large (estimated) are compressed on zstd worker threads.
 const MT_MIN_BYTES: u64 = 32 << 20;
+/// The longest a dump waits for the server's next batch. The driver has no socket timeout, so
+/// a stalled link (packets dropped, socket open) would otherwise hang the backup forever;
+/// a batch takes milliseconds to seconds, so a silence this long means the link is dead.
+/// The same limit as the Redis snapshot's.
+pub(crate) const READ_IDLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// zstd worker threads for a collection of about `bytes`: two for a large one, so compression
 /// keeps up with the cursor (one thread of zstd does less than what the server sends);
@@ -373,7 +378,12 @@ async fn dump_collection(
         let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
             break;
         };
-        let Some(batch) = cursor.next().await else {
+        let next = tokio::time::timeout(READ_IDLE_LIMIT, cursor.next()).await;
+        let Ok(next) = next else {
+            failed = Some(engine.idle_error(&format!("reading {}.{}", it.db, it.source)));
+            break;
+        };
+        let Some(batch) = next else {
             break;
         };
         if cancel.is_cancelled() {
@@ -456,7 +466,11 @@ async fn dump_oplog(
         .map_err(engine.op_err("reading the oplog"))?;
     let mut failed = None;
     loop {
-        match cursor.try_next().await {
+        let Ok(next) = tokio::time::timeout(READ_IDLE_LIMIT, cursor.try_next()).await else {
+            failed = Some(engine.idle_error("reading the oplog"));
+            break;
+        };
+        match next {
             Ok(Some(d)) => {
                 if keep_entry(&filter, &d) {
                     chunk.extend_from_slice(d.as_bytes());

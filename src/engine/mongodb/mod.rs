@@ -391,6 +391,18 @@ impl MongoEngine {
         }
     }
 
+    /// A read that got no answer within the dump's idle limit: the link is dead (exit 3).
+    pub(crate) fn idle_error(&self, what: &str) -> Error {
+        Error::Unreachable {
+            engine: ENGINE,
+            url: self.cfg.display.clone(),
+            message: format!(
+                "{what}: no data from the server for {}s",
+                dump::READ_IDLE_LIMIT.as_secs()
+            ),
+        }
+    }
+
     /// Wraps a failed operation with what was being done.
     fn op_err(&self, what: &str) -> impl Fn(mongodb::error::Error) -> Error + '_ {
         let what = what.to_owned();
