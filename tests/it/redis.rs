@@ -344,6 +344,43 @@ fn preseed_into_an_empty_data_dir_works_with_and_without_aof() {
     }
 }
 
+/// The pre-start preseed needs only the data directory: no Redis URL is set (the server is
+/// not running yet), and `preseed`, `preseed --only redis` and `init` all seed it.
+#[test]
+fn data_dir_preseed_needs_no_redis_url() {
+    let repo = tempfile::tempdir().unwrap();
+    let src = RedisServer::start();
+    populate(&src);
+    assert_code(&backup(repo.path(), &src), 0);
+    let want = src.digest();
+    for args in [&["preseed"][..], &["preseed", "--only", "redis"], &["init"]] {
+        let dir = tempfile::tempdir().unwrap();
+        let o = run(dbkeeper(repo.path())
+            .env("DBKEEPER_REDIS_DATA_DIR", dir.path())
+            .args(args));
+        assert_code(&o, 0);
+        assert!(stderr(&o).contains("preseeded"), "{args:?}: {}", stderr(&o));
+        let s = RedisServer::on_dir(dir.path(), false);
+        assert_eq!(s.digest(), want, "{args:?}");
+    }
+    // Without a backup it is a first start, still without a URL.
+    let empty_repo = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(dbkeeper(empty_repo.path())
+        .env("DBKEEPER_REDIS_DATA_DIR", dir.path())
+        .arg("preseed"));
+    assert_code(&o, 0);
+    assert!(stderr(&o).contains("first start"), "{}", stderr(&o));
+    // Neither a URL nor a data directory: nothing to preseed is a configuration error.
+    let o = run(dbkeeper(repo.path()).arg("preseed"));
+    assert_code(&o, 2);
+    // `--only mongodb` with the data directory but no MongoDB URI still says what is missing.
+    let o = run(dbkeeper(repo.path())
+        .env("DBKEEPER_REDIS_DATA_DIR", dir.path())
+        .args(["preseed", "--only", "mongodb"]));
+    assert_code(&o, 2);
+}
+
 #[test]
 fn data_dir_preseed_interrupted_between_renames_is_redone() {
     let repo = tempfile::tempdir().unwrap();
