@@ -39,6 +39,9 @@ use crate::secret::{Secret, redact_url};
 const ENGINE: &str = "redis";
 /// The artifact inside a set: `redis/dump.rdb.zst`.
 const DUMP_REL: &str = "dump.rdb";
+/// The manifest field (in the Redis entry's `details`) that is `false` when the snapshot's
+/// RDB format is newer than this build decodes: checksums verify it, records are not decoded.
+const DEEP_VERIFIABLE: &str = "deep_verifiable";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Socket read timeout of long jobs: how often a blocked read wakes up to look at the
 /// cancellation token.

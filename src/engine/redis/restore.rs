@@ -178,6 +178,18 @@ pub(super) fn restore_blocking(
     let rdb_version = peek_rdb_version(&mut reader)
         .map_err(|e| Error::corrupt(set.id(), format!("{}: {e}", file.path)))?
         .ok_or_else(|| Error::corrupt(set.id(), format!("{}: not an RDB file", file.path)))?;
+    if u32::from(rdb_version) > rdb::MAX_VERSION {
+        // Online restore re-sends every key, which needs the records decoded; the server
+        // that wrote this format loads the file itself.
+        return Err(Error::engine(
+            ENGINE,
+            format!(
+                "set {} holds RDB version {rdb_version} (Redis {}), newer than this build decodes key by key: preseed it through DBKEEPER_REDIS_DATA_DIR into a stopped server of that version, or upgrade dbkeeper",
+                set.id(),
+                entry.server_version
+            ),
+        ));
+    }
     let mut r = Restorer {
         cfg,
         con: client(cfg)?,

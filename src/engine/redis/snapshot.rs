@@ -238,7 +238,7 @@ pub(super) fn snapshot_pipeline<R: Read>(
     mut artifact: crate::repo::writer::FramedArtifactWriter,
     artifact_path: &Path,
     cancel: &CancellationToken,
-) -> Result<(crate::repo::manifest::FileEntry, u64, rdb::RdbSummary)> {
+) -> Result<(crate::repo::manifest::FileEntry, u64, Snapshot)> {
     let mut tee = Tee {
         inner: payload,
         artifact: &mut artifact,
@@ -251,8 +251,31 @@ pub(super) fn snapshot_pipeline<R: Read>(
         decode_values: false,
         capture_payload: false,
     };
-    let parsed = rdb::read(&mut tee, &opts, &mut CountOnly(cancel), false);
-    // Whatever follows the RDB's own end inside the payload still belongs to the file.
+    // The header decides whether this build can parse the snapshot. A newer format (Redis 8.6
+    // writes 13) is stored all the same, byte for byte: refusing to back up a newer server is
+    // the one failure a backup tool must not have.
+    let mut head = Vec::with_capacity(9);
+    let head_read = (&mut tee).take(9).read_to_end(&mut head);
+    let newer = match (&head_read, rdb::classify_header(&head)) {
+        (Ok(_), rdb::HeaderClass::Newer(v)) => Some(v),
+        _ => None,
+    };
+    let parsed = match (head_read, newer) {
+        (Err(e), _) => Err(rdb::RdbError::Io {
+            offset: 0,
+            source: e,
+        }),
+        (Ok(_), Some(_)) => Ok(None),
+        (Ok(_), None) => rdb::read(
+            io::Cursor::new(&head[..]).chain(&mut tee),
+            &opts,
+            &mut CountOnly(cancel),
+            false,
+        )
+        .map(Some),
+    };
+    // Whatever follows the RDB's own end inside the payload still belongs to the file (and
+    // a newer format is all copied unparsed).
     let rest = match parsed {
         Ok(_) => io::copy(&mut tee, &mut io::sink()).map(|_| ()),
         Err(_) => Ok(()),
@@ -272,7 +295,19 @@ pub(super) fn snapshot_pipeline<R: Read>(
         other => other?,
     };
     rest.map_err(|e| Error::engine(ENGINE, format!("snapshot: {e}")))?;
-    Ok((artifact.finish()?, received, summary))
+    let parsed = match (summary, newer) {
+        (Some(s), _) => Snapshot::Parsed(s),
+        (None, v) => Snapshot::Newer(v.unwrap_or_default()),
+    };
+    Ok((artifact.finish()?, received, parsed))
+}
+
+/// What the snapshot's stream turned out to be.
+pub(super) enum Snapshot {
+    /// Parsed as it streamed: structure, CRC64 and keys per db checked.
+    Parsed(rdb::RdbSummary),
+    /// An RDB of this version, newer than this build reads: stored unparsed.
+    Newer(u32),
 }
 
 /// Hands everything read through it to the artifact. A failed write is kept apart, so that
@@ -352,6 +387,9 @@ pub(super) fn dump_blocking(
             "the server's repl-diskless-sync-delay adds {d} s to every snapshot; set it to 0"
         );
     }
+    // Keys per db as the server counts them just before the snapshot: the manifest's counts
+    // when the snapshot's format is newer than this build can parse.
+    let info_keys = keyspace(&String::from_utf8_lossy(&c.bulk(&[b"INFO", b"keyspace"])?));
     // Announce that we understand the diskless `$EOF:` framing, as redis-cli does, and that we
     // want the snapshot only (Redis >= 7; older servers answer an error and stream commands
     // after the snapshot, which `Payload` leaves unread).
@@ -412,7 +450,7 @@ pub(super) fn dump_blocking(
         },
         framing,
     );
-    let (file, bytes, summary) = snapshot_pipeline(payload, artifact, &artifact_path, cancel)?;
+    let (file, bytes, parsed) = snapshot_pipeline(payload, artifact, &artifact_path, cancel)?;
     let elapsed = start.elapsed();
     info!(
         engine = ENGINE,
@@ -424,11 +462,41 @@ pub(super) fn dump_blocking(
         ),
         "snapshot written"
     );
-    let counts: Counts = summary
-        .keys_per_db
-        .iter()
-        .map(|(db, n)| (rdb::db_key(*db), *n))
-        .collect();
+    let (counts, details) = match parsed {
+        Snapshot::Parsed(summary) => (
+            summary
+                .keys_per_db
+                .iter()
+                .map(|(db, n)| (rdb::db_key(*db), *n))
+                .collect::<Counts>(),
+            serde_json::json!({
+                "rdb_version": summary.version,
+                "repl_diskless_sync_delay": delay,
+            }),
+        ),
+        Snapshot::Newer(version) => {
+            warn!(
+                engine = ENGINE,
+                rdb_version = version,
+                server_version = %server_version,
+                "the snapshot's RDB version {version} is newer than this build reads (up to {}): stored with its checksum, key counts from INFO keyspace, not deep-verifiable by this build",
+                rdb::MAX_VERSION
+            );
+            (
+                info_keys
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(db, n)| (rdb::db_key(*db), *n))
+                    .collect::<Counts>(),
+                serde_json::json!({
+                    "rdb_version": version,
+                    "repl_diskless_sync_delay": delay,
+                    DEEP_VERIFIABLE: false,
+                    "counts_from": "INFO keyspace",
+                }),
+            )
+        }
+    };
     Ok(EngineEntry {
         source: cfg.display.clone(),
         server_version,
@@ -436,10 +504,7 @@ pub(super) fn dump_blocking(
         finished_at: Utc::now(),
         files: vec![file],
         counts,
-        details: serde_json::json!({
-            "rdb_version": summary.version,
-            "repl_diskless_sync_delay": delay,
-        }),
+        details,
     })
 }
 
