@@ -162,6 +162,8 @@ impl Config {
                 chroma_database: Some(g.chroma_database.clone()),
                 chroma_auth_header: Some(g.chroma_auth_header.clone()),
                 stats_max_collections: Some(stats_max_collections),
+                redis_tls_cert_file: g.redis_tls_cert_file.clone(),
+                redis_tls_key_file: g.redis_tls_key_file.clone(),
             },
             redis_data_dir: g.redis_data_dir.clone(),
             retention: local,

@@ -790,6 +790,162 @@ fn tls_server(certs: &Path) -> (RedisServer, String) {
     (s, format!("rediss://:{PW}@127.0.0.1:{tls_port}"))
 }
 
+/// A client certificate signed by the test CA of `make_certs` (`client.crt`, `client.key`).
+fn make_client_cert(dir: &Path) {
+    let sh = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "openssl {args:?}: {}", stderr(&o));
+    };
+    sh(&[
+        "req",
+        "-subj",
+        "/CN=dbkeeper client",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+    ]);
+    std::fs::write(
+        dir.join("client.cnf"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    sh(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "client.cnf",
+        "-out",
+        "client.crt",
+    ]);
+}
+
+/// `tls-auth-clients yes`: the server demands a client certificate. Without one the
+/// connection is refused with one line; with `DBKEEPER_REDIS_TLS_CERT_FILE` /
+/// `DBKEEPER_REDIS_TLS_KEY_FILE` health, wait, backup and restore work; bad files are one
+/// line and exit 2.
+#[test]
+fn rediss_with_client_certificates() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    make_client_cert(certs.path());
+    let file = |n: &str| certs.path().join(n).to_string_lossy().into_owned();
+    let mtls_server = || {
+        let tls_port = crate::common::free_port().to_string();
+        let (crt, key, ca) = (file("server.crt"), file("server.key"), file("ca.crt"));
+        let extra = [
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &crt,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "yes",
+        ];
+        let s = RedisServer::start_with(Opts {
+            password: Some(PW),
+            extra: &extra,
+            ..Opts::default()
+        });
+        (s, format!("rediss://:{PW}@127.0.0.1:{tls_port}"))
+    };
+    let repo = tempfile::tempdir().unwrap();
+    let (src, src_url) = mtls_server();
+    populate(&src);
+    let ca = certs.path().join("ca.crt");
+    let base = |url: &str| {
+        let mut c = with_url(repo.path(), url);
+        c.env("SSL_CERT_FILE", &ca).env_remove("SSL_CERT_DIR");
+        c
+    };
+    let with_cert = |url: &str| {
+        let mut c = base(url);
+        c.env(
+            "DBKEEPER_REDIS_TLS_CERT_FILE",
+            certs.path().join("client.crt"),
+        )
+        .env(
+            "DBKEEPER_REDIS_TLS_KEY_FILE",
+            certs.path().join("client.key"),
+        );
+        c
+    };
+
+    // No client certificate: refused at once, one line.
+    let o = run(base(&src_url).args(["wait", "--timeout", "30s"]));
+    assert_no_password(&o);
+    assert_code(&o, 1);
+    let err = stderr(&o);
+    assert!(err.contains("TLS"), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.contains("dbkeeper:")).count(),
+        1,
+        "{err}"
+    );
+
+    let o = run(with_cert(&src_url).args(["health", &src_url]));
+    assert_code(&o, 0);
+    let o = run(with_cert(&src_url).args(["wait", "--timeout", "30s"]));
+    assert_code(&o, 0);
+    let o = run(with_cert(&src_url).arg("backup"));
+    assert_no_password(&o);
+    assert_code(&o, 0);
+    let (dst, dst_url) = mtls_server();
+    let o = run(with_cert(&dst_url).arg("restore"));
+    assert_no_password(&o);
+    assert_code(&o, 0);
+    assert_eq!(dst.digest(), src.digest());
+
+    // Bad files: one line naming the variable, exit 2, before any connection.
+    let missing = certs.path().join("nope.crt");
+    let not_a_key = certs.path().join("client.crt");
+    let cases: [(&str, &Path, &str); 2] = [
+        ("DBKEEPER_REDIS_TLS_CERT_FILE", &missing, "cannot read"),
+        (
+            "DBKEEPER_REDIS_TLS_KEY_FILE",
+            &not_a_key,
+            "no PEM private key",
+        ),
+    ];
+    for (var, path, why) in cases {
+        let o = run(with_cert(&src_url).env(var, path).arg("backup"));
+        assert_code(&o, 2);
+        let err = stderr(&o);
+        assert!(err.contains(var) && err.contains(why), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    let o = run(base(&src_url)
+        .env(
+            "DBKEEPER_REDIS_TLS_CERT_FILE",
+            certs.path().join("client.crt"),
+        )
+        .arg("backup"));
+    assert_code(&o, 2);
+    assert!(stderr(&o).contains("set both"), "{}", stderr(&o));
+    assert_eq!(sets(repo.path()).len(), 1);
+}
+
 #[test]
 fn rediss_probe_backup_and_restore_over_tls() {
     let certs = tempfile::tempdir().unwrap();

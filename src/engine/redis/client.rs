@@ -78,11 +78,28 @@ pub(super) fn tls_client_config(cfg: &RedisConfig) -> Result<std::sync::Arc<rust
         ));
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| cfg.refused(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match &cfg.client_auth {
+        None => builder.with_no_client_auth(),
+        Some(auth) => {
+            use rustls::pki_types::pem::PemObject;
+            use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+            // Both parse: `ClientAuth::load` checked them at start-up.
+            let certs = CertificateDer::pem_slice_iter(&auth.cert_pem)
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| Error::config(format!("DBKEEPER_REDIS_TLS_CERT_FILE: {e}")))?;
+            let key = PrivateKeyDer::from_pem_slice(&auth.key_pem)
+                .map_err(|e| Error::config(format!("DBKEEPER_REDIS_TLS_KEY_FILE: {e}")))?;
+            builder.with_client_auth_cert(certs, key).map_err(|e| {
+                Error::config(format!(
+                    "DBKEEPER_REDIS_TLS_CERT_FILE / _KEY_FILE: the key does not go with the certificate ({e})"
+                ))
+            })?
+        }
+    };
     Ok(std::sync::Arc::new(config))
 }
 

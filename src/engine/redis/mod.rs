@@ -71,8 +71,73 @@ pub struct RedisConfig {
     /// remembered so the URL round-trips.
     pub db: u64,
     pub tls: bool,
+    /// The client certificate presented on `rediss://`, when one is configured.
+    pub client_auth: Option<ClientAuth>,
     /// The URL with its password replaced by `***`.
     pub display: String,
+}
+
+/// A client certificate chain and its key, as PEM (what both the probe's rustls config and the
+/// client library take). `Debug` never shows the key.
+#[derive(Clone)]
+pub struct ClientAuth {
+    pub cert_pem: std::sync::Arc<Vec<u8>>,
+    pub key_pem: std::sync::Arc<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientAuth(***)")
+    }
+}
+
+impl ClientAuth {
+    /// Reads and checks `DBKEEPER_REDIS_TLS_CERT_FILE` / `_KEY_FILE`: both or neither, each
+    /// readable PEM holding a certificate / a private key. Any fault is a configuration error.
+    pub fn load(opts: &EngineOptions) -> Result<Option<ClientAuth>> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        const CERT: &str = "DBKEEPER_REDIS_TLS_CERT_FILE";
+        const KEY: &str = "DBKEEPER_REDIS_TLS_KEY_FILE";
+        let (cert, key) = match (&opts.redis_tls_cert_file, &opts.redis_tls_key_file) {
+            (None, None) => return Ok(None),
+            (Some(c), Some(k)) => (c, k),
+            (Some(_), None) => {
+                return Err(Error::config(format!(
+                    "{CERT} is set but {KEY} is not; set both"
+                )));
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(format!(
+                    "{KEY} is set but {CERT} is not; set both"
+                )));
+            }
+        };
+        let read = |name: &str, p: &std::path::Path| {
+            std::fs::read(p)
+                .map_err(|e| Error::config(format!("{name} {}: cannot read it: {e}", p.display())))
+        };
+        let cert_pem = read(CERT, cert)?;
+        let key_pem = read(KEY, key)?;
+        let certs =
+            CertificateDer::pem_slice_iter(&cert_pem).collect::<std::result::Result<Vec<_>, _>>();
+        if !matches!(&certs, Ok(c) if !c.is_empty()) {
+            return Err(Error::config(format!(
+                "{CERT} {}: no PEM certificate in it",
+                cert.display()
+            )));
+        }
+        if PrivateKeyDer::from_pem_slice(&key_pem).is_err() {
+            return Err(Error::config(format!(
+                "{KEY} {}: no PEM private key in it",
+                key.display()
+            )));
+        }
+        Ok(Some(ClientAuth {
+            cert_pem: std::sync::Arc::new(cert_pem),
+            key_pem: std::sync::Arc::new(key_pem),
+        }))
+    }
 }
 
 impl RedisConfig {
@@ -125,8 +190,16 @@ impl RedisConfig {
             password,
             db,
             tls,
+            client_auth: None,
             display,
         })
+    }
+
+    /// The URL with the engine options that concern it (the client certificate).
+    pub fn with_options(url: &Secret, opts: &EngineOptions) -> Result<Self> {
+        let mut cfg = Self::parse(url)?;
+        cfg.client_auth = ClientAuth::load(opts)?;
+        Ok(cfg)
     }
 
     fn unreachable(&self, message: impl Into<String>) -> Error {
@@ -153,9 +226,9 @@ pub struct RedisEngine {
 }
 
 impl RedisEngine {
-    pub fn new(url: &Secret, _opts: &EngineOptions) -> Result<Self> {
+    pub fn new(url: &Secret, opts: &EngineOptions) -> Result<Self> {
         Ok(RedisEngine {
-            cfg: RedisConfig::parse(url)?,
+            cfg: RedisConfig::with_options(url, opts)?,
         })
     }
 

@@ -10,8 +10,8 @@ use super::*;
 
 /// One PING on the calling thread (the `dbkeeper-health` path: no runtime, no client
 /// library). AUTH, PING and `INFO server` go out in one write, so a probe is one round trip.
-pub fn probe_blocking(url: &Secret, timeout: Duration) -> Result<Probe> {
-    let cfg = RedisConfig::parse(url)?;
+pub fn probe_blocking(url: &Secret, opts: &EngineOptions, timeout: Duration) -> Result<Probe> {
+    let cfg = RedisConfig::with_options(url, opts)?;
     probe_cfg(&cfg, timeout)
 }
 

@@ -51,7 +51,21 @@ pub(super) fn client(cfg: &RedisConfig) -> Result<redis::Connection> {
     let info = redis::IntoConnectionInfo::into_connection_info(addr)
         .map_err(|e| client_error(cfg, e))?
         .set_redis_settings(settings);
-    let client = redis::Client::open(info).map_err(|e| client_error(cfg, e))?;
+    let client = match (&cfg.client_auth, cfg.tls) {
+        (Some(auth), true) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: Some(redis::ClientTlsConfig {
+                    client_cert: auth.cert_pem.to_vec(),
+                    client_key: auth.key_pem.to_vec(),
+                }),
+                // None: the system's roots (or SSL_CERT_FILE), as the probe trusts.
+                root_cert: None,
+            },
+        ),
+        _ => redis::Client::open(info),
+    }
+    .map_err(|e| client_error(cfg, e))?;
     client
         .get_connection_with_timeout(CONNECT_TIMEOUT)
         .map_err(|e| client_error(cfg, e))
