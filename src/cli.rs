@@ -154,6 +154,24 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "DBKEEPER_REDIS_DATA_DIR")]
     pub redis_data_dir: Option<PathBuf>,
 
+    /// Client certificate (PEM) for rediss:// servers with `tls-auth-clients yes`
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_REDIS_TLS_CERT_FILE",
+        value_name = "PEM"
+    )]
+    pub redis_tls_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of the client certificate
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_REDIS_TLS_KEY_FILE",
+        value_name = "PEM"
+    )]
+    pub redis_tls_key_file: Option<PathBuf>,
+
     /// How long a writer waits for the repository lock (0s: fail at once)
     #[arg(long, global = true, env = "DBKEEPER_LOCK_WAIT", default_value = "0s", value_parser = parse_duration)]
     pub lock_wait: Duration,

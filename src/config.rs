@@ -162,6 +162,8 @@ impl Config {
                 chroma_database: Some(g.chroma_database.clone()),
                 chroma_auth_header: Some(g.chroma_auth_header.clone()),
                 stats_max_collections: Some(stats_max_collections),
+                redis_tls_cert_file: g.redis_tls_cert_file.clone(),
+                redis_tls_key_file: g.redis_tls_key_file.clone(),
             },
             redis_data_dir: g.redis_data_dir.clone(),
             retention: local,
@@ -213,6 +215,37 @@ impl Config {
             ));
         }
         Ok(engines)
+    }
+
+    /// What `preseed` and `init` act on: the engines, and whether Redis is seeded through
+    /// `DBKEEPER_REDIS_DATA_DIR` without a Redis URL. The server is not running then, so the
+    /// data directory is all that is needed; an empty result is a configuration error.
+    pub fn preseed_targets(&self, only: &[String]) -> Result<(Vec<Engine>, bool)> {
+        let has_url = self.urls.iter().any(|(k, _)| *k == EngineKind::Redis);
+        if self.redis_data_dir.is_none() || has_url {
+            return Ok((self.engines_required(only)?, false));
+        }
+        let named: Vec<&String> = only.iter().filter(|s| !s.trim().is_empty()).collect();
+        let all = named.is_empty();
+        let mut others = Vec::new();
+        let mut wants_redis = all;
+        for s in named {
+            if EngineKind::from_name(s)? == EngineKind::Redis {
+                wants_redis = true;
+            } else {
+                others.push(s.clone());
+            }
+        }
+        if !wants_redis {
+            return Ok((self.engines_required(only)?, false));
+        }
+        // `engines(&[])` means "all": `--only redis` alone leaves no other engine.
+        let engines = if !all && others.is_empty() {
+            Vec::new()
+        } else {
+            self.engines(&others)?
+        };
+        Ok((engines, true))
     }
 
     /// Opens the repository (one request to check a bucket).

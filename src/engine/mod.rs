@@ -145,6 +145,9 @@ pub struct EngineOptions {
     /// Collections with figures of their own in `stats` (`DBKEEPER_STATS_MAX_COLLECTIONS`,
     /// default 100); the rest are summed into one.
     pub stats_max_collections: Option<usize>,
+    /// Client certificate and key (PEM) for `rediss://` (`DBKEEPER_REDIS_TLS_{CERT,KEY}_FILE`).
+    pub redis_tls_cert_file: Option<std::path::PathBuf>,
+    pub redis_tls_key_file: Option<std::path::PathBuf>,
 }
 
 /// The contract every engine implements. Roles are generic over it (through [`Engine`]);

@@ -24,7 +24,7 @@ pub fn probe_url(url: &Secret, opts: &EngineOptions, timeout: Duration) -> Resul
         return probe_sidecar(url.expose(), timeout);
     }
     match EngineKind::from_url(url.expose())? {
-        EngineKind::Redis => return crate::engine::redis::probe_blocking(url, timeout),
+        EngineKind::Redis => return crate::engine::redis::probe_blocking(url, opts, timeout),
         EngineKind::Mongodb => {
             let engine = crate::engine::mongodb::MongoEngine::new(url, opts)?;
             if let Some(r) = engine.probe_plain(timeout) {
@@ -251,6 +251,8 @@ fn parse_and_check(args: &[OsString], env: EnvLookup<'_>) -> Result<bool> {
         chroma_tenant: env("DBKEEPER_CHROMA_TENANT"),
         chroma_database: env("DBKEEPER_CHROMA_DATABASE"),
         chroma_auth_header: env("DBKEEPER_CHROMA_AUTH_HEADER"),
+        redis_tls_cert_file: env("DBKEEPER_REDIS_TLS_CERT_FILE").map(Into::into),
+        redis_tls_key_file: env("DBKEEPER_REDIS_TLS_KEY_FILE").map(Into::into),
         ..EngineOptions::default()
     };
     Ok(check(&urls, &opts, timeout))

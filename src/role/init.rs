@@ -23,7 +23,7 @@ pub async fn init(
     cancel: &CancellationToken,
 ) -> Result<()> {
     info!(config = %cfg.describe(), "dbkeeper init");
-    let engines = cfg.engines_required(&[])?;
+    let (engines, redis_dir) = cfg.preseed_targets(&[])?;
     // A bad migrations directory is found before any engine is waited for.
     let guard = restore::SchemaGuard::load(migrations)?;
     // A Redis preseeded through its data directory is not running yet: don't wait for it.
@@ -61,11 +61,21 @@ pub async fn init(
             }
         }
     }
+    if redis_dir {
+        match restore::preseed_redis_dir_only(cfg, &guard).await {
+            Ok(()) => {}
+            Err(Error::Interrupted(n)) => return Err(Error::Interrupted(n)),
+            Err(err) => {
+                error!(engine = %EngineKind::Redis, error = %err, "preseed failed");
+                first.get_or_insert(err);
+            }
+        }
+    }
     match first {
         Some(e) => Err(e),
         None => {
             info!(
-                engines = engines.len(),
+                engines = engines.len() + usize::from(redis_dir),
                 "init done: every engine is ready and seeded"
             );
             Ok(())

@@ -186,11 +186,13 @@ async fn dispatch(
             restore::restore(cfg, &engines, &id, force, None, &guard, cancel).await
         }
         Command::Preseed { only, migrations } => {
-            let engines = cfg.engines_required(&only)?;
+            let (engines, redis_dir) = cfg.preseed_targets(&only)?;
             let guard = restore::SchemaGuard::load(migrations.as_deref())?;
-            restore::preseed(cfg, &engines, &guard, cancel)
-                .await
-                .map(|_| ())
+            restore::preseed(cfg, &engines, &guard, cancel).await?;
+            if redis_dir {
+                restore::preseed_redis_dir_only(cfg, &guard).await?;
+            }
+            Ok(())
         }
         Command::Prune { dry_run, remote } => {
             let (repo, policy) = if remote {

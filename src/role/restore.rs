@@ -163,6 +163,27 @@ pub async fn preseed(
     Ok(outcomes)
 }
 
+/// Preseeds `DBKEEPER_REDIS_DATA_DIR` when no Redis URL is configured: the server is not
+/// running, so the directory is all the preseed needs.
+pub async fn preseed_redis_dir_only(cfg: &Config, guard: &SchemaGuard) -> Result<()> {
+    let dir = cfg
+        .redis_data_dir
+        .as_deref()
+        .ok_or_else(|| Error::config("DBKEEPER_REDIS_DATA_DIR is not set"))?;
+    match preseed_redis_dir(cfg, dir, guard).await? {
+        Outcome::Restored { set, records } => {
+            info!(engine = %EngineKind::Redis, set, records, dir = %dir.display(), "preseeded")
+        }
+        Outcome::SkippedHasData(what) => {
+            info!(engine = %EngineKind::Redis, holds = %what, "preseed skipped: target holds data")
+        }
+        Outcome::FirstStart => {
+            info!(engine = %EngineKind::Redis, "no backup yet and the target is empty: first start")
+        }
+    }
+    Ok(())
+}
+
 async fn preseed_one(
     cfg: &Config,
     e: &Engine,

@@ -581,7 +581,7 @@ fn resp() {
         },
         |input| {
             tx.send(input.to_vec()).unwrap();
-            let _ = probe_blocking(&url, Duration::from_secs(10));
+            let _ = probe_blocking(&url, &Default::default(), Duration::from_secs(10));
         },
     );
 }
@@ -740,7 +740,14 @@ fn huge_length_prefixes_allocate_what_arrives() {
     let url = dbkeeper::secret::Secret::new(format!("redis://127.0.0.1:{port}"));
     tx.send(b"$67108864\r\nabc".to_vec()).unwrap();
     let (r, largest) = measured(|| {
-        assert!(dbkeeper::engine::redis::probe_blocking(&url, Duration::from_secs(10)).is_err())
+        assert!(
+            dbkeeper::engine::redis::probe_blocking(
+                &url,
+                &Default::default(),
+                Duration::from_secs(10)
+            )
+            .is_err()
+        )
     });
     r.unwrap();
     assert!(largest < 256 << 10, "resp: {largest} bytes");

@@ -29,6 +29,33 @@ pub const MARKER_KEY: &[u8] = b"__dbkeeper:restore-in-progress";
 /// (new stream encodings, key metadata): those are refused as newer than supported.
 pub const MAX_VERSION: u32 = 12;
 
+/// What the 9-byte header of an RDB says about this build's ability to read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderClass {
+    /// A version this reader decodes (1 to [`MAX_VERSION`]).
+    Readable(u32),
+    /// A well-formed header of a version newer than this build: the server that wrote it
+    /// loads it, this build cannot decode its records.
+    Newer(u32),
+    /// Not an RDB header (too short, no `REDIS`, not 4 digits, version 0).
+    NotRdb,
+}
+
+/// Classifies an RDB by its header (`REDIS0012`): the version ceiling as a testable function,
+/// so a snapshot of a newer server is stored, not refused.
+pub fn classify_header(head: &[u8]) -> HeaderClass {
+    let version = head
+        .get(..9)
+        .filter(|h| h.starts_with(b"REDIS") && h[5..].iter().all(u8::is_ascii_digit))
+        .and_then(|h| std::str::from_utf8(&h[5..]).ok())
+        .and_then(|v| v.parse::<u32>().ok());
+    match version {
+        None | Some(0) => HeaderClass::NotRdb,
+        Some(v) if v > MAX_VERSION => HeaderClass::Newer(v),
+        Some(v) => HeaderClass::Readable(v),
+    }
+}
+
 /// Why an RDB stream was rejected. Messages are one line and carry the byte offset.
 #[derive(Debug, thiserror::Error)]
 pub enum RdbError {
@@ -1642,6 +1669,29 @@ mod tests {
         // The AOF tail is not RDB: a whole-file parse must say so.
         let err = counts(&bytes, DEEP).unwrap_err().to_string();
         assert!(err.contains("after the end of the RDB"), "{err}");
+    }
+
+    #[test]
+    fn headers_are_classified_against_the_version_ceiling() {
+        use HeaderClass::*;
+        assert_eq!(classify_header(b"REDIS0012\xfe\x00"), Readable(12));
+        assert_eq!(classify_header(b"REDIS0009"), Readable(9));
+        assert_eq!(classify_header(b"REDIS0013"), Newer(13));
+        assert_eq!(classify_header(b"REDIS0014\xfa"), Newer(14));
+        assert_eq!(classify_header(b"REDIS9999"), Newer(9999));
+        for bad in [
+            &b"REDIS0000"[..],
+            b"REDIS001",
+            b"MONGO0013",
+            b"REDIS00x3",
+            b"",
+        ] {
+            assert_eq!(classify_header(bad), NotRdb, "{bad:?}");
+        }
+        assert_eq!(
+            MAX_VERSION, 12,
+            "update the README's v13 notes with the ceiling"
+        );
     }
 
     #[test]
