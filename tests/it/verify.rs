@@ -256,7 +256,7 @@ fn list_shows_never_verified_then_when_and_how_each_set_was_verified() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     files.sort();
-    assert_eq!(files, ["manifest.json", "redis"]);
+    assert_eq!(files, ["manifest.json", "manifest.json.sha256", "redis"]);
 }
 
 #[test]
