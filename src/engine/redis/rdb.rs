@@ -26,7 +26,8 @@ pub const MARKER_KEY: &[u8] = b"__dbkeeper:restore-in-progress";
 
 /// The newest RDB format this reader understands: 12, written by Redis 7.4, 8.0, 8.2 and 8.4
 /// (hashes with field expiration, cluster slot info). Redis 8.6 writes 13 and 8.8 writes 14
-/// (new stream encodings, key metadata): those are refused as newer than supported.
+/// (new stream encodings, key metadata): this reader refuses to decode those, and the backup
+/// stores them undecoded (see [`classify_header`]).
 pub const MAX_VERSION: u32 = 12;
 
 /// What the 9-byte header of an RDB says about this build's ability to read it.
