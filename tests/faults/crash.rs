@@ -8,8 +8,6 @@
 mod engines;
 mod ops;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -111,11 +109,7 @@ fn kills(class: &str, dur: Duration, mut case: impl FnMut(Duration)) {
         let seed = report::case_seed(class, i);
         eprintln!("{class} case {i}: SIGKILL at {at:?} of {dur:?} (case seed {seed})");
         if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(at))) {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                .unwrap_or_default();
+            let msg = crate::report::panic_message(&*e);
             failures.push(format!("case {i} (seed {seed}, kill at {at:?}): {msg}"));
             // A broken state would fail every later case the same way.
             if failures.len() >= 3 {
@@ -168,7 +162,7 @@ impl Sidecar {
     pub fn start(repo: &Path, env: &[(&str, &str)]) -> Sidecar {
         let s = Sidecar::spawn(repo, env);
         let up = wait_until(Duration::from_secs(30), || {
-            s.try_http("GET", "/health", None).is_ok()
+            crate::common::try_http(s.port, "GET", "/health", None).is_ok()
         });
         assert!(up, "the sidecar did not start:\n{}", s.log());
         s
@@ -201,36 +195,9 @@ impl Sidecar {
         std::fs::read_to_string(self.dir.path().join("err")).unwrap_or_default()
     }
 
-    fn try_http(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-    ) -> std::io::Result<(u16, String)> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n{auth}\r\n"
-        )?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf)?;
-        let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("not HTTP: {head:?}")))?;
-        Ok((code, body.to_owned()))
-    }
-
     /// One request; the body as JSON (or as a string when it is not JSON).
     pub fn http(&self, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
-        let (code, body) = self
-            .try_http(method, path, token)
+        let (code, body) = crate::common::try_http(self.port, method, path, token)
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log()));
         (
             code,

@@ -96,11 +96,7 @@ fn a_full_repository_fails_each_engine_cleanly_and_the_sidecar_says_so() {
     let mut case = |name: &str, f: &mut dyn FnMut()| {
         tried += 1;
         if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                .unwrap_or_default();
+            let msg = crate::report::panic_message(&*e);
             failures.push(format!("{name}: {msg}"));
         }
     };

@@ -97,3 +97,11 @@ pub fn record(class: &str, tried: usize, passed: usize, failures: &[String]) {
         seed()
     );
 }
+
+/// The message a caught panic carried (an assertion's text), for a case's failure line.
+pub fn panic_message(e: &(dyn std::any::Any + Send)) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_default()
+}

@@ -3,7 +3,7 @@
 //! to 503, SIGTERM during a run, one job at a time, webhooks, and the init exit codes.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
@@ -56,7 +56,8 @@ impl Sidecar {
             _dir: dir,
         };
         let up = wait_until(Duration::from_secs(30), || {
-            s.child.try_wait().unwrap().is_none() && try_http(port, "GET", "/health", None).is_ok()
+            s.child.try_wait().unwrap().is_none()
+                && crate::common::try_http(port, "GET", "/health", None).is_ok()
         });
         assert!(up, "the sidecar did not start:\n{}", s.log());
         s
@@ -125,34 +126,9 @@ impl Drop for Sidecar {
     }
 }
 
-fn try_http(
-    port: u16,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n{auth}\r\n"
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {head:?}")))?;
-    Ok((code, body.to_owned()))
-}
-
 fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    try_http(port, method, path, token).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    crate::common::try_http(port, method, path, token)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 fn redis_env(r: &RedisServer) -> (&'static str, String) {
