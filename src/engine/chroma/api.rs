@@ -618,8 +618,6 @@ fn is_tls_failure(e: &reqwest::Error) -> bool {
     false
 }
 
-/// The error and its causes on one line. reqwest names the request URL, which never holds
-/// credentials: they were moved out of the base URL when it was parsed.
 /// Whether the connection was reset or closed before an answer: a server (or Docker's port
 /// proxy in front of a container that is not listening yet) that may answer on the next try,
 /// so `wait` keeps waiting instead of failing at once.
@@ -639,11 +637,9 @@ fn is_dropped_link(e: &reqwest::Error) -> bool {
         {
             return true;
         }
-        // hyper's IncompleteMessage and Canceled carry no io::Error; their text is all they
-        // expose.
-        let t = s.to_string();
-        if t.contains("connection closed before message completed")
-            || t.contains("operation was canceled")
+        // hyper's IncompleteMessage and Canceled carry no io::Error.
+        if let Some(h) = s.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled())
         {
             return true;
         }
@@ -652,6 +648,8 @@ fn is_dropped_link(e: &reqwest::Error) -> bool {
     false
 }
 
+/// The error and its causes on one line. reqwest names the request URL, which never holds
+/// credentials: they were moved out of the base URL when it was parsed.
 fn chain(e: &reqwest::Error) -> String {
     use std::error::Error as _;
     let mut parts = vec![e.to_string()];
