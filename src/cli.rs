@@ -61,6 +61,18 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "URL")]
     pub chroma_url: Option<String>,
 
+    /// PostgreSQL URL (postgres:// or postgresql://) [env: DBKEEPER_POSTGRES_URL, DBKEEPER_POSTGRES_URL_FILE]
+    #[arg(long, global = true, value_name = "URL")]
+    pub postgres_url: Option<String>,
+
+    /// RabbitMQ URL (amqp:// or amqps://) [env: DBKEEPER_RABBITMQ_URL, DBKEEPER_RABBITMQ_URL_FILE]
+    #[arg(long, global = true, value_name = "URL")]
+    pub rabbitmq_url: Option<String>,
+
+    /// RabbitMQ management API (default http://<the AMQP host>:15672 with the AMQP credentials) [env: DBKEEPER_RABBITMQ_API_URL, DBKEEPER_RABBITMQ_API_URL_FILE]
+    #[arg(long, global = true, value_name = "URL")]
+    pub rabbitmq_api_url: Option<String>,
+
     /// Chroma auth token [env: DBKEEPER_CHROMA_TOKEN, DBKEEPER_CHROMA_TOKEN_FILE]
     #[arg(long, global = true, value_name = "TOKEN")]
     pub chroma_token: Option<String>,
@@ -153,6 +165,14 @@ pub struct GlobalArgs {
     /// Redis data directory for pre-start preseed (shared volume, server not running)
     #[arg(long, global = true, env = "DBKEEPER_REDIS_DATA_DIR")]
     pub redis_data_dir: Option<PathBuf>,
+
+    /// PostgreSQL data directory (PGDATA) for pre-start preseed (shared volume, server not running)
+    #[arg(long, global = true, env = "DBKEEPER_POSTGRES_DATA_DIR")]
+    pub postgres_data_dir: Option<PathBuf>,
+
+    /// Chroma persist directory for pre-start preseed of a data copy (server not running)
+    #[arg(long, global = true, env = "DBKEEPER_CHROMA_DATA_DIR")]
+    pub chroma_data_dir: Option<PathBuf>,
 
     /// Client certificate (PEM) for rediss:// servers with `tls-auth-clients yes`
     #[arg(

@@ -1,5 +1,6 @@
 //! Flags and environment → one validated [`Config`], built once at start-up.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +25,8 @@ pub struct Config {
     /// Configured engine URLs, in the order mongodb, redis, chroma.
     pub urls: Vec<(EngineKind, Secret)>,
     pub engine_options: EngineOptions,
-    pub redis_data_dir: Option<PathBuf>,
+    /// Data directories preseeded before their server starts (`DBKEEPER_<ENGINE>_DATA_DIR`).
+    pub data_dirs: BTreeMap<EngineKind, PathBuf>,
     pub retention: Policy,
     pub lock_wait: Duration,
     /// Continuous oplog archiving for point-in-time recovery (`DBKEEPER_MONGODB_PITR=on`).
@@ -79,6 +81,16 @@ impl Config {
             (EngineKind::Mongodb, "DBKEEPER_MONGODB_URI", &g.mongodb_uri),
             (EngineKind::Redis, "DBKEEPER_REDIS_URL", &g.redis_url),
             (EngineKind::Chroma, "DBKEEPER_CHROMA_URL", &g.chroma_url),
+            (
+                EngineKind::Postgres,
+                "DBKEEPER_POSTGRES_URL",
+                &g.postgres_url,
+            ),
+            (
+                EngineKind::Rabbitmq,
+                "DBKEEPER_RABBITMQ_URL",
+                &g.rabbitmq_url,
+            ),
         ] {
             if let Some(url) = secret::resolve(name, flag.clone(), env)? {
                 let found = EngineKind::from_url(url.expose())
@@ -93,6 +105,16 @@ impl Config {
             }
         }
         let chroma_token = secret::resolve("DBKEEPER_CHROMA_TOKEN", g.chroma_token.clone(), env)?;
+        let rabbitmq_api_url =
+            secret::resolve("DBKEEPER_RABBITMQ_API_URL", g.rabbitmq_api_url.clone(), env)?;
+        let data_dirs = [
+            (EngineKind::Redis, &g.redis_data_dir),
+            (EngineKind::Postgres, &g.postgres_data_dir),
+            (EngineKind::Chroma, &g.chroma_data_dir),
+        ]
+        .into_iter()
+        .filter_map(|(k, d)| Some((k, d.clone()?)))
+        .collect();
         let repo = RepoSpec::parse("DBKEEPER_REPO", &g.repo, env)?;
         let remote = match g
             .remote_repo
@@ -164,8 +186,9 @@ impl Config {
                 stats_max_collections: Some(stats_max_collections),
                 redis_tls_cert_file: g.redis_tls_cert_file.clone(),
                 redis_tls_key_file: g.redis_tls_key_file.clone(),
+                rabbitmq_api_url,
             },
-            redis_data_dir: g.redis_data_dir.clone(),
+            data_dirs,
             retention: local,
             lock_wait: g.lock_wait,
             mongo_pitr: g.mongodb_pitr == "on",
@@ -194,11 +217,7 @@ impl Config {
             if !out.iter().any(|e| e.kind() == *k) {
                 return Err(Error::config(format!(
                     "--only names {k}, but no {k} URL is configured (set {})",
-                    match k {
-                        EngineKind::Mongodb => "DBKEEPER_MONGODB_URI",
-                        EngineKind::Redis => "DBKEEPER_REDIS_URL",
-                        EngineKind::Chroma => "DBKEEPER_CHROMA_URL",
-                    }
+                    k.url_env()
                 )));
             }
         }
@@ -211,41 +230,44 @@ impl Config {
         let engines = self.engines(only)?;
         if engines.is_empty() {
             return Err(Error::config(
-                "no engine configured: set DBKEEPER_MONGODB_URI, DBKEEPER_REDIS_URL or DBKEEPER_CHROMA_URL",
+                "no engine configured: set DBKEEPER_MONGODB_URI, DBKEEPER_REDIS_URL, DBKEEPER_CHROMA_URL, DBKEEPER_POSTGRES_URL or DBKEEPER_RABBITMQ_URL",
             ));
         }
         Ok(engines)
     }
 
-    /// What `preseed` and `init` act on: the engines, and whether Redis is seeded through
-    /// `DBKEEPER_REDIS_DATA_DIR` without a Redis URL. The server is not running then, so the
-    /// data directory is all that is needed; an empty result is a configuration error.
-    pub fn preseed_targets(&self, only: &[String]) -> Result<(Vec<Engine>, bool)> {
-        let has_url = self.urls.iter().any(|(k, _)| *k == EngineKind::Redis);
-        if self.redis_data_dir.is_none() || has_url {
-            return Ok((self.engines_required(only)?, false));
+    /// What `preseed` and `init` act on: the engines with a URL, and the engines seeded
+    /// through their data directory (`DBKEEPER_<ENGINE>_DATA_DIR`) without a URL. Those servers
+    /// are not running, so the data directory is all the preseed needs. An empty result is a
+    /// configuration error.
+    pub fn preseed_targets(&self, only: &[String]) -> Result<(Vec<Engine>, Vec<EngineKind>)> {
+        let named: Vec<EngineKind> = only
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| EngineKind::from_name(s))
+            .collect::<Result<_>>()?;
+        let has_url = |k: EngineKind| self.urls.iter().any(|(u, _)| *u == k);
+        let dir_only: Vec<EngineKind> = self
+            .data_dirs
+            .keys()
+            .copied()
+            .filter(|k| !has_url(*k) && (named.is_empty() || named.contains(k)))
+            .collect();
+        if dir_only.is_empty() {
+            return Ok((self.engines_required(only)?, dir_only));
         }
-        let named: Vec<&String> = only.iter().filter(|s| !s.trim().is_empty()).collect();
-        let all = named.is_empty();
-        let mut others = Vec::new();
-        let mut wants_redis = all;
-        for s in named {
-            if EngineKind::from_name(s)? == EngineKind::Redis {
-                wants_redis = true;
-            } else {
-                others.push(s.clone());
-            }
-        }
-        if !wants_redis {
-            return Ok((self.engines_required(only)?, false));
-        }
+        let others: Vec<String> = named
+            .iter()
+            .filter(|k| !dir_only.contains(k))
+            .map(|k| k.name().to_owned())
+            .collect();
         // `engines(&[])` means "all": `--only redis` alone leaves no other engine.
-        let engines = if !all && others.is_empty() {
+        let engines = if !named.is_empty() && others.is_empty() {
             Vec::new()
         } else {
             self.engines(&others)?
         };
-        Ok((engines, true))
+        Ok((engines, dir_only))
     }
 
     /// Opens the repository (one request to check a bucket).
@@ -414,6 +436,8 @@ fn same_server(a: &str, b: &str) -> bool {
         let port = u.port_or_known_default().or(match kind {
             EngineKind::Redis => Some(6379),
             EngineKind::Mongodb => Some(27017),
+            EngineKind::Postgres => Some(5432),
+            EngineKind::Rabbitmq => Some(5672),
             EngineKind::Chroma => None,
         })?;
         Some((kind, host, port))

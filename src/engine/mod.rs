@@ -1,9 +1,11 @@
 //! The engine contract (probe, emptiness, dump, restore, deep verify) and the closed enum that
-//! dispatches it to MongoDB, Redis and Chroma.
+//! dispatches it to MongoDB, Redis, Chroma, PostgreSQL and RabbitMQ.
 
 pub mod chroma;
 pub mod mongodb;
 pub(crate) mod net;
+pub mod postgres;
+pub mod rabbitmq;
 pub mod redis;
 
 use std::collections::BTreeMap;
@@ -26,16 +28,75 @@ pub enum EngineKind {
     Mongodb,
     Redis,
     Chroma,
+    Postgres,
+    Rabbitmq,
 }
 
 impl EngineKind {
-    pub const ALL: [EngineKind; 3] = [EngineKind::Mongodb, EngineKind::Redis, EngineKind::Chroma];
+    pub const ALL: [EngineKind; 5] = [
+        EngineKind::Mongodb,
+        EngineKind::Redis,
+        EngineKind::Chroma,
+        EngineKind::Postgres,
+        EngineKind::Rabbitmq,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             EngineKind::Mongodb => "mongodb",
             EngineKind::Redis => "redis",
             EngineKind::Chroma => "chroma",
+            EngineKind::Postgres => "postgres",
+            EngineKind::Rabbitmq => "rabbitmq",
+        }
+    }
+
+    /// The variable that holds this engine's URL.
+    pub fn url_env(self) -> &'static str {
+        match self {
+            EngineKind::Mongodb => "DBKEEPER_MONGODB_URI",
+            EngineKind::Redis => "DBKEEPER_REDIS_URL",
+            EngineKind::Chroma => "DBKEEPER_CHROMA_URL",
+            EngineKind::Postgres => "DBKEEPER_POSTGRES_URL",
+            EngineKind::Rabbitmq => "DBKEEPER_RABBITMQ_URL",
+        }
+    }
+
+    /// The variable that names this engine's data directory, for the engines preseeded
+    /// through their files before the server starts.
+    pub fn data_dir_env(self) -> Option<&'static str> {
+        match self {
+            EngineKind::Redis => Some("DBKEEPER_REDIS_DATA_DIR"),
+            EngineKind::Chroma => Some("DBKEEPER_CHROMA_DATA_DIR"),
+            EngineKind::Postgres => Some("DBKEEPER_POSTGRES_DATA_DIR"),
+            EngineKind::Mongodb | EngineKind::Rabbitmq => None,
+        }
+    }
+
+    /// Whether a data directory (the server stopped) may be preseeded.
+    pub fn data_dir_state(self, dir: &std::path::Path) -> Result<Emptiness> {
+        match self {
+            EngineKind::Redis => redis::data_dir_state(dir),
+            EngineKind::Chroma => chroma::data_dir_state(dir),
+            EngineKind::Postgres => postgres::data_dir_state(dir),
+            EngineKind::Mongodb | EngineKind::Rabbitmq => Err(no_data_dir(self)),
+        }
+    }
+
+    /// Writes `entry` of `set` into an empty data directory, to temp names first, so that a
+    /// set that does not verify leaves nothing behind (`Error::Corrupt`: the caller tries the
+    /// next set).
+    pub fn preseed_data_dir(
+        self,
+        dir: &std::path::Path,
+        set: &SetReader,
+        entry: &EngineEntry,
+    ) -> Result<()> {
+        match self {
+            EngineKind::Redis => redis::preseed_data_dir(dir, set, entry),
+            EngineKind::Chroma => chroma::preseed_data_dir(dir, set, entry),
+            EngineKind::Postgres => postgres::preseed_data_dir(dir, set, entry),
+            EngineKind::Mongodb | EngineKind::Rabbitmq => Err(no_data_dir(self)),
         }
     }
 
@@ -44,8 +105,10 @@ impl EngineKind {
             "mongodb" | "mongo" => Ok(EngineKind::Mongodb),
             "redis" => Ok(EngineKind::Redis),
             "chroma" => Ok(EngineKind::Chroma),
+            "postgres" | "postgresql" => Ok(EngineKind::Postgres),
+            "rabbitmq" => Ok(EngineKind::Rabbitmq),
             other => Err(Error::config(format!(
-                "unknown engine {other:?}; expected mongodb, redis or chroma"
+                "unknown engine {other:?}; expected mongodb, redis, chroma, postgres or rabbitmq"
             ))),
         }
     }
@@ -57,8 +120,10 @@ impl EngineKind {
             Some("mongodb") | Some("mongodb+srv") => Ok(EngineKind::Mongodb),
             Some("redis") | Some("rediss") => Ok(EngineKind::Redis),
             Some("http") | Some("https") => Ok(EngineKind::Chroma),
+            Some("postgres") | Some("postgresql") => Ok(EngineKind::Postgres),
+            Some("amqp") | Some("amqps") => Ok(EngineKind::Rabbitmq),
             _ => Err(Error::config(format!(
-                "{}: not an engine URL; expected mongodb://, redis://, rediss://, http:// or https://",
+                "{}: not an engine URL; expected mongodb://, redis://, rediss://, http(s)://, postgres:// or amqp(s)://",
                 crate::secret::redact_url(url)
             ))),
         }
@@ -76,8 +141,14 @@ impl EngineKind {
             EngineKind::Mongodb => mongodb::verify_deep(set, entry, cancel),
             EngineKind::Redis => redis::verify_deep(set, entry, cancel),
             EngineKind::Chroma => chroma::verify_deep(set, entry, cancel),
+            EngineKind::Postgres => postgres::verify_deep(set, entry, cancel),
+            EngineKind::Rabbitmq => rabbitmq::verify_deep(set, entry, cancel),
         }
     }
+}
+
+fn no_data_dir(kind: EngineKind) -> Error {
+    Error::config(format!("{kind} has no data-directory preseed"))
 }
 
 impl fmt::Display for EngineKind {
@@ -148,6 +219,9 @@ pub struct EngineOptions {
     /// Client certificate and key (PEM) for `rediss://` (`DBKEEPER_REDIS_TLS_{CERT,KEY}_FILE`).
     pub redis_tls_cert_file: Option<std::path::PathBuf>,
     pub redis_tls_key_file: Option<std::path::PathBuf>,
+    /// The RabbitMQ management API (`DBKEEPER_RABBITMQ_API_URL`); default
+    /// `http://<the AMQP host>:15672` with the AMQP credentials.
+    pub rabbitmq_api_url: Option<Secret>,
 }
 
 /// The contract every engine implements. Roles are generic over it (through [`Engine`]);
@@ -219,6 +293,8 @@ pub enum Engine {
     Mongodb(mongodb::MongoEngine),
     Redis(redis::RedisEngine),
     Chroma(chroma::ChromaEngine),
+    Postgres(postgres::PostgresEngine),
+    Rabbitmq(rabbitmq::RabbitEngine),
 }
 
 macro_rules! dispatch {
@@ -227,6 +303,8 @@ macro_rules! dispatch {
             Engine::Mongodb($e) => $body,
             Engine::Redis($e) => $body,
             Engine::Chroma($e) => $body,
+            Engine::Postgres($e) => $body,
+            Engine::Rabbitmq($e) => $body,
         }
     };
 }
@@ -238,6 +316,8 @@ impl Engine {
             EngineKind::Mongodb => Engine::Mongodb(mongodb::MongoEngine::new(url, opts)?),
             EngineKind::Redis => Engine::Redis(redis::RedisEngine::new(url, opts)?),
             EngineKind::Chroma => Engine::Chroma(chroma::ChromaEngine::new(url, opts)?),
+            EngineKind::Postgres => Engine::Postgres(postgres::PostgresEngine::new(url, opts)?),
+            EngineKind::Rabbitmq => Engine::Rabbitmq(rabbitmq::RabbitEngine::new(url, opts)?),
         })
     }
 }

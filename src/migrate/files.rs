@@ -197,6 +197,7 @@ fn extensions(kind: EngineKind) -> &'static [&'static str] {
         EngineKind::Mongodb => &["json"],
         EngineKind::Redis => &["redis", "txt"],
         EngineKind::Chroma => &["json"],
+        EngineKind::Postgres | EngineKind::Rabbitmq => &[],
     }
 }
 
@@ -303,6 +304,9 @@ pub fn parse(kind: EngineKind, bytes: &[u8]) -> std::result::Result<Script, Stri
         EngineKind::Mongodb => parse_mongo(bytes).map(Script::Mongo),
         EngineKind::Redis => parse_redis(bytes).map(Script::Redis),
         EngineKind::Chroma => parse_chroma(bytes).map(Script::Chroma),
+        EngineKind::Postgres | EngineKind::Rabbitmq => {
+            Err(format!("dbkeeper runs no {kind} migrations"))
+        }
     }
 }
 

@@ -347,6 +347,9 @@ impl Target {
             EngineKind::Mongodb => Target::Mongo(mongodb::MongoTarget::connect(url).await?),
             EngineKind::Redis => Target::Redis(Box::new(redis::RedisTarget::connect(url)?)),
             EngineKind::Chroma => Target::Chroma(chroma::ChromaTarget::connect(url, opts)?),
+            EngineKind::Postgres | EngineKind::Rabbitmq => {
+                return Err(Error::config(format!("dbkeeper runs no {kind} migrations")));
+            }
         })
     }
 

@@ -31,7 +31,7 @@ pub fn probe_url(url: &Secret, opts: &EngineOptions, timeout: Duration) -> Resul
                 return r;
             }
         }
-        EngineKind::Chroma => {}
+        EngineKind::Chroma | EngineKind::Postgres | EngineKind::Rabbitmq => {}
     }
     let engine = Engine::from_url(url, opts)?;
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::config::Config;
-use crate::engine::{EngineKind, EngineOps};
+use crate::engine::EngineOps;
 use crate::error::{Error, Result};
 use crate::role::{restore, wait};
 
@@ -23,13 +23,13 @@ pub async fn init(
     cancel: &CancellationToken,
 ) -> Result<()> {
     info!(config = %cfg.describe(), "dbkeeper init");
-    let (engines, redis_dir) = cfg.preseed_targets(&[])?;
+    let (engines, dir_only) = cfg.preseed_targets(&[])?;
     // A bad migrations directory is found before any engine is waited for.
     let guard = restore::SchemaGuard::load(migrations)?;
-    // A Redis preseeded through its data directory is not running yet: don't wait for it.
+    // An engine preseeded through its data directory is not running yet: don't wait for it.
     let live: Vec<_> = engines
         .iter()
-        .filter(|e| !(cfg.redis_data_dir.is_some() && e.kind() == EngineKind::Redis))
+        .filter(|e| !cfg.data_dirs.contains_key(&e.kind()))
         .collect();
     let deadline = Instant::now() + timeout;
     // `prepare` first (a MongoDB replica set is initiated there): readiness may need it.
@@ -61,12 +61,12 @@ pub async fn init(
             }
         }
     }
-    if redis_dir {
-        match restore::preseed_redis_dir_only(cfg, &guard).await {
+    for &kind in &dir_only {
+        match restore::preseed_dir_only(cfg, kind, &guard).await {
             Ok(()) => {}
             Err(Error::Interrupted(n)) => return Err(Error::Interrupted(n)),
             Err(err) => {
-                error!(engine = %EngineKind::Redis, error = %err, "preseed failed");
+                error!(engine = %kind, error = %err, "preseed failed");
                 first.get_or_insert(err);
             }
         }
@@ -75,7 +75,7 @@ pub async fn init(
         Some(e) => Err(e),
         None => {
             info!(
-                engines = engines.len() + usize::from(redis_dir),
+                engines = engines.len() + dir_only.len(),
                 "init done: every engine is ready and seeded"
             );
             Ok(())

@@ -86,7 +86,7 @@ pub async fn after_init(
     }
     // A Redis preseeded through its data directory starts after init: it cannot be migrated
     // here.
-    let skip: &[EngineKind] = if cfg.redis_data_dir.is_some() {
+    let skip: &[EngineKind] = if cfg.data_dirs.contains_key(&EngineKind::Redis) {
         if args
             .migrations
             .as_deref()

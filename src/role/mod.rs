@@ -186,11 +186,11 @@ async fn dispatch(
             restore::restore(cfg, &engines, &id, force, None, &guard, cancel).await
         }
         Command::Preseed { only, migrations } => {
-            let (engines, redis_dir) = cfg.preseed_targets(&only)?;
+            let (engines, dir_only) = cfg.preseed_targets(&only)?;
             let guard = restore::SchemaGuard::load(migrations.as_deref())?;
             restore::preseed(cfg, &engines, &guard, cancel).await?;
-            if redis_dir {
-                restore::preseed_redis_dir_only(cfg, &guard).await?;
+            for kind in dir_only {
+                restore::preseed_dir_only(cfg, kind, &guard).await?;
             }
             Ok(())
         }

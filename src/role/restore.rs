@@ -141,9 +141,8 @@ pub async fn preseed(
 ) -> Result<Vec<(EngineKind, Outcome)>> {
     let mut outcomes = Vec::new();
     for e in engines {
-        let outcome = if e.kind() == EngineKind::Redis && cfg.redis_data_dir.is_some() {
-            let dir = cfg.redis_data_dir.as_deref().expect("checked");
-            preseed_redis_dir(cfg, dir, guard).await?
+        let outcome = if let Some(dir) = cfg.data_dirs.get(&e.kind()) {
+            preseed_dir(cfg, e.kind(), dir, guard).await?
         } else {
             preseed_one(cfg, e, guard, cancel).await?
         };
@@ -163,22 +162,24 @@ pub async fn preseed(
     Ok(outcomes)
 }
 
-/// Preseeds `DBKEEPER_REDIS_DATA_DIR` when no Redis URL is configured: the server is not
-/// running, so the directory is all the preseed needs.
-pub async fn preseed_redis_dir_only(cfg: &Config, guard: &SchemaGuard) -> Result<()> {
-    let dir = cfg
-        .redis_data_dir
-        .as_deref()
-        .ok_or_else(|| Error::config("DBKEEPER_REDIS_DATA_DIR is not set"))?;
-    match preseed_redis_dir(cfg, dir, guard).await? {
+/// Preseeds an engine's data directory (`DBKEEPER_<ENGINE>_DATA_DIR`) when no URL of it is
+/// configured: the server is not running, so the directory is all the preseed needs.
+pub async fn preseed_dir_only(cfg: &Config, kind: EngineKind, guard: &SchemaGuard) -> Result<()> {
+    let dir = cfg.data_dirs.get(&kind).ok_or_else(|| {
+        Error::config(format!(
+            "{} is not set",
+            kind.data_dir_env().unwrap_or("the data directory")
+        ))
+    })?;
+    match preseed_dir(cfg, kind, dir, guard).await? {
         Outcome::Restored { set, records } => {
-            info!(engine = %EngineKind::Redis, set, records, dir = %dir.display(), "preseeded")
+            info!(engine = %kind, set, records, dir = %dir.display(), "preseeded")
         }
         Outcome::SkippedHasData(what) => {
-            info!(engine = %EngineKind::Redis, holds = %what, "preseed skipped: target holds data")
+            info!(engine = %kind, holds = %what, "preseed skipped: target holds data")
         }
         Outcome::FirstStart => {
-            info!(engine = %EngineKind::Redis, "no backup yet and the target is empty: first start")
+            info!(engine = %kind, "no backup yet and the target is empty: first start")
         }
     }
     Ok(())
@@ -218,13 +219,13 @@ async fn preseed_one(
 /// The data directory is written to temp names and renamed into place only once every byte
 /// checked out, so the newest set is tried directly and a corrupt one is dropped for the next:
 /// the set is read once, not checksummed first and read again.
-async fn preseed_redis_dir(
+async fn preseed_dir(
     cfg: &Config,
+    kind: EngineKind,
     dir: &std::path::Path,
     guard: &SchemaGuard,
 ) -> Result<Outcome> {
-    use crate::engine::redis;
-    if let Emptiness::HasData(what) = redis::data_dir_state(dir)? {
+    if let Emptiness::HasData(what) = kind.data_dir_state(dir)? {
         return Ok(Outcome::SkippedHasData(what));
     }
     let repos = super::sources(cfg)?;
@@ -232,14 +233,14 @@ async fn preseed_redis_dir(
     let guard = guard.clone();
     tokio::task::spawn_blocking(move || -> Result<Outcome> {
         for (i, repo) in repos.iter().enumerate() {
-            for set in repo.candidates(Some(EngineKind::Redis))? {
+            for set in repo.candidates(Some(kind))? {
                 set.require_key()?;
-                guard.refuse_preseed(EngineKind::Redis, &set)?;
+                guard.refuse_preseed(kind, &set)?;
                 if i > 0 {
-                    info!(set = set.id(), remote = %repo.display(), engine = %EngineKind::Redis, "no good set in the repository; using the remote's");
+                    info!(set = set.id(), remote = %repo.display(), engine = %kind, "no good set in the repository; using the remote's");
                 }
-                let entry = set.manifest.engines[&EngineKind::Redis].clone();
-                match redis::preseed_data_dir(&dir, &set, &entry) {
+                let entry = set.manifest.engines[&kind].clone();
+                match kind.preseed_data_dir(&dir, &set, &entry) {
                     Ok(()) => {
                         return Ok(Outcome::Restored {
                             set: set.id().to_owned(),
@@ -256,7 +257,7 @@ async fn preseed_redis_dir(
         Ok(Outcome::FirstStart)
     })
     .await
-    .map_err(|e| Error::engine("redis", format!("preseed task failed: {e}")))?
+    .map_err(|e| Error::engine(kind.name(), format!("preseed task failed: {e}")))?
 }
 
 /// Marks the target, restores, checks the counts against the manifest, clears the mark.

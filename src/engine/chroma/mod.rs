@@ -6,6 +6,7 @@
 //! - `dump`, `restore`: the two data paths, streamed one page/batch at a time.
 
 pub(crate) mod api;
+mod datadir;
 mod dump;
 pub mod format;
 mod restore;
@@ -23,6 +24,7 @@ use crate::repo::reader::SetReader;
 use crate::repo::writer::EngineWriter;
 use crate::secret::{Secret, redact_url};
 
+pub use datadir::{data_dir_state, preseed_data_dir};
 pub use format::verify_deep;
 
 pub(crate) const ENGINE: &str = "chroma";
