@@ -6,7 +6,7 @@ use std::path::Path;
 
 use clap::Parser;
 use dbkeeper::ExitCode;
-use dbkeeper::cli::Cli;
+use dbkeeper::cli::{Cli, Command};
 use dbkeeper::shutdown::Shutdown;
 
 fn main() -> std::process::ExitCode {
@@ -68,7 +68,12 @@ fn main() -> std::process::ExitCode {
         shutdown
             .listen()
             .map_err(|e| dbkeeper::Error::engine("signals", e.to_string()))?;
-        dbkeeper::role::run(cli, &shutdown).await
+        match cli.command {
+            Command::Sidecar(_) | Command::Stats { .. } => {
+                dbkeeper::sidecar::run_cli(cli, &shutdown).await
+            }
+            _ => dbkeeper::role::run(cli, &shutdown).await,
+        }
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {

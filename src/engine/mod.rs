@@ -8,158 +8,84 @@ pub mod postgres;
 pub mod rabbitmq;
 pub mod redis;
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::repo::manifest::EngineEntry;
 use crate::repo::reader::SetReader;
 use crate::repo::writer::EngineWriter;
+use crate::repo::{Decode, VerifyLevel};
 use crate::secret::Secret;
 
-/// Which kind of database an engine is. Also the name of its directory inside a set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EngineKind {
-    Mongodb,
-    Redis,
-    Chroma,
-    Postgres,
-    Rabbitmq,
+pub use crate::repo::kind::{Counts, EngineKind};
+
+/// Decodes every record of this engine's part of a set, offline, and returns the counts
+/// it found (compared with the manifest by the caller). Checksums are checked as it reads.
+pub fn verify_deep(
+    kind: EngineKind,
+    set: &SetReader,
+    entry: &EngineEntry,
+    cancel: &CancellationToken,
+) -> Result<Counts> {
+    match kind {
+        EngineKind::Mongodb => mongodb::verify_deep(set, entry, cancel),
+        EngineKind::Redis => redis::verify_deep(set, entry, cancel),
+        EngineKind::Chroma => chroma::verify_deep(set, entry, cancel),
+        EngineKind::Postgres => postgres::verify_deep(set, entry, cancel),
+        EngineKind::Rabbitmq => rabbitmq::verify_deep(set, entry, cancel),
+    }
 }
 
-impl EngineKind {
-    pub const ALL: [EngineKind; 5] = [
-        EngineKind::Mongodb,
-        EngineKind::Redis,
-        EngineKind::Chroma,
-        EngineKind::Postgres,
-        EngineKind::Rabbitmq,
-    ];
+/// The engines' decoders, for a deep verify of a set ([`DEEP`]).
+pub struct Decoders;
 
-    pub fn name(self) -> &'static str {
-        match self {
-            EngineKind::Mongodb => "mongodb",
-            EngineKind::Redis => "redis",
-            EngineKind::Chroma => "chroma",
-            EngineKind::Postgres => "postgres",
-            EngineKind::Rabbitmq => "rabbitmq",
-        }
-    }
-
-    /// The variable that holds this engine's URL.
-    pub fn url_env(self) -> &'static str {
-        match self {
-            EngineKind::Mongodb => "DBKEEPER_MONGODB_URI",
-            EngineKind::Redis => "DBKEEPER_REDIS_URL",
-            EngineKind::Chroma => "DBKEEPER_CHROMA_URL",
-            EngineKind::Postgres => "DBKEEPER_POSTGRES_URL",
-            EngineKind::Rabbitmq => "DBKEEPER_RABBITMQ_URL",
-        }
-    }
-
-    /// The variable that names this engine's data directory, for the engines preseeded
-    /// through their files before the server starts.
-    pub fn data_dir_env(self) -> Option<&'static str> {
-        match self {
-            EngineKind::Redis => Some("DBKEEPER_REDIS_DATA_DIR"),
-            EngineKind::Chroma => Some("DBKEEPER_CHROMA_DATA_DIR"),
-            EngineKind::Postgres => Some("DBKEEPER_POSTGRES_DATA_DIR"),
-            EngineKind::Mongodb | EngineKind::Rabbitmq => None,
-        }
-    }
-
-    /// Whether a data directory (the server stopped) may be preseeded.
-    pub fn data_dir_state(self, dir: &std::path::Path) -> Result<Emptiness> {
-        match self {
-            EngineKind::Redis => redis::data_dir_state(dir),
-            EngineKind::Chroma => chroma::data_dir_state(dir),
-            EngineKind::Postgres => postgres::data_dir_state(dir),
-            EngineKind::Mongodb | EngineKind::Rabbitmq => Err(no_data_dir(self)),
-        }
-    }
-
-    /// Writes `entry` of `set` into an empty data directory, to temp names first, so that a
-    /// set that does not verify leaves nothing behind (`Error::Corrupt`: the caller tries the
-    /// next set).
-    pub fn preseed_data_dir(
-        self,
-        dir: &std::path::Path,
-        set: &SetReader,
-        entry: &EngineEntry,
-    ) -> Result<()> {
-        match self {
-            EngineKind::Redis => redis::preseed_data_dir(dir, set, entry),
-            EngineKind::Chroma => chroma::preseed_data_dir(dir, set, entry),
-            EngineKind::Postgres => postgres::preseed_data_dir(dir, set, entry),
-            EngineKind::Mongodb | EngineKind::Rabbitmq => Err(no_data_dir(self)),
-        }
-    }
-
-    pub fn from_name(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "mongodb" | "mongo" => Ok(EngineKind::Mongodb),
-            "redis" => Ok(EngineKind::Redis),
-            "chroma" => Ok(EngineKind::Chroma),
-            "postgres" | "postgresql" => Ok(EngineKind::Postgres),
-            "rabbitmq" => Ok(EngineKind::Rabbitmq),
-            other => Err(Error::config(format!(
-                "unknown engine {other:?}; expected mongodb, redis, chroma, postgres or rabbitmq"
-            ))),
-        }
-    }
-
-    /// The engine a URL names, by its scheme.
-    pub fn from_url(url: &str) -> Result<Self> {
-        let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
-        match scheme.as_deref() {
-            Some("mongodb") | Some("mongodb+srv") => Ok(EngineKind::Mongodb),
-            Some("redis") | Some("rediss") => Ok(EngineKind::Redis),
-            Some("http") | Some("https") => Ok(EngineKind::Chroma),
-            Some("postgres") | Some("postgresql") => Ok(EngineKind::Postgres),
-            Some("amqp") | Some("amqps") => Ok(EngineKind::Rabbitmq),
-            _ => Err(Error::config(format!(
-                "{}: not an engine URL; expected mongodb://, redis://, rediss://, http(s)://, postgres:// or amqp(s)://",
-                crate::secret::redact_url(url)
-            ))),
-        }
-    }
-
-    /// Decodes every record of this engine's part of a set, offline, and returns the counts
-    /// it found (compared with the manifest by the caller). Checksums are checked as it reads.
-    pub fn verify_deep(
-        self,
+impl Decode for Decoders {
+    fn counts(
+        &self,
+        kind: EngineKind,
         set: &SetReader,
         entry: &EngineEntry,
         cancel: &CancellationToken,
     ) -> Result<Counts> {
-        match self {
-            EngineKind::Mongodb => mongodb::verify_deep(set, entry, cancel),
-            EngineKind::Redis => redis::verify_deep(set, entry, cancel),
-            EngineKind::Chroma => chroma::verify_deep(set, entry, cancel),
-            EngineKind::Postgres => postgres::verify_deep(set, entry, cancel),
-            EngineKind::Rabbitmq => rabbitmq::verify_deep(set, entry, cancel),
-        }
+        verify_deep(kind, set, entry, cancel)
+    }
+}
+
+/// A deep verify: every record decoded by its engine's reader, counts against the manifest.
+pub const DEEP: VerifyLevel = VerifyLevel::Deep(&Decoders);
+
+/// Whether a data directory (the server stopped) may be preseeded.
+pub fn data_dir_state(kind: EngineKind, dir: &std::path::Path) -> Result<Emptiness> {
+    match kind {
+        EngineKind::Redis => redis::data_dir_state(dir),
+        EngineKind::Chroma => chroma::data_dir_state(dir),
+        EngineKind::Postgres => postgres::data_dir_state(dir),
+        EngineKind::Mongodb | EngineKind::Rabbitmq => Err(no_data_dir(kind)),
+    }
+}
+
+/// Writes `entry` of `set` into an empty data directory, to temp names first, so that a
+/// set that does not verify leaves nothing behind (`Error::Corrupt`: the caller tries the
+/// next set).
+pub fn preseed_data_dir(
+    kind: EngineKind,
+    dir: &std::path::Path,
+    set: &SetReader,
+    entry: &EngineEntry,
+) -> Result<()> {
+    match kind {
+        EngineKind::Redis => redis::preseed_data_dir(dir, set, entry),
+        EngineKind::Chroma => chroma::preseed_data_dir(dir, set, entry),
+        EngineKind::Postgres => postgres::preseed_data_dir(dir, set, entry),
+        EngineKind::Mongodb | EngineKind::Rabbitmq => Err(no_data_dir(kind)),
     }
 }
 
 fn no_data_dir(kind: EngineKind) -> Error {
     Error::config(format!("{kind} has no data-directory preseed"))
 }
-
-impl fmt::Display for EngineKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// Record counts by unit: keys per Redis db (`db0`), documents per MongoDB namespace
-/// (`db.coll`), records per Chroma collection.
-pub type Counts = BTreeMap<String, u64>;
 
 /// What a successful probe learned.
 #[derive(Debug, Clone)]

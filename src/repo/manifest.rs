@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Counts, EngineKind};
+use super::kind::{Counts, EngineKind};
 
 /// The manifest's own format version; readers refuse a newer one instead of guessing. Plain
 /// sets are still written as format 1 (the layout older releases read); encrypted sets are

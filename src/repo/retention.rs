@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Datelike, Utc};
 use serde::Serialize;
 
-use crate::engine::EngineKind;
+use super::kind::EngineKind;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Policy {

@@ -61,10 +61,7 @@ impl Record {
 }
 
 pub fn level_name(level: VerifyLevel) -> &'static str {
-    match level {
-        VerifyLevel::Checksums => "checksums",
-        VerifyLevel::Deep => "deep",
-    }
+    level.name()
 }
 
 fn rel(id: &str) -> String {
@@ -214,7 +211,7 @@ mod tests {
         assert_eq!(read(&b, id), Some(r));
         let bad = Record::new(
             id,
-            VerifyLevel::Deep,
+            crate::engine::DEEP,
             Err("redis/dump.rdb.zst: checksum".into()),
         );
         write(&b, &bad).unwrap();
@@ -235,7 +232,7 @@ mod tests {
             dir.path().join(rel(id)),
             serde_json::to_vec(&Record::new(
                 "2026-12-04_11-00-00",
-                VerifyLevel::Deep,
+                crate::engine::DEEP,
                 Ok(()),
             ))
             .unwrap(),

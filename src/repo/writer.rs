@@ -16,12 +16,12 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 use super::crypt::SetSealer;
+use super::kind::EngineKind;
 use super::manifest::{
     Encryption, EngineEntry, FORMAT_PLAIN, FileEntry, Manifest, SEALED_MANIFEST, SET_IDENTITY, Tool,
 };
 use super::s3::{S3Store, S3Writer};
 use super::{MANIFEST, MANIFEST_SUM, fsync_dir};
-use crate::engine::EngineKind;
 use crate::error::{Error, Result};
 
 /// zstd level 2. On BSON it stores within 0.4% of level 3 (the CLI's default) for about 60% of

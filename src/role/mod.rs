@@ -6,6 +6,7 @@ pub mod init;
 pub mod install;
 pub mod list;
 pub mod migrate;
+pub mod outcome;
 pub mod pitr;
 pub mod prune;
 pub mod remote;
@@ -17,7 +18,7 @@ pub mod wait;
 use std::time::Duration;
 
 use crate::cli::{Cli, Command};
-use crate::config::{Config, SidecarConfig, process_env};
+use crate::config::{Config, process_env};
 use crate::engine::{EngineKind, EngineOps};
 use crate::error::{Error, Result};
 use crate::repo::Repo;
@@ -28,9 +29,8 @@ use tracing::{info, warn};
 /// How long a role may take to clean up (remove its temp set) after a signal.
 const CLEANUP_GRACE: Duration = Duration::from_secs(5);
 
-/// Runs the verb. On a signal the role is cancelled, given [`CLEANUP_GRACE`] to clean up,
-/// and the result is `Interrupted(signal)` whatever the role returned. The sidecar is the
-/// exception: it is a service, it has its own stop timeout, and a clean stop is success.
+/// Runs the verb (the sidecar and `stats` are started by the entry point, through
+/// `sidecar::run_cli`). See [`supervise`] for what a signal does.
 pub async fn run(cli: Cli, shutdown: &Shutdown) -> Result<()> {
     // Install needs no engine or repository settings: it runs in an init container that
     // is given none.
@@ -39,11 +39,15 @@ pub async fn run(cli: Cli, shutdown: &Shutdown) -> Result<()> {
     }
     let cfg = Config::from_args(&cli.global, &process_env)?;
     let token = shutdown.token().clone();
-    if let Command::Sidecar(args) = &cli.command {
-        let sc = SidecarConfig::from_args(&cfg, args, &process_env)?;
-        return crate::sidecar::run(cfg, sc, token).await;
-    }
-    let work = dispatch(cli.command, &cfg, &token);
+    supervise(dispatch(cli.command, &cfg, &token), shutdown).await
+}
+
+/// Runs a verb's work. On a signal the work is cancelled (through the shutdown's token),
+/// given [`CLEANUP_GRACE`] to clean up, and the result is `Interrupted(signal)` whatever it
+/// returned. The sidecar is the exception: it is a service, it has its own stop timeout, and
+/// a clean stop is success.
+pub async fn supervise(work: impl Future<Output = Result<()>>, shutdown: &Shutdown) -> Result<()> {
+    let token = shutdown.token().clone();
     tokio::pin!(work);
     let result = tokio::select! {
         r = &mut work => r,
@@ -228,21 +232,10 @@ async fn dispatch(
             to,
             args,
         } => migrate::run(cfg, action, dry_run, to, &args, cancel).await,
-        Command::Stats {
-            watch,
-            sidecar,
-            direct,
-        } => {
-            use crate::sidecar::stats::{Source, cli, sidecar_url};
-            let source = if direct {
-                Source::Direct
-            } else {
-                Source::Sidecar(sidecar_url(&sidecar, &process_env)?)
-            };
-            cli(cfg, source, watch, cancel).await
-        }
-        // `run` starts the sidecar itself, with its own stop rules.
-        Command::Sidecar(_) => Err(Error::config("the sidecar cannot be dispatched as a verb")),
+        // The entry point starts the sidecar and its `stats` client (`sidecar::run_cli`).
+        Command::Sidecar(_) | Command::Stats { .. } => Err(Error::config(
+            "the sidecar and `stats` are not dispatched as roles",
+        )),
         Command::TestRestore { id, into, to_time } => {
             if let Some(target) = pitr_target(to_time.as_deref(), None)? {
                 let plan = plan_blocking(cfg, target).await?;

@@ -225,7 +225,7 @@ async fn preseed_dir(
     dir: &std::path::Path,
     guard: &SchemaGuard,
 ) -> Result<Outcome> {
-    if let Emptiness::HasData(what) = kind.data_dir_state(dir)? {
+    if let Emptiness::HasData(what) = crate::engine::data_dir_state(kind, dir)? {
         return Ok(Outcome::SkippedHasData(what));
     }
     let repos = super::sources(cfg)?;
@@ -240,7 +240,7 @@ async fn preseed_dir(
                     info!(set = set.id(), remote = %repo.display(), engine = %kind, "no good set in the repository; using the remote's");
                 }
                 let entry = set.manifest.engines[&kind].clone();
-                match kind.preseed_data_dir(&dir, &set, &entry) {
+                match crate::engine::preseed_data_dir(kind, &dir, &set, &entry) {
                     Ok(()) => {
                         return Ok(Outcome::Restored {
                             set: set.id().to_owned(),

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::outcome::{EngineResult, JobStatus};
 use crate::config::Config;
 use crate::engine::mongodb::pitr::{Plan, SegmentStore};
 use crate::engine::{Engine, EngineKind, EngineOps, RestoreOptions};
 use crate::error::{Error, Result};
 use crate::secret::Secret;
-use crate::sidecar::state::{EngineResult, JobStatus};
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -171,7 +171,7 @@ async fn run(
     if first_error.is_none() && set.manifest.engines.keys().all(|k| kinds.contains(k)) {
         let (place, id) = (set.place.clone(), set.id().to_owned());
         let _ = tokio::task::spawn_blocking(move || {
-            crate::repo::verified::record_pass_for(&place, &id, crate::repo::VerifyLevel::Deep)
+            crate::repo::verified::record_pass_for(&place, &id, crate::engine::DEEP)
         })
         .await;
     }

@@ -100,7 +100,7 @@ pub async fn verify(
     cancel: &CancellationToken,
 ) -> Result<()> {
     let level = if deep {
-        VerifyLevel::Deep
+        crate::engine::DEEP
     } else {
         VerifyLevel::Checksums
     };

@@ -21,12 +21,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, SidecarConfig};
+use crate::cli::{Cli, Command};
+use crate::config::{Config, SidecarConfig, process_env};
 use crate::engine::{Engine, EngineKind, EngineOps};
 use crate::error::{Error, Result};
 use crate::repo::manifest::Manifest;
 use crate::repo::{self, Repo, TMP_PREFIX, VerifyLevel};
 use crate::role;
+use crate::shutdown::Shutdown;
 use state::{EngineHealth, EngineResult, JobKind, JobStatus, RunRecord, State, Trigger};
 
 /// A probe that takes longer than this counts as down.
@@ -53,6 +55,32 @@ pub struct Sidecar {
     /// Each engine's last statistics round (`DBKEEPER_STATS_INTERVAL`).
     pub stats: stats::Store,
     tracker: TaskTracker,
+}
+
+/// The entry point's dispatch of `dbkeeper sidecar` and of `dbkeeper stats`, its client: the
+/// sidecar runs until stopped under its own stop rules; `stats` is a verb like the roles.
+pub async fn run_cli(cli: Cli, shutdown: &Shutdown) -> Result<()> {
+    let cfg = Config::from_args(&cli.global, &process_env)?;
+    match cli.command {
+        Command::Sidecar(args) => {
+            let sc = SidecarConfig::from_args(&cfg, &args, &process_env)?;
+            run(cfg, sc, shutdown.token().clone()).await
+        }
+        Command::Stats {
+            watch,
+            sidecar,
+            direct,
+        } => {
+            let source = if direct {
+                stats::Source::Direct
+            } else {
+                stats::Source::Sidecar(stats::sidecar_url(&sidecar, &process_env)?)
+            };
+            let token = shutdown.token().clone();
+            role::supervise(stats::cli(&cfg, source, watch, &token), shutdown).await
+        }
+        _ => Err(Error::config("not a sidecar command")),
+    }
 }
 
 /// Runs the sidecar until `root` is cancelled, then stops within the stop timeout. A clean
@@ -469,7 +497,7 @@ impl Sidecar {
         // checksums are what it can check.
         let level = match &self.cfg.crypto {
             Some(k) if !k.can_decrypt() => VerifyLevel::Checksums,
-            _ => VerifyLevel::Deep,
+            _ => crate::engine::DEEP,
         };
         let verified = tokio::task::spawn_blocking(move || {
             let set = repo.resolve(&set_id, None)?;
@@ -482,7 +510,7 @@ impl Sidecar {
         .map_err(|e| Error::engine("verify", format!("task failed: {e}")))?;
         match verified {
             Ok(report) => {
-                if level == VerifyLevel::Deep {
+                if level.is_deep() {
                     info!(set = %m.id, files = report.files, records = report.records, "new set verifies deeply")
                 } else {
                     info!(set = %m.id, files = report.files, "new set verifies by checksum (write-only host: no key to decode it)")

@@ -98,7 +98,7 @@ fn configuration_errors_are_exit_2() {
             "KEEP_DAILY",
         ),
         (
-            vec!["backup", "--only", "postgres"],
+            vec!["backup", "--only", "cassandra"],
             vec![],
             "unknown engine",
         ),
