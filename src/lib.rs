@@ -8,11 +8,17 @@
 //! - `error`, `exit`: the one error type and the exit-code table.
 //! - `logging`, `shutdown`: tracing set-up; signals → cancellation.
 //! - `migrate`: versioned schema migrations — files, per-database history and lock, Flyway's rules.
-//! - `engine`: the engine contract and its MongoDB, Redis and Chroma implementations.
-//! - `repo`: sets on disk — manifest, atomic publish, lock, verification, retention.
+//! - `engine`: the engine contract and its MongoDB, Redis, Chroma, PostgreSQL and RabbitMQ
+//!   implementations.
+//! - `repo`: sets on disk — engine kinds and counts, manifest, atomic publish, lock,
+//!   verification, retention. Below `engine`: a deep verify is given the engines' decoders.
 //! - `role`: one module per verb (wait, health, backup, list, verify, restore/preseed, prune,
-//!   init, test-restore).
-//! - `sidecar`: the resident role — schedule, jobs, health loop, HTTP API, metrics, webhooks.
+//!   init, test-restore). Below `sidecar`.
+//! - `sidecar`: the resident role — schedule, jobs, health loop, HTTP API, metrics, webhooks —
+//!   and its `stats` client; started by the entry point.
+//!
+//! Each arrow points one way: `entrypoints` → `sidecar` → `role` → `migrate`, `engine` →
+//! `repo` → `error`, `secret`.
 
 pub mod cli;
 pub mod config;
