@@ -376,8 +376,8 @@ pub enum Command {
         dir: std::path::PathBuf,
         /// Before installing, hand the tree at PATH to UID:GID (what is not theirs already;
         /// symlinks are not followed, other filesystems not entered). Repeatable.
-        #[arg(long, value_name = "PATH=UID:GID", value_parser = crate::role::install::parse_own)]
-        own: Vec<crate::role::install::Own>,
+        #[arg(long, value_name = "PATH=UID:GID", value_parser = parse_own)]
+        own: Vec<Own>,
     },
     /// The resident role: scheduled backups, verify, retention, health loop, HTTP API
     Sidecar(SidecarArgs),
@@ -616,4 +616,34 @@ fn on_command_line(arg: &clap::Arg, args: &[std::ffi::OsString]) -> bool {
                 false
             }
         })
+}
+
+/// `--own PATH=UID:GID`: a tree handed to a numeric user and group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Own {
+    pub path: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Parses `PATH=UID:GID` (absolute path, numeric ids: the image has no user database to look
+/// names up in, and Compose's `user:` takes the same numbers).
+pub fn parse_own(s: &str) -> std::result::Result<Own, String> {
+    let bad = |why: &str| format!("{s:?} is not PATH=UID:GID ({why})");
+    let (path, ids) = s.rsplit_once('=').ok_or_else(|| bad("no '='"))?;
+    if !path.starts_with('/') {
+        return Err(bad("the path must be absolute"));
+    }
+    let (uid, gid) = ids
+        .split_once(':')
+        .ok_or_else(|| bad("the owner must be numeric UID:GID"))?;
+    let num = |v: &str| {
+        v.parse::<u32>()
+            .map_err(|_| bad("the owner must be numeric UID:GID"))
+    };
+    Ok(Own {
+        path: PathBuf::from(path),
+        uid: num(uid)?,
+        gid: num(gid)?,
+    })
 }

@@ -14,11 +14,13 @@
 //!   verification, retention. Below `engine`: a deep verify is given the engines' decoders.
 //! - `role`: one module per verb (wait, health, backup, list, verify, restore/preseed, prune,
 //!   init, test-restore). Below `sidecar`.
+//! - `schedule`: `DBKEEPER_SCHEDULE` (cron or interval) and the loop that fires it.
 //! - `sidecar`: the resident role — schedule, jobs, health loop, HTTP API, metrics, webhooks —
 //!   and its `stats` client; started by the entry point.
 //!
-//! Each arrow points one way: `entrypoints` → `sidecar` → `role` → `migrate`, `engine` →
-//! `repo` → `error`, `secret`.
+//! Each arrow points one way (no module reaches back up): `entrypoints` → `sidecar` → `role`
+//! → `config`, `migrate` → `engine` → `repo` → `secret`, `error`; `cli` and `schedule` sit
+//! below `config`.
 
 pub mod cli;
 pub mod config;
@@ -29,6 +31,7 @@ pub mod logging;
 pub mod migrate;
 pub mod repo;
 pub mod role;
+pub mod schedule;
 pub mod secret;
 pub mod shutdown;
 pub mod sidecar;

@@ -24,35 +24,7 @@ use crate::error::{Error, Result};
 pub const BINARY: &str = "dbkeeper";
 pub const ROLE_LINKS: [&str; 2] = ["dbkeeper-health", "dbkeeper-init"];
 
-/// `--own PATH=UID:GID`: a tree handed to a numeric user and group.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Own {
-    pub path: PathBuf,
-    pub uid: u32,
-    pub gid: u32,
-}
-
-/// Parses `PATH=UID:GID` (absolute path, numeric ids: the image has no user database to look
-/// names up in, and Compose's `user:` takes the same numbers).
-pub fn parse_own(s: &str) -> std::result::Result<Own, String> {
-    let bad = |why: &str| format!("{s:?} is not PATH=UID:GID ({why})");
-    let (path, ids) = s.rsplit_once('=').ok_or_else(|| bad("no '='"))?;
-    if !path.starts_with('/') {
-        return Err(bad("the path must be absolute"));
-    }
-    let (uid, gid) = ids
-        .split_once(':')
-        .ok_or_else(|| bad("the owner must be numeric UID:GID"))?;
-    let num = |v: &str| {
-        v.parse::<u32>()
-            .map_err(|_| bad("the owner must be numeric UID:GID"))
-    };
-    Ok(Own {
-        path: PathBuf::from(path),
-        uid: num(uid)?,
-        gid: num(gid)?,
-    })
-}
+pub use crate::cli::{Own, parse_own};
 
 /// Hands every tree of `own` over, then installs the binary into `dir`.
 pub fn own_and_install(own: &[Own], dir: &Path) -> Result<()> {

@@ -7,7 +7,8 @@ pub mod db_alerts;
 pub mod http;
 pub mod metrics;
 pub mod notify;
-pub mod schedule;
+pub use crate::schedule;
+pub mod settings;
 pub mod state;
 pub mod stats;
 
@@ -22,13 +23,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::cli::{Cli, Command};
-use crate::config::{Config, SidecarConfig, process_env};
+use crate::config::{Config, process_env};
 use crate::engine::{Engine, EngineKind, EngineOps};
 use crate::error::{Error, Result};
 use crate::repo::manifest::Manifest;
 use crate::repo::{self, Repo, TMP_PREFIX, VerifyLevel};
 use crate::role;
 use crate::shutdown::Shutdown;
+pub use settings::SidecarConfig;
 use state::{EngineHealth, EngineResult, JobKind, JobStatus, RunRecord, State, Trigger};
 
 /// A probe that takes longer than this counts as down.
