@@ -56,6 +56,10 @@ pub const DEFAULT_PARALLEL: usize = 4;
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How long a finished operation waits for its client to end its sessions and close.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
+/// A wipe waits for the server to apply no write for this long (see `settle_writes`)...
+const SETTLE_QUIET: Duration = Duration::from_millis(500);
+/// ...but no longer than this.
+const SETTLE_LIMIT: Duration = Duration::from_secs(15);
 
 /// The engine's typed configuration, from the URI and [`EngineOptions`].
 #[derive(Clone)]
@@ -871,6 +875,7 @@ impl MongoEngine {
     }
 
     async fn wipe_with(&self, client: Client) -> Result<()> {
+        self.settle_writes(&client).await;
         for db in self.user_databases(&client).await? {
             let database = client.database(&db);
             if self.cfg.filter.wants_whole_db(&db) {
@@ -895,6 +900,57 @@ impl MongoEngine {
             }
         }
         Ok(())
+    }
+
+    /// Waits, before a wipe, until the server has applied no write for [`SETTLE_QUIET`]. A
+    /// restore killed mid-way leaves insert batches in the server's socket buffers, which the
+    /// server goes on applying after the client died; dropped before they land, they recreate
+    /// collections under the next restore and collide with it (found by the fault suite). The
+    /// server's `opcounters` tell when they have drained. A user without `serverStatus`, or a
+    /// target that never goes quiet (an application still writing), waits at most
+    /// [`SETTLE_LIMIT`].
+    async fn settle_writes(&self, client: &Client) {
+        async fn writes(client: &Client) -> Option<i64> {
+            let ss = client
+                .database("admin")
+                .run_command(doc! {"serverStatus": 1, "repl": 0, "metrics": 0, "locks": 0})
+                .await
+                .ok()?;
+            let ops = ss.get_document("opcounters").ok()?;
+            let n = |k: &str| match ops.get(k) {
+                Some(Bson::Int32(v)) => i64::from(*v),
+                Some(Bson::Int64(v)) => *v,
+                Some(Bson::Double(v)) => *v as i64,
+                _ => 0,
+            };
+            Some(n("insert") + n("update") + n("delete"))
+        }
+        let deadline = Instant::now() + SETTLE_LIMIT;
+        let Some(mut last) = writes(client).await else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(SETTLE_QUIET).await;
+            let Some(now) = writes(client).await else {
+                return;
+            };
+            if now == last {
+                return;
+            }
+            if Instant::now() >= deadline {
+                info!(
+                    engine = ENGINE,
+                    "the server is still applying writes; wiping anyway"
+                );
+                return;
+            }
+            debug!(
+                engine = ENGINE,
+                writes = now - last,
+                "waiting for writes to drain before the wipe"
+            );
+            last = now;
+        }
     }
 
     async fn set_marker_with(&self, client: Client, on: bool) -> Result<()> {

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use mongodb::bson::{RawDocumentBuf, doc};
 
@@ -15,6 +16,7 @@ use crate::common::chroma::{ChromaServer, SEED, py};
 use crate::common::mongodb::{self as mongo, Mongo};
 use crate::common::redis::{Opts, RedisServer};
 use crate::common::{assert_code, dbkeeper};
+use crate::report::panic_message;
 use crate::secrets::{REDIS_PW, checked_output};
 
 /// Where a killed preseed or restore left its target.
@@ -237,8 +239,48 @@ fn mongo_fp(m: &Mongo) -> String {
     format!("{out:?}")
 }
 
+/// Runs one of the harness's own reads or writes, again after a pause when its client failed: under
+/// a full run's load the driver's monitor can time out and clear the test client's pool
+/// (`ConnectionPoolCleared`), which says nothing of the target's state.
+fn harness_retry<T>(what: &str, f: impl Fn() -> T) -> T {
+    for _ in 0..4 {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&f)) {
+            Ok(v) => return v,
+            Err(e) => {
+                eprintln!(
+                    "  the harness's {what} failed ({}); again",
+                    panic_message(&*e)
+                );
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+    f()
+}
+
 impl Target for Mongo {
     fn wipe(&self) {
+        harness_retry("wipe", || self.wipe_once())
+    }
+    fn own_data(&self) {
+        harness_retry("insert", || self.own_data_once())
+    }
+    fn state(&self) -> (String, bool) {
+        harness_retry("read", || self.state_once())
+    }
+    fn env(&self, c: &mut Command) {
+        c.env("DBKEEPER_MONGODB_URI", self.uri());
+    }
+}
+
+trait MongoTarget {
+    fn wipe_once(&self);
+    fn own_data_once(&self);
+    fn state_once(&self) -> (String, bool);
+}
+
+impl MongoTarget for Mongo {
+    fn wipe_once(&self) {
         for db in self.databases() {
             self.command(&db, doc! {"dropDatabase": 1});
         }
@@ -249,7 +291,7 @@ impl Target for Mongo {
                 .await
         });
     }
-    fn own_data(&self) {
+    fn own_data_once(&self) {
         self.insert(
             "mine",
             "old",
@@ -259,7 +301,7 @@ impl Target for Mongo {
         );
         self.insert("app", "users", vec![raw(doc! {"_id": "not from the set"})]);
     }
-    fn state(&self) -> (String, bool) {
+    fn state_once(&self) -> (String, bool) {
         let marked = self
             .collections("admin")
             .iter()
@@ -268,9 +310,6 @@ impl Target for Mongo {
             return (String::new(), true);
         }
         (mongo_fp(self), false)
-    }
-    fn env(&self, c: &mut Command) {
-        c.env("DBKEEPER_MONGODB_URI", self.uri());
     }
 }
 
