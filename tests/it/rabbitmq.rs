@@ -209,6 +209,25 @@ fn definitions_round_trip_into_a_fresh_broker() {
         comparable(&dst.definitions())
     );
 
+    // A preseed interrupted half-way (the marker left behind, some objects in): wiped and
+    // redone, not mistaken for data.
+    dst.api_ok(
+        "PUT",
+        "/api/global-parameters/dbkeeper-restore-in-progress",
+        Some(&json!({"name": "dbkeeper-restore-in-progress", "value": "x"})),
+    );
+    dst.api_ok(
+        "PUT",
+        "/api/queues/%2F/half",
+        Some(&json!({"durable": true})),
+    );
+    let o = run(dk(repo.path(), &dst).arg("preseed"));
+    assert_code(&o, 0);
+    assert_eq!(
+        comparable(&src.definitions()),
+        comparable(&dst.definitions())
+    );
+
     // A set whose binding names a queue it does not define fails deep verify (counts agree).
     corrupt_set(repo.path(), &set);
     let o = run(dk(repo.path(), &src).args(["verify", "--deep", "latest"]));

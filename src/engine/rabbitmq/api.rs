@@ -263,11 +263,20 @@ impl Api {
         Ok(())
     }
 
-    /// Like [`Api::delete`], with 404 as done.
+    /// Like [`Api::delete`], with 404 (nothing to delete) as done.
     pub async fn delete_if_exists(&self, segments: &[&str]) -> Result<()> {
-        match self.delete(segments).await {
-            Err(Error::Engine { message, .. }) if message.contains("HTTP 404") => Ok(()),
-            r => r,
+        let what = format!("deleting {}", segments.join(" "));
+        let resp = self
+            .request(Method::DELETE, segments)?
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(format!("management API, {what}: {}", chain(&e))))?;
+        let status = resp.status();
+        if status.is_success() || status == StatusCode::NOT_FOUND {
+            return Ok(());
         }
+        let body = resp.text().await.unwrap_or_default();
+        Err(self.status_error(status, &what, &body))
     }
 }
