@@ -280,7 +280,7 @@ fn corrupt_set(repo: &Path, set: &str) {
 #[test]
 fn wait_health_alarms_and_bad_input() {
     let repo = tempfile::tempdir().unwrap();
-    let broker = RabbitServer::spawn();
+    let broker = RabbitServer::spawn_with(true);
     let waiting = dk(repo.path(), &broker)
         .args(["wait", "--timeout", "120s"])
         .stdout(Stdio::piped())
@@ -295,6 +295,27 @@ fn wait_health_alarms_and_bad_input() {
     assert_code(&o, 0);
     assert!(stdout(&o).contains("3.10"), "{}", stdout(&o));
     assert!(stdout(&o).contains("product=RabbitMQ"), "{}", stdout(&o));
+
+    // amqps://: healthy with the CA trusted, refused (exit 1) without it.
+    let tls_url = format!("amqps://guest:guest@127.0.0.1:{}", broker.tls_port.unwrap());
+    let ca = broker.dir().join("ca.crt");
+    let o = run(dk(repo.path(), &broker)
+        .env("SSL_CERT_FILE", &ca)
+        .args(["health", &tls_url]));
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains("product=RabbitMQ"), "{}", stdout(&o));
+    let empty_ca = broker.dir().join("none.pem");
+    std::fs::write(
+        &empty_ca,
+        std::fs::read(broker.dir().join("server.crt")).unwrap(),
+    )
+    .unwrap();
+    let o = run(dk(repo.path(), &broker)
+        .env("SSL_CERT_FILE", &empty_ca)
+        .env_remove("SSL_CERT_DIR")
+        .args(["wait", "--timeout", "30s", &tls_url]));
+    assert_code(&o, 1);
+    assert!(stderr(&o).contains("TLS"), "{}", stderr(&o));
 
     let port = broker.amqp_port;
     let bad = |url: String, timeout: &str| {

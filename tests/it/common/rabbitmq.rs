@@ -21,6 +21,8 @@ pub struct RabbitServer {
     child: Option<Child>,
     pub amqp_port: u16,
     pub api_port: u16,
+    /// The `amqps://` listener, when started with TLS (`ca.crt` in [`RabbitServer::dir`]).
+    pub tls_port: Option<u16>,
     epmd_port: u16,
     node: String,
     dir: tempfile::TempDir,
@@ -29,6 +31,11 @@ pub struct RabbitServer {
 impl RabbitServer {
     /// Starts a broker and returns at once; [`RabbitServer::wait_up`] waits for it.
     pub fn spawn() -> RabbitServer {
+        Self::spawn_with(false)
+    }
+
+    /// Like [`RabbitServer::spawn`], with an `amqps://` listener too when `tls`.
+    pub fn spawn_with(tls: bool) -> RabbitServer {
         assert!(
             Path::new(SBIN).join("rabbitmq-server").exists(),
             "rabbitmq-server not found in {SBIN}; install the rabbitmq-server package"
@@ -39,16 +46,27 @@ impl RabbitServer {
         let epmd_port = free_port();
         let node = format!("dbk-{amqp_port}@localhost");
         let conf = dir.path().join("rabbitmq.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listeners.tcp.default = 127.0.0.1:{amqp_port}\n\
-                 management.tcp.port = {api_port}\n\
-                 management.tcp.ip = 127.0.0.1\n\
-                 loopback_users = none\n"
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "listeners.tcp.default = 127.0.0.1:{amqp_port}\n\
+             management.tcp.port = {api_port}\n\
+             management.tcp.ip = 127.0.0.1\n\
+             loopback_users = none\n"
+        );
+        let tls_port = tls.then(|| {
+            super::make_certs(dir.path());
+            let port = free_port();
+            let d = dir.path().display();
+            text.push_str(&format!(
+                "listeners.ssl.default = 127.0.0.1:{port}\n\
+                 ssl_options.cacertfile = {d}/ca.crt\n\
+                 ssl_options.certfile = {d}/server.crt\n\
+                 ssl_options.keyfile = {d}/server.key\n\
+                 ssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n"
+            ));
+            port
+        });
+        std::fs::write(&conf, text).unwrap();
         std::fs::write(
             dir.path().join("enabled_plugins"),
             "[rabbitmq_management].\n",
@@ -67,6 +85,7 @@ impl RabbitServer {
             child: Some(child),
             amqp_port,
             api_port,
+            tls_port,
             epmd_port,
             node,
             dir,
