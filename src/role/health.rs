@@ -190,6 +190,7 @@ pub fn configured_urls(env: EnvLookup<'_>) -> Result<Vec<Secret>> {
         "DBKEEPER_MONGODB_URI",
         "DBKEEPER_REDIS_URL",
         "DBKEEPER_CHROMA_URL",
+        "DBKEEPER_RABBITMQ_URL",
     ] {
         if let Some(u) = secret::resolve(name, None, env)? {
             urls.push(u);
@@ -253,6 +254,7 @@ fn parse_and_check(args: &[OsString], env: EnvLookup<'_>) -> Result<bool> {
         chroma_auth_header: env("DBKEEPER_CHROMA_AUTH_HEADER"),
         redis_tls_cert_file: env("DBKEEPER_REDIS_TLS_CERT_FILE").map(Into::into),
         redis_tls_key_file: env("DBKEEPER_REDIS_TLS_KEY_FILE").map(Into::into),
+        rabbitmq_api_url: secret::resolve("DBKEEPER_RABBITMQ_API_URL", None, env)?,
         ..EngineOptions::default()
     };
     Ok(check(&urls, &opts, timeout))

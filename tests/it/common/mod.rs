@@ -5,6 +5,7 @@
 
 pub mod chroma;
 pub mod mongodb;
+pub mod rabbitmq;
 pub mod redis;
 pub mod s3;
 
