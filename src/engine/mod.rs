@@ -170,6 +170,13 @@ pub trait EngineOps {
         self.probe(timeout).await
     }
 
+    /// What `backup` checks before it creates anything: the server answers and a dump can
+    /// start. Default: `probe`. (RabbitMQ: the handshake without the alarm check, since a
+    /// broker under a memory or disk alarm still serves its definitions.)
+    async fn answers(&self, timeout: Duration) -> Result<Probe> {
+        self.probe(timeout).await
+    }
+
     /// `init`'s step before it waits for readiness: what must be done once to the server for
     /// it to become ready at all (MongoDB: initiate the configured replica set). Waits for the
     /// server to answer, under `deadline`. Default: nothing.
@@ -260,6 +267,9 @@ impl EngineOps for Engine {
     }
     async fn ready(&self, timeout: Duration) -> Result<Probe> {
         dispatch!(self, e => e.ready(timeout).await)
+    }
+    async fn answers(&self, timeout: Duration) -> Result<Probe> {
+        dispatch!(self, e => e.answers(timeout).await)
     }
     async fn prepare(&self, deadline: Instant, cancel: &CancellationToken) -> Result<()> {
         dispatch!(self, e => e.prepare(deadline, cancel).await)

@@ -59,7 +59,7 @@ async fn backup_into(
     let lock = repo.lock(cfg.lock_wait).await?;
     // Fail before creating anything if an engine is down.
     for e in engines {
-        e.probe(PROBE_TIMEOUT).await?;
+        e.answers(PROBE_TIMEOUT).await?;
     }
     let mut set = repo.begin_set(&lock, Utc::now())?;
     let start = Instant::now();

@@ -386,6 +386,10 @@ fn wait_health_alarms_and_bad_input() {
         &run(dk(repo.path(), &broker).args(["wait", "--timeout", "10s"])),
         0,
     );
+    // A backup still runs: the definitions are served under an alarm.
+    let before = sets(repo.path()).len();
+    assert_code(&run(dk(repo.path(), &broker).arg("backup")), 0);
+    assert_eq!(sets(repo.path()).len(), before + 1);
     let ctl = broker.ctl(&["set_vm_memory_high_watermark", "0.4"]);
     assert!(ctl.status.success(), "{ctl:?}");
     assert!(crate::common::wait_until(Duration::from_secs(30), || {
@@ -401,7 +405,12 @@ fn wait_health_alarms_and_bad_input() {
         )
         .arg("backup"));
     assert_ne!(crate::common::code(&o), 0, "{}", stderr(&o));
-    assert!(sets(repo.path()).is_empty(), "{:?}", sets(repo.path()));
+    assert_eq!(
+        sets(repo.path()).len(),
+        before + 1,
+        "{:?}",
+        sets(repo.path())
+    );
     assert!(temps(repo.path()).is_empty(), "{:?}", temps(repo.path()));
 
     // The broker gone: not reachable (exit 3), no set.
@@ -409,7 +418,12 @@ fn wait_health_alarms_and_bad_input() {
     broker.kill();
     let o = run(dk(repo.path(), &broker).arg("backup"));
     assert_code(&o, 3);
-    assert!(sets(repo.path()).is_empty(), "{:?}", sets(repo.path()));
+    assert_eq!(
+        sets(repo.path()).len(),
+        before + 1,
+        "{:?}",
+        sets(repo.path())
+    );
 }
 
 /// A proxy to the management API that forwards everything, except that the answer to

@@ -340,6 +340,11 @@ impl EngineOps for RabbitEngine {
         Ok(Self::probe_of(self.handshake(timeout).await?))
     }
 
+    /// A backup only reads the definitions, which a broker under an alarm still serves.
+    async fn answers(&self, timeout: Duration) -> Result<Probe> {
+        self.ready(timeout).await
+    }
+
     async fn is_empty(&self) -> Result<Emptiness> {
         let d = self.api.definitions().await?;
         Ok(defs::emptiness(&d, &self.cfg.api_user))
