@@ -116,6 +116,24 @@ impl Error {
         }
     }
 
+    /// The engine did not answer (yet): retrying may help.
+    pub fn unreachable(engine: &'static str, url: &str, msg: impl Into<String>) -> Self {
+        Error::Unreachable {
+            engine,
+            url: url.to_owned(),
+            message: msg.into(),
+        }
+    }
+
+    /// The engine answered no: retrying cannot help (credentials, protocol).
+    pub fn refused(engine: &'static str, url: &str, msg: impl Into<String>) -> Self {
+        Error::Refused {
+            engine,
+            url: url.to_owned(),
+            message: msg.into(),
+        }
+    }
+
     pub fn corrupt(set: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::Corrupt {
             set: set.into(),

@@ -171,19 +171,11 @@ impl RabbitConfig {
     }
 
     fn unreachable(&self, message: impl Into<String>) -> Error {
-        Error::Unreachable {
-            engine: ENGINE,
-            url: self.display.clone(),
-            message: message.into(),
-        }
+        Error::unreachable(ENGINE, &self.display, message)
     }
 
     fn refused(&self, message: impl Into<String>) -> Error {
-        Error::Refused {
-            engine: ENGINE,
-            url: self.display.clone(),
-            message: message.into(),
-        }
+        Error::refused(ENGINE, &self.display, message)
     }
 
     /// The handshake, blocking, under `timeout`.

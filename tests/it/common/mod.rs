@@ -258,18 +258,32 @@ pub fn try_http(
     path: &str,
     token: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n{auth}\r\n"
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
+    http_exchange(
+        port,
+        &format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n{auth}\r\n"
+        ),
+        Duration::from_secs(30),
+    )
+}
+
+/// Sends `request` (which must make the server close the connection after its answer:
+/// HTTP/1.0 or `Connection: close`) to a server on loopback: the status and the body.
+pub fn http_exchange(
+    port: u16,
+    request: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(request.as_bytes())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let buf = String::from_utf8_lossy(&buf).into_owned();
     let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
     let code = head
         .split_whitespace()
