@@ -124,8 +124,14 @@ fn data_copy_verifies_preseeds_and_exports_equal() {
     assert_code(&o, 0);
     assert!(stdout(&o).contains("ok"), "{}", stdout(&o));
 
-    // Preseed into an empty volume, no URL: the server is not running yet.
+    // Preseed into a volume an interrupted preseed left (its temp directory and a segment
+    // directory moved into place), no URL: the server is not running yet. Redone whole.
     let vol = tempfile::tempdir().unwrap();
+    let stale = "00000000-0000-0000-0000-0000000000aa";
+    for d in [".dbkeeper-chroma-copy.tmp", stale] {
+        std::fs::create_dir(vol.path().join(d)).unwrap();
+        std::fs::write(vol.path().join(d).join("junk"), "partial").unwrap();
+    }
     let o = run(dbkeeper(repo.path())
         .env("DBKEEPER_CHROMA_DATA_DIR", vol.path())
         .arg("preseed"));
@@ -136,6 +142,7 @@ fn data_copy_verifies_preseeds_and_exports_equal() {
         "temps left: {:?}",
         names(vol.path())
     );
+    assert!(!vol.path().join(stale).exists(), "leftover kept");
 
     let a = ChromaDirServer::start(&root.path().join("src"));
     // A data copy is never loaded into a running server: refused before anything is touched.
