@@ -315,6 +315,35 @@ fn data_copy_refusals_write_nothing() {
     let (id, _) = import_set(repo.path(), &good).unwrap();
     let o = run(dbkeeper(repo.path()).args(["verify", &id, "--deep"]));
     assert_code(&o, 0);
+    // A set whose manifest no longer lists a segment file that its SQLite names is corrupt
+    // (the manifest edited consistently, its sum rewritten: only the deep check can tell).
+    let (id2, _) = import_set(repo.path(), &good).unwrap();
+    let drop_segment = r#"
+import sys, json, hashlib, os
+d, seg = sys.argv[1], sys.argv[2]
+m = json.load(open(os.path.join(d, "manifest.json")))
+e = m["engines"]["chroma"]
+e["files"] = [f for f in e["files"] if not f["path"].endswith(seg + "/header.bin.zst")]
+e["details"]["files"] = [f for f in e["details"]["files"] if f != seg + "/header.bin"]
+raw = json.dumps(m, indent=2).encode()
+open(os.path.join(d, "manifest.json"), "wb").write(raw)
+if os.path.exists(os.path.join(d, "manifest.json.sha256")):
+    open(os.path.join(d, "manifest.json.sha256"), "w").write(hashlib.sha256(raw).hexdigest() + "  manifest.json\n")
+"#;
+    py(
+        drop_segment,
+        &[repo.path().join(&id2).to_str().unwrap(), &seg],
+    );
+    let o = run(dbkeeper(repo.path()).args(["verify", &id2]));
+    assert_code(&o, 0);
+    let o = run(dbkeeper(repo.path()).args(["verify", &id2, "--deep"]));
+    assert_code(&o, 4);
+    assert!(
+        stdout(&o).contains(&format!("segment file {seg}/header.bin")),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
     let stored = repo.path().join(&id).join("chroma/data/chroma.sqlite3.zst");
     let mut bytes = std::fs::read(&stored).unwrap();
     let mid = bytes.len() / 2;
