@@ -315,6 +315,44 @@ fn data_copy_refusals_write_nothing() {
     let (id, _) = import_set(repo.path(), &good).unwrap();
     let o = run(dbkeeper(repo.path()).args(["verify", &id, "--deep"]));
     assert_code(&o, 0);
+    // A copy with a `-wal` beside chroma.sqlite3 (taken from a crashed server): the WAL is
+    // stored and applied when counting, the source files left as they were.
+    let wal = root.path().join("wal");
+    copy_dir(&good, &wal);
+    let crashed_writer = r#"
+import sys, os, sqlite3
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("PRAGMA journal_mode=WAL"); c.execute("PRAGMA wal_autocheckpoint=0")
+c.execute("DELETE FROM embeddings WHERE embedding_id = 'r7'")
+os._exit(0)
+"#;
+    py(
+        crashed_writer,
+        &[wal.join("chroma.sqlite3").to_str().unwrap()],
+    );
+    let wal_bytes = std::fs::read(wal.join("chroma.sqlite3-wal")).unwrap();
+    assert!(!wal_bytes.is_empty());
+    let main_bytes = std::fs::read(wal.join("chroma.sqlite3")).unwrap();
+    let (wal_id, wal_entry) = import_set(repo.path(), &wal).unwrap();
+    assert_eq!(wal_entry.counts["default_database/refusals"], 29);
+    assert!(
+        wal_entry
+            .files
+            .iter()
+            .any(|f| f.path == "chroma/data/chroma.sqlite3-wal.zst")
+    );
+    assert_eq!(
+        std::fs::read(wal.join("chroma.sqlite3-wal")).unwrap(),
+        wal_bytes
+    );
+    assert_eq!(
+        std::fs::read(wal.join("chroma.sqlite3")).unwrap(),
+        main_bytes
+    );
+    let o = run(dbkeeper(repo.path()).args(["verify", &wal_id, "--deep"]));
+    assert_code(&o, 0);
+    std::fs::remove_dir_all(repo.path().join(&wal_id)).unwrap();
+
     // A set whose manifest no longer lists a segment file that its SQLite names is corrupt
     // (the manifest edited consistently, its sum rewritten: only the deep check can tell).
     let (id2, _) = import_set(repo.path(), &good).unwrap();

@@ -4,9 +4,10 @@
 //! format, so it is loaded only into a stopped server's empty volume (preseed through
 //! `DBKEEPER_CHROMA_DATA_DIR`) or written back out as a directory (`export`).
 //!
-//! `chroma.sqlite3` is read with SQLite itself (rusqlite, statically linked), always from a
-//! private copy in a temp directory: the source is never opened, so never changed, and a `-wal`
-//! beside it is applied to the copy, not to the source.
+//! `chroma.sqlite3` is read with SQLite itself (rusqlite, statically linked), opened read-only
+//! and immutable (no locks, no writes, no journal), so the files are never changed. A
+//! `-wal` or `-journal` beside it must be applied to be read right, which writes: then a
+//! private copy in a temp directory is opened instead.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -111,11 +112,22 @@ struct Inspected {
 /// Why a file is not a Chroma database; the caller picks the error kind.
 struct NotChroma(String);
 
-/// Opens and checks a private copy of `chroma.sqlite3` (`display` names the file in messages).
-fn inspect(copy: &Path, display: &str) -> std::result::Result<Inspected, NotChroma> {
+/// The companions of `chroma.sqlite3` in `dir` that SQLite must apply to read it right.
+fn companions(dir: &Path) -> Vec<String> {
+    ["-wal", "-journal"]
+        .iter()
+        .map(|s| format!("{SQLITE}{s}"))
+        .filter(|n| fs::metadata(dir.join(n)).is_ok_and(|m| m.len() > 0))
+        .collect()
+}
+
+/// Opens and checks `dir`'s `chroma.sqlite3` (`display` names the file in messages): in place,
+/// immutable, or from a private copy when a `-wal` or `-journal` must be applied.
+fn inspect(dir: &Path, display: &str) -> std::result::Result<Inspected, NotChroma> {
     let bad = |m: String| NotChroma(format!("{display}: {m}"));
+    let path = dir.join(SQLITE);
     let mut head = [0u8; 16];
-    let n = File::open(copy)
+    let n = File::open(&path)
         .and_then(|mut f| read_full(&mut f, &mut head))
         .map_err(|e| bad(format!("cannot read: {e}")))?;
     if n < 16 || &head != b"SQLite format 3\0" {
@@ -123,11 +135,40 @@ fn inspect(copy: &Path, display: &str) -> std::result::Result<Inspected, NotChro
             "not a SQLite database (bytes 0-15 are not the SQLite header)".into(),
         ));
     }
-    // The copy is ours: read-write so that a `-wal` beside it is applied (to the copy).
-    let conn = Connection::open_with_flags(
-        copy,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
+    let extra = companions(dir);
+    let _private;
+    let conn = if extra.is_empty() {
+        // A URI, so that `immutable=1` applies; the characters URIs reserve are escaped.
+        let mut uri = String::from("file:");
+        for c in path.to_string_lossy().chars() {
+            match c {
+                '%' => uri.push_str("%25"),
+                '?' => uri.push_str("%3f"),
+                '#' => uri.push_str("%23"),
+                c => uri.push(c),
+            }
+        }
+        uri.push_str("?immutable=1");
+        Connection::open_with_flags(
+            uri,
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_URI
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+    } else {
+        let tmp = temp_dir().map_err(|e| bad(e.to_string()))?;
+        for n in std::iter::once(SQLITE.to_owned()).chain(extra) {
+            fs::copy(dir.join(&n), tmp.path().join(&n))
+                .map_err(|e| bad(format!("cannot copy {n}: {e}")))?;
+        }
+        let copy = tmp.path().join(SQLITE);
+        _private = tmp;
+        // The copy is ours: read-write, so that SQLite applies the journal (to the copy).
+        Connection::open_with_flags(
+            copy,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+    }
     .map_err(|e| bad(format!("cannot open as SQLite: {e}")))?;
     let sql = |e: rusqlite::Error| bad(format!("unreadable SQLite database: {e}"));
     let tables: Vec<String> = conn
@@ -303,19 +344,6 @@ fn walk(root: &Path) -> Result<Vec<(String, u64)>> {
     Ok(out)
 }
 
-/// Copies `chroma.sqlite3` and its `-wal`/`-journal` (if any) of `src` into `tmp`.
-fn copy_sqlite(src: &Path, files: &[(String, u64)], tmp: &Path) -> Result<PathBuf> {
-    for (rel, _) in files.iter().filter(|(r, _)| r.starts_with(SQLITE)) {
-        if rel.contains('/') {
-            continue;
-        }
-        let from = src.join(rel);
-        let to = tmp.join(rel);
-        fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
-    }
-    Ok(tmp.join(SQLITE))
-}
-
 fn temp_dir() -> Result<tempfile::TempDir> {
     tempfile::Builder::new()
         .prefix("dbkeeper-chroma-")
@@ -352,10 +380,8 @@ pub fn import_data_copy(
             src.display()
         )));
     }
-    let tmp = temp_dir()?;
-    let copy = copy_sqlite(src, &files, tmp.path())?;
     let display = src.join(SQLITE).display().to_string();
-    let found = inspect(&copy, &display).map_err(|NotChroma(m)| Error::config(m))?;
+    let found = inspect(src, &display).map_err(|NotChroma(m)| Error::config(m))?;
     if let Some(why) = newer_than_pinned(&found.migrations) {
         return Err(Error::engine(
             ENGINE,
@@ -375,7 +401,6 @@ pub fn import_data_copy(
             )));
         }
     }
-    drop(tmp);
 
     let mut entries = Vec::with_capacity(files.len());
     for (rel, size) in &files {
@@ -487,8 +512,7 @@ fn write_file(set: &SetReader, fe: &FileEntry, to: &Path) -> Result<u64> {
 /// in the copy. Returns the counts it recomputed.
 fn check_sqlite(set: &SetReader, entry: &EngineEntry, d: &Details, dir: &Path) -> Result<Counts> {
     let corrupt = |m: String| Error::corrupt(set.id(), format!("{ENGINE}: {m}"));
-    let found = inspect(&dir.join(SQLITE), &format!("{DATA_DIR}/{SQLITE}"))
-        .map_err(|NotChroma(m)| corrupt(m))?;
+    let found = inspect(dir, &format!("{DATA_DIR}/{SQLITE}")).map_err(|NotChroma(m)| corrupt(m))?;
     if found.migrations != d.migrations {
         return Err(corrupt(format!(
             "{SQLITE} has migrations {}, the manifest says {}",
@@ -577,16 +601,7 @@ pub(super) fn materialise(
             }
             bytes += write_file(set, file_of(set, entry, rel)?, &to)?;
         }
-        // SQLite checks a private copy: opening the one to be loaded could change it.
-        let check = temp_dir()?;
-        for rel in d
-            .files
-            .iter()
-            .filter(|r| r.starts_with(SQLITE) && !r.contains('/'))
-        {
-            fs::copy(tmp.join(rel), check.path().join(rel)).map_err(|e| Error::io(&tmp, e))?;
-        }
-        let counts = check_sqlite(set, entry, &d, check.path())?;
+        let counts = check_sqlite(set, entry, &d, &tmp)?;
         if counts != entry.counts {
             return Err(Error::corrupt(
                 set.id(),
