@@ -311,6 +311,10 @@ fn walk(root: &Path) -> Result<Vec<(String, u64)>> {
             let path = e.path();
             let meta = fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
             let name = e.file_name();
+            // A filesystem's own directory at the top of a volume, never Chroma's.
+            if rel.as_os_str().is_empty() && name == "lost+found" {
+                continue;
+            }
             let r = rel.join(&name);
             let Some(r_str) = r.to_str().map(str::to_owned) else {
                 return Err(Error::config(format!(
