@@ -112,6 +112,7 @@ pub async fn restore(
             }
             warn!(engine = %e.kind(), set = set.id(), "{why}; restoring anyway (--force)");
         }
+        refuse_data_copy(e.kind(), &set)?;
         found.push(set);
     }
     for ((e, state), set) in engines.iter().zip(states).zip(found) {
@@ -205,6 +206,7 @@ async fn preseed_one(
     };
     // Before an interrupted preseed's leftovers are wiped: a refusal changes nothing.
     guard.refuse_preseed(e.kind(), &set)?;
+    refuse_data_copy(e.kind(), &set)?;
     if state == Emptiness::Interrupted {
         warn!(engine = %e.kind(), "an earlier preseed was interrupted: wiping its partial data and restoring again");
         e.wipe().await?;
@@ -258,6 +260,17 @@ async fn preseed_dir(
     })
     .await
     .map_err(|e| Error::engine(kind.name(), format!("preseed task failed: {e}")))?
+}
+
+/// A Chroma data copy (a persist directory) loads only into a stopped server's volume: refused
+/// before a running target is marked or wiped.
+fn refuse_data_copy(kind: EngineKind, set: &SetReader) -> Result<()> {
+    match (kind, set.manifest.engines.get(&kind)) {
+        (EngineKind::Chroma, Some(entry)) => {
+            crate::engine::chroma::datacopy::refuse_online(set, entry)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Marks the target, restores, checks the counts against the manifest, clears the mark.

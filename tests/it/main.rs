@@ -3,6 +3,7 @@
 mod common;
 
 mod chroma;
+mod chroma_copy;
 mod cli;
 mod encryption;
 mod install;

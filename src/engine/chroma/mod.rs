@@ -4,8 +4,11 @@
 //! - `api`: the HTTP client (auth header, TLS, error mapping) and the endpoints we use.
 //! - `format`: the export format on disk (shared by dump, restore and deep verify).
 //! - `dump`, `restore`: the two data paths, streamed one page/batch at a time.
+//! - `datacopy`, `datadir`: data copies (a persist directory stored file by file) and their
+//!   preseed into a stopped server's volume.
 
 pub(crate) mod api;
+pub mod datacopy;
 mod datadir;
 mod dump;
 pub mod format;
@@ -25,7 +28,19 @@ use crate::repo::writer::EngineWriter;
 use crate::secret::{Secret, redact_url};
 
 pub use datadir::{data_dir_state, preseed_data_dir};
-pub use format::verify_deep;
+
+/// Deep verification of the Chroma part of a set: a data copy or a logical export.
+pub fn verify_deep(
+    set: &SetReader,
+    entry: &EngineEntry,
+    cancel: &CancellationToken,
+) -> Result<Counts> {
+    if datacopy::is_data_copy(entry) {
+        datacopy::verify_deep(set, entry, cancel)
+    } else {
+        format::verify_deep(set, entry, cancel)
+    }
+}
 
 pub(crate) const ENGINE: &str = "chroma";
 

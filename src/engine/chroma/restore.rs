@@ -38,6 +38,7 @@ pub(super) async fn restore(
     entry: &EngineEntry,
     cancel: &CancellationToken,
 ) -> Result<Counts> {
+    super::datacopy::refuse_online(set, entry)?;
     let details = details_of(set, entry)?;
     let pre = api.preflight().await?;
     let batch = pre.max_batch_size;

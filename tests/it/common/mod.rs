@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod chroma;
+pub mod chroma_dir;
 pub mod mongodb;
 pub mod rabbitmq;
 pub mod redis;
