@@ -4,6 +4,7 @@
 //! data directory of a stopped server: its state and the pre-start preseed), `rdb` (the RDB
 //! reader) and `stats` (metrics).
 
+pub mod aof;
 mod client;
 mod datadir;
 mod probe;

@@ -32,6 +32,9 @@ pub fn verify_deep(
     entry: &EngineEntry,
     cancel: &CancellationToken,
 ) -> Result<Counts> {
+    if super::aof::is_aof(entry) {
+        return super::aof::verify_aof(set, entry, cancel);
+    }
     if entry.details.get(DEEP_VERIFIABLE) == Some(&serde_json::Value::Bool(false)) {
         // A format newer than this build decodes: every byte is still read and its checksum
         // checked; the counts are the server's own (INFO keyspace), taken at backup time.
