@@ -18,6 +18,7 @@ mod mongo_users;
 mod mongodb;
 mod monitoring;
 mod redis;
+mod redis_aof;
 mod remote;
 mod s3store;
 mod sidecar;

@@ -6,6 +6,7 @@
 pub mod chroma;
 pub mod mongodb;
 pub mod redis;
+pub mod redis_aof;
 pub mod s3;
 
 use std::net::TcpListener;
