@@ -92,7 +92,7 @@ pub(super) fn parse_manifest(text: &str, path: &Path) -> Result<Vec<Part>> {
         let bad =
             |why: &str| Error::engine(ENGINE, format!("{}: byte {here}: {why}", path.display()));
         let words: Vec<&str> = l.split_whitespace().collect();
-        if words.len() % 2 != 0 {
+        if !words.len().is_multiple_of(2) {
             return Err(bad("not a `file <name> seq <n> type <b|i|h>` line"));
         }
         let mut name = None;
@@ -268,7 +268,7 @@ pub(super) struct Command {
 /// What reading one file sees: the keys of its RDB part, then each command.
 pub(super) trait AofVisitor {
     fn rdb_key(&mut self, rec: &rdb::KeyRecord<'_>) -> Result<()>;
-    fn rdb_version(&mut self, _version: u32) -> Result<()> {
+    fn rdb_summary(&mut self, _summary: &rdb::RdbSummary) -> Result<()> {
         Ok(())
     }
     fn command(&mut self, cmd: &Command) -> Result<()>;
@@ -301,9 +301,7 @@ pub(super) fn read_file<R: Read>(
         };
         let summary =
             rdb::read(&mut tail, rdb_opts, &mut RdbKeys(visitor), true).map_err(AofError::Rdb)?;
-        visitor
-            .rdb_version(summary.version)
-            .map_err(AofError::Other)?;
+        visitor.rdb_summary(&summary).map_err(AofError::Other)?;
         let unread = (tail.total - summary.bytes) as usize;
         if unread > tail.kept.len() {
             return Err(AofError::Bad {
@@ -325,7 +323,7 @@ pub(super) fn read_file<R: Read>(
     let mut n = 0u64;
     loop {
         n += 1;
-        if n % 1024 == 0 && cancel.is_cancelled() {
+        if n.is_multiple_of(1024) && cancel.is_cancelled() {
             return Err(AofError::Other(Error::Interrupted(0)));
         }
         let start = offset;
@@ -670,7 +668,7 @@ impl Model {
                 self.upsert(&a[1], || Val::Plain);
             }
             "MSET" | "MSETNX" => {
-                if a.len() < 3 || a.len() % 2 == 0 {
+                if a.len() < 3 || a.len().is_multiple_of(2) {
                     return Err(arity_err());
                 }
                 for kv in a[1..].chunks(2) {
@@ -988,7 +986,7 @@ impl Model {
                     }
                     i += 1;
                 }
-                if (a.len() - i) % 2 != 0 || i == a.len() {
+                if !(a.len() - i).is_multiple_of(2) || i == a.len() {
                     return Err(arity_err());
                 }
                 if xx && !self.keys().contains_key(&a[1][..]) {
@@ -1208,6 +1206,8 @@ pub fn import_aof(
     let mut files = Vec::new();
     let mut described = Vec::new();
     let mut rdb_version = None;
+    // The writer's version is known only from an RDB part's `redis-ver` field.
+    let mut server_version = String::from("unknown");
     for (part, path) in &parts {
         let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
         let mut head = [0u8; 5];
@@ -1223,11 +1223,15 @@ pub fn import_aof(
         let mut v = Versioned {
             model: &mut model,
             version: None,
+            redis_ver: None,
         };
         read_file(tee, &DEEP, &mut v, cancel)
             .map_err(|e| e.into_error(&path.display().to_string(), None))?;
         if let Some(ver) = v.version {
             rdb_version = Some(ver);
+        }
+        if let Some(ver) = v.redis_ver {
+            server_version = ver;
         }
         let raw = art.raw_bytes();
         files.push(art.finish()?);
@@ -1254,7 +1258,7 @@ pub fn import_aof(
     );
     Ok(EngineEntry {
         source: src.display().to_string(),
-        server_version: String::new(),
+        server_version,
         started_at,
         finished_at: Utc::now(),
         files,
@@ -1292,14 +1296,16 @@ impl<R: Read> Read for Tee<'_, R> {
 struct Versioned<'a> {
     model: &'a mut Model,
     version: Option<u32>,
+    redis_ver: Option<String>,
 }
 
 impl AofVisitor for Versioned<'_> {
     fn rdb_key(&mut self, rec: &rdb::KeyRecord<'_>) -> Result<()> {
         self.model.rdb_key(rec)
     }
-    fn rdb_version(&mut self, v: u32) -> Result<()> {
-        self.version = Some(v);
+    fn rdb_summary(&mut self, s: &rdb::RdbSummary) -> Result<()> {
+        self.version = Some(s.version);
+        self.redis_ver = s.redis_ver.clone();
         Ok(())
     }
     fn command(&mut self, cmd: &Command) -> Result<()> {
@@ -1502,7 +1508,7 @@ impl AofVisitor for Replay<'_> {
             self.selected = None;
         }
         self.commands += 1;
-        if self.commands % 1024 == 0 && self.cancel.is_cancelled() {
+        if self.commands.is_multiple_of(1024) && self.cancel.is_cancelled() {
             return Err(Error::Interrupted(0));
         }
         let name = upper(&cmd.args[0]);
@@ -1587,4 +1593,168 @@ pub(super) fn replay(
         "AOF replayed"
     );
     Ok(r.model.counts(as_of(entry)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(cmds: &[&[&str]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in cmds {
+            out.extend_from_slice(format!("*{}\r\n", c.len()).as_bytes());
+            for a in *c {
+                out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+            }
+        }
+        out
+    }
+
+    fn model_of(bytes: &[u8]) -> std::result::Result<Model, AofError> {
+        let mut m = Model::new();
+        m.begin("t.aof".into());
+        read_file(bytes, &DEEP, &mut m, &CancellationToken::new())?;
+        Ok(m)
+    }
+
+    fn counts(m: &Model) -> Vec<(String, u64)> {
+        m.counts(Utc::now().timestamp_millis())
+            .into_iter()
+            .collect()
+    }
+
+    #[test]
+    fn manifests_load_the_base_first_and_skip_history() {
+        let text = "file appendonly.aof.2.incr.aof seq 2 type i\n\
+                    file appendonly.aof.1.base.rdb seq 1 type b\n\
+                    file appendonly.aof.0.base.aof seq 0 type h\n\
+                    file appendonly.aof.3.incr.aof seq 3 type i startoffset 0\n";
+        let parts = parse_manifest(text, Path::new("m")).unwrap();
+        let names: Vec<_> = parts.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "appendonly.aof.1.base.rdb",
+                "appendonly.aof.2.incr.aof",
+                "appendonly.aof.3.incr.aof"
+            ]
+        );
+        assert_eq!(parts[0].server_name(true), "appendonly.aof.1.base.rdb");
+        for bad in [
+            "file x seq 1\n",
+            "file x seq 1 type q\n",
+            "file ../x seq 1 type b\n",
+            "file a seq 1 type b\nfile b seq 2 type b\n",
+            "",
+        ] {
+            let e = parse_manifest(bad, Path::new("m")).unwrap_err().to_string();
+            assert!(e.contains("m:") && !e.contains('\n'), "{bad:?}: {e}");
+        }
+    }
+
+    /// Past expiries (relative to the count's time) do not count; a transaction, lowercase
+    /// names, annotations and db switches are followed; each file starts in db 0.
+    #[test]
+    fn the_model_follows_expiry_dbs_and_transactions() {
+        let past = (Utc::now().timestamp_millis() - 1000).to_string();
+        let future = (Utc::now().timestamp_millis() + 3_600_000).to_string();
+        let mut bytes = b"#TS:1700000000\r\n".to_vec();
+        bytes.extend(resp(&[
+            &["SELECT", "0"],
+            &["set", "a", "1"],
+            &["SET", "b", "1", "PXAT", &past],
+            &["SET", "c", "1", "PXAT", &future],
+            &["SET", "d", "1"],
+            &["PEXPIREAT", "d", &past],
+            &["MULTI"],
+            &["SELECT", "3"],
+            &["SADD", "s", "x", "y"],
+            &["SMOVE", "s", "s2", "x"],
+            &["SREM", "s", "y"],
+            &["EXEC"],
+            &["RPUSH", "l", "a", "b", "c"],
+            &["LTRIM", "l", "-1", "-1"],
+            &["LREM", "l", "-1", "c"],
+            &["ZADD", "z", "1", "a", "2", "b"],
+            &["ZREMRANGEBYRANK", "z", "0", "0"],
+            &["ZPOPMAX", "z"],
+            &["HSET", "h", "f", "v"],
+        ]));
+        let m = model_of(&bytes).unwrap();
+        assert!(m.exact);
+        assert_eq!(counts(&m), [("db0".to_string(), 2), ("db3".to_string(), 2)]);
+    }
+
+    #[test]
+    fn removing_members_of_an_rdb_collection_marks_the_counts_inexact() {
+        let mut m = Model::new();
+        m.begin("t".into());
+        m.rdb_key(&rdb::KeyRecord {
+            db: 0,
+            key: b"s",
+            expire_ms: None,
+            payload: b"",
+        })
+        .unwrap();
+        let c = |args: &[&str]| Command {
+            args: args.iter().map(|a| a.as_bytes().to_vec()).collect(),
+            offset: 7,
+        };
+        m.apply(&c(&["SADD", "s", "x"])).unwrap();
+        assert!(m.exact);
+        m.apply(&c(&["SREM", "s", "x"])).unwrap();
+        assert!(!m.exact);
+        assert!(
+            m.inexact_because
+                .as_ref()
+                .unwrap()
+                .contains("t: byte 7: SREM")
+        );
+        let e = m
+            .apply(&c(&["SORT", "s", "STORE", "d"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t: byte 7: command SORT"), "{e}");
+        let e = m.apply(&c(&["SET", "k"])).unwrap_err().to_string();
+        assert!(e.contains("SET with 1 arguments"), "{e}");
+    }
+
+    #[test]
+    fn broken_files_fail_with_the_offset() {
+        let good = resp(&[&["SET", "a", "1"], &["SET", "b", "2"]]);
+        assert!(model_of(&good).is_ok());
+        let second = 4 + 9 + 7 + 7;
+        let cases: Vec<(Vec<u8>, u64, &str)> = vec![
+            (good[..good.len() - 1].to_vec(), second, "truncated"),
+            (good[..second as usize + 3].to_vec(), second, "truncated"),
+            (
+                good.iter().copied().chain(*b"*1\r\n").collect(),
+                54,
+                "truncated",
+            ),
+            (b"*2\r\n$3\r\nDEL\r\n$1\r\nkk\r\n".to_vec(), 18, "CRLF"),
+            (b"*2\r\n$-1\r\n".to_vec(), 4, "bulk length"),
+            (b"*0\r\n".to_vec(), 0, "argument count"),
+            (b"hello\r\n".to_vec(), 0, "expected a command"),
+            (vec![b'x'; 200], 0, "not a RESP line"),
+            (b"REDIS0011\xfe\x00".to_vec(), 0, "RDB preamble"),
+        ];
+        for (bytes, offset, what) in cases {
+            let e = model_of(&bytes).err().expect("refused");
+            let msg = e.into_error("t.aof", None).to_string();
+            assert!(msg.contains(what) && msg.contains("t.aof"), "{msg}");
+            if what != "RDB preamble" {
+                assert!(msg.contains(&format!("byte {offset}:")), "{msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn ranges_follow_redis() {
+        assert_eq!(range(4, 0, 1), (0, 2));
+        assert_eq!(range(4, -1, -1), (3, 4));
+        assert_eq!(range(4, 5, 10), (0, 0));
+        assert_eq!(range(4, 2, 1), (0, 0));
+        assert_eq!(range(4, -10, 100), (0, 4));
+    }
 }
