@@ -114,6 +114,9 @@ fn make_aof(
     transaction(&s);
     rewrite(&s);
     churn(&s, "after");
+    // db 0 swapped away while the replay's restore marker is in it.
+    s.cli(&["SWAPDB", "0", "7"]);
+    s.cli(&["SET", "after:in-new-db0", "v"]);
     // Members removed from collections the base holds (their members come from the base).
     s.cli(&["-n", "1", "SADD", "before:set", "z"]);
     s.cli(&["-n", "2", "DEL", "before:l"]);

@@ -1494,6 +1494,38 @@ impl Replay<'_> {
     }
 }
 
+impl Replay<'_> {
+    /// The restore marker lives in db 0 while the restore runs (see `set_marker`): a replayed
+    /// FLUSHALL, FLUSHDB of db 0 or SWAPDB with db 0 would drop it or carry it into another db,
+    /// so it is put back in db 0 (and deleted where a swap carried it) right after.
+    fn keep_marker(&mut self, name: &str, db: u64, cmd: &Command) {
+        let swapped = if name == "SWAPDB" {
+            let x = number(&cmd.args[1]);
+            let y = number(&cmd.args[2]);
+            match (x, y) {
+                (Some(0), Some(o)) | (Some(o), Some(0)) if o != 0 => Some(o),
+                _ => return,
+            }
+        } else if name == "FLUSHALL" || (name == "FLUSHDB" && db == 0) {
+            None
+        } else {
+            return;
+        };
+        if let Some(other) = swapped {
+            self.pipe.cmd("SELECT").arg(other).ignore();
+            self.pipe.cmd("DEL").arg(rdb::MARKER_KEY).ignore();
+        }
+        let now = Utc::now().to_rfc3339();
+        self.pipe.cmd("SELECT").arg(0).ignore();
+        self.pipe
+            .cmd("SET")
+            .arg(rdb::MARKER_KEY)
+            .arg(now.as_bytes())
+            .ignore();
+        self.selected = Some(0);
+    }
+}
+
 impl AofVisitor for Replay<'_> {
     fn rdb_key(&mut self, rec: &rdb::KeyRecord<'_>) -> Result<()> {
         self.model.rdb_key(rec)?;
@@ -1531,6 +1563,7 @@ impl AofVisitor for Replay<'_> {
         }
         c.ignore();
         self.queued += 1;
+        self.keep_marker(&name, db, cmd);
         if self.queued >= super::BATCH_KEYS || self.queued_bytes >= super::BATCH_BYTES {
             self.flush()?;
         }
