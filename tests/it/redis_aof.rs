@@ -71,6 +71,27 @@ fn churn(s: &RedisServer, round: &str) {
     r("2", &["ZREMRANGEBYSCORE", &k("z-empty"), "-inf", "+inf"]);
     r("2", &["ZADD", &k("z-rem"), "1", "a"]);
     r("2", &["ZREM", &k("z-rem"), "a"]);
+    // Geo (a sorted set) emptied; a HyperLogLog counted (PFCOUNT may be written too).
+    r(
+        "3",
+        &[
+            "GEOADD",
+            &k("geo"),
+            "13.36",
+            "38.11",
+            "palermo",
+            "15.08",
+            "37.50",
+            "catania",
+        ],
+    );
+    r("3", &["ZREM", &k("geo"), "palermo", "catania"]);
+    r(
+        "3",
+        &["GEOADD", &k("geo-kept"), "13.36", "38.11", "palermo"],
+    );
+    r("3", &["PFADD", &k("hll"), "a", "b"]);
+    r("3", &["PFCOUNT", &k("hll")]);
     // A stream, and a transaction.
     r("3", &["XADD", &k("stream"), "*", "f", "v"]);
     s.cli(&[

@@ -545,7 +545,7 @@ impl Model {
         if self.exact {
             self.exact = false;
             self.inexact_because = Some(format!(
-                "{file}: byte {offset}: {cmd} removes members of a collection loaded from the RDB part, whose members are not decoded"
+                "{file}: byte {offset}: {cmd} removes members dbkeeper does not know (of a collection loaded from the RDB part, whose members are not decoded, or ranked by geohash)"
             ));
         }
     }
@@ -663,6 +663,8 @@ impl Model {
                 need(2)?;
                 self.upsert(&a[1], || Val::Plain);
             }
+            // A count may refresh the HyperLogLog's cached cardinality; it creates nothing.
+            "PFCOUNT" => need(2)?,
             "PFMERGE" => {
                 need(2)?;
                 self.upsert(&a[1], || Val::Plain);
@@ -1003,6 +1005,30 @@ impl Model {
                     }
                 }
             }
+            "GEOADD" => {
+                // GEOADD key [NX|XX] [CH] lon lat member …: a sorted set; the score is the
+                // geohash, which no count depends on (ZPOPMIN after GEOADD would).
+                need(5)?;
+                let mut i = 2;
+                let mut xx = false;
+                while i < a.len() && matches!(upper(&a[i]).as_str(), "NX" | "XX" | "CH") {
+                    xx |= upper(&a[i]) == "XX";
+                    i += 1;
+                }
+                if i == a.len() || !(a.len() - i).is_multiple_of(3) {
+                    return Err(arity_err());
+                }
+                if xx {
+                    // Only updates positions of members that exist.
+                    return Ok(());
+                }
+                let e = self.upsert(&a[1], || Val::Zset(HashMap::new()));
+                if let Val::Zset(z) = &mut e.val {
+                    for t in a[i..].chunks(3) {
+                        z.entry(t[2].clone()).or_insert(f64::NAN);
+                    }
+                }
+            }
             "ZINCRBY" => {
                 need(4)?;
                 let by = parse_score(&a[2]).unwrap_or(0.0);
@@ -1014,6 +1040,10 @@ impl Model {
             "ZPOPMIN" | "ZPOPMAX" | "ZREMRANGEBYRANK" | "ZREMRANGEBYSCORE" => {
                 need(2)?;
                 match self.keys().get_mut(&a[1][..]).map(|e| &mut e.val) {
+                    Some(Val::Zset(z)) if z.values().any(|s| s.is_nan()) => {
+                        // Members from GEOADD: their scores (geohashes) are not computed.
+                        self.inexact(&name, cmd.offset, file)
+                    }
                     Some(Val::Zset(z)) => zremove(z, &name, &a[2..]).ok_or_else(arity_err)?,
                     Some(_) => self.inexact(&name, cmd.offset, file),
                     None => {}
