@@ -372,6 +372,24 @@ fn broken_aof_sources_are_refused_with_the_file_and_offset() {
     let o = run(dbkeeper(repo.path()).args(["verify", "--deep"]));
     assert_code(&o, 4);
     let said = format!("{}{}", stdout(&o), stderr(&o));
+    // Preseed checks every byte before anything is in place: the data dir stays empty.
+    let data = tempfile::tempdir().unwrap();
+    let p = run(dbkeeper(repo.path())
+        .env("DBKEEPER_REDIS_DATA_DIR", data.path())
+        .arg("preseed"));
+    // The only set does not verify: it is skipped (as any corrupt set), nothing is written.
+    assert_code(&p, 0);
+    let said_p = stderr(&p);
+    assert!(
+        said_p.contains("does not verify") && said_p.contains(&incr),
+        "{said_p}"
+    );
+    let left: Vec<_> = std::fs::read_dir(data.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     assert!(
         said.contains(&incr) && said.contains("byte ") && said.contains("truncated"),
         "{said}"

@@ -1248,6 +1248,7 @@ pub fn import_aof(
         let tee = Tee {
             inner: f,
             out: &mut art,
+            cancel,
         };
         model.begin(path.display().to_string());
         let mut v = Versioned {
@@ -1255,8 +1256,11 @@ pub fn import_aof(
             version: None,
             redis_ver: None,
         };
-        read_file(tee, &DEEP, &mut v, cancel)
-            .map_err(|e| e.into_error(&path.display().to_string(), None))?;
+        let r = read_file(tee, &DEEP, &mut v, cancel);
+        if cancel.is_cancelled() {
+            return Err(Error::Interrupted(0));
+        }
+        r.map_err(|e| e.into_error(&path.display().to_string(), None))?;
         if let Some(ver) = v.version {
             rdb_version = Some(ver);
         }
@@ -1309,14 +1313,19 @@ const DEEP: rdb::ParseOptions = rdb::ParseOptions {
     capture_payload: false,
 };
 
-/// Copies what is read into the artifact.
+/// Copies what is read into the artifact; reads fail once the job is cancelled (the RDB part
+/// is read without looking at the token).
 struct Tee<'a, R> {
     inner: R,
     out: &'a mut crate::repo::writer::ArtifactWriter,
+    cancel: &'a CancellationToken,
 }
 
 impl<R: Read> Read for Tee<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cancel.is_cancelled() {
+            return Err(io::Error::other("interrupted"));
+        }
         let n = self.inner.read(buf)?;
         self.out.write_all(&buf[..n])?;
         Ok(n)
@@ -1396,7 +1405,8 @@ pub(super) fn verify_aof(
         let file = entry.file(&part.stored()).expect("checked by set_parts");
         let mut reader = set.open_file(file)?;
         model.begin(part.stored());
-        let r = read_file(&mut reader, &DEEP, &mut model, cancel);
+        let input = super::verify::Cancellable::new(&mut reader, cancel);
+        let r = read_file(input, &DEEP, &mut model, cancel);
         if cancel.is_cancelled() {
             return Err(Error::Interrupted(0));
         }

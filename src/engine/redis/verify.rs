@@ -18,6 +18,12 @@ pub(super) struct Cancellable<'a, R> {
     cancel: &'a CancellationToken,
 }
 
+impl<'a, R> Cancellable<'a, R> {
+    pub(super) fn new(inner: R, cancel: &'a CancellationToken) -> Self {
+        Cancellable { inner, cancel }
+    }
+}
+
 impl<R: Read> Read for Cancellable<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.cancel.is_cancelled() {
