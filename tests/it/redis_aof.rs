@@ -395,3 +395,30 @@ fn broken_aof_sources_are_refused_with_the_file_and_offset() {
         "{said}"
     );
 }
+
+/// Members removed from a collection of the RDB part: the key stays counted and the set says
+/// its counts are not exact (documented), rather than the import guessing.
+#[test]
+fn members_removed_from_an_rdb_collection_make_the_counts_inexact() {
+    let data_src = tempfile::tempdir().unwrap();
+    let s = aof_server(true, data_src.path());
+    s.cli(&["SADD", "s", "a", "b"]);
+    s.cli(&["SET", "k", "v"]);
+    rewrite(&s);
+    s.cli(&["SREM", "s", "a", "b"]);
+    assert_eq!(s.cli(&["DBSIZE"]), "1");
+    let dir = s.stop().join("appendonlydir");
+    let repo = tempfile::tempdir().unwrap();
+    let id = import_set(repo.path(), &dir).unwrap();
+    assert_eq!(details(repo.path(), &id)["counts_exact"], false);
+    assert_eq!(set_counts(repo.path(), &id).get("db0"), Some(&2));
+    // Deep verify recomputes the same counts, and the set still preseeds what the server has.
+    assert_code(&run(dbkeeper(repo.path()).args(["verify", "--deep"])), 0);
+    let data = tempfile::tempdir().unwrap();
+    let o = run(dbkeeper(repo.path())
+        .env("DBKEEPER_REDIS_DATA_DIR", data.path())
+        .arg("preseed"));
+    assert_code(&o, 0);
+    let seeded = RedisServer::on_dir(data.path(), true);
+    assert_eq!(seeded.cli(&["DBSIZE"]), "1");
+}

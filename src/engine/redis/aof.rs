@@ -1380,8 +1380,10 @@ pub(super) fn set_parts(set: &SetReader, entry: &EngineEntry) -> Result<Vec<(Par
         let preamble = f.get("rdb_preamble").and_then(|v| v.as_bool()) == Some(true);
         parts.push((part, preamble));
     }
-    if parts.is_empty() || !parts[0].0.base || parts.iter().skip(1).any(|p| p.0.base) {
-        return Err(bad("it needs one base file, first"));
+    // A manifest may have no base (the server started AOF on an empty dataset); a base is
+    // loaded first.
+    if parts.is_empty() || parts.iter().skip(1).any(|p| p.0.base) {
+        return Err(bad("it needs its files, the base (if any) first"));
     }
     Ok(parts)
 }
