@@ -20,6 +20,7 @@ mod mongodb;
 mod monitoring;
 mod rabbitmq;
 mod redis;
+mod redis_aof;
 mod remote;
 mod s3store;
 mod sidecar;

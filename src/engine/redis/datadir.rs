@@ -157,6 +157,9 @@ pub fn preseed_data_dir(dir: &Path, set: &SetReader, entry: &EngineEntry) -> Res
             fs::remove_dir_all(e.path()).map_err(|err| Error::io(e.path(), err))?;
         }
     }
+    if super::aof::is_aof(entry) {
+        return super::aof::preseed_aof(dir, set, entry);
+    }
     let file = entry
         .file(&format!("redis/{DUMP_REL}.zst"))
         .ok_or_else(|| Error::corrupt(set.id(), "its redis part has no dump.rdb.zst"))?;

@@ -2,8 +2,10 @@
 //! `client` (the RESP client), `probe` (readiness), `snapshot` (backup over the replication
 //! protocol), `restore` (pipelined `RESTORE`), `verify` (offline deep verify), `datadir` (the
 //! data directory of a stopped server: its state and the pre-start preseed), `rdb` (the RDB
-//! reader) and `stats` (metrics).
+//! reader), `aof` (sets imported from append-only files: their reader, key model, verify,
+//! preseed and replay) and `stats` (metrics).
 
+pub mod aof;
 mod client;
 mod datadir;
 mod probe;

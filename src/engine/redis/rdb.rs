@@ -137,6 +137,8 @@ pub struct RdbSummary {
     pub redis_ver: Option<String>,
     /// False when the format predates checksums (< 5) or the writer disabled them (all zero).
     pub checksum_verified: bool,
+    /// Bytes the RDB took, trailer included: where an AOF's commands start after its preamble.
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -466,6 +468,7 @@ impl<R: Read> Parser<R> {
             keys_per_db: BTreeMap::new(),
             redis_ver: None,
             checksum_verified: false,
+            bytes: 0,
         };
         let mut db = 0u64;
         let mut expire_ms: Option<i64> = None;
@@ -552,6 +555,7 @@ impl<R: Read> Parser<R> {
                 summary.checksum_verified = true;
             }
         }
+        summary.bytes = self.inp.offset();
         if !stop_at_end && self.inp.fill()? {
             return self
                 .inp

@@ -91,7 +91,45 @@ pub(super) struct Restorer<'a> {
     last_report: Instant,
 }
 
-impl Restorer<'_> {
+impl<'a> Restorer<'a> {
+    /// A restorer on a new connection, for a caller that feeds it keys itself (an AOF's RDB
+    /// part).
+    pub(super) fn new(
+        cfg: &'a RedisConfig,
+        cancel: &'a CancellationToken,
+        rdb_version: u16,
+        source_version: &'a str,
+    ) -> Result<Self> {
+        Ok(Restorer {
+            cfg,
+            con: client(cfg)?,
+            cancel,
+            rdb_version,
+            source_version,
+            pipe: redis::pipe(),
+            pipe_bytes: 0,
+            pipe_keys: 0,
+            db: None,
+            counts: BTreeMap::new(),
+            expired: 0,
+            bytes: 0,
+            keys: 0,
+            start: Instant::now(),
+            last_report: Instant::now(),
+        })
+    }
+
+    /// Sends what is queued; afterwards the connection's db is not known.
+    pub(super) fn flush_now(&mut self) -> Result<()> {
+        self.flush()?;
+        self.db = None;
+        Ok(())
+    }
+
+    pub(super) fn connection(&mut self) -> &mut redis::Connection {
+        &mut self.con
+    }
+
     fn flush(&mut self) -> Result<()> {
         if self.pipe_keys == 0 {
             return Ok(());
@@ -185,6 +223,9 @@ pub(super) fn restore_blocking(
     entry: &EngineEntry,
     cancel: &CancellationToken,
 ) -> Result<Counts> {
+    if super::aof::is_aof(entry) {
+        return super::aof::replay(cfg, set, entry, cancel);
+    }
     let file = entry
         .file(&format!("redis/{DUMP_REL}.zst"))
         .ok_or_else(|| Error::corrupt(set.id(), "its redis part has no dump.rdb.zst"))?;

@@ -18,6 +18,12 @@ pub(super) struct Cancellable<'a, R> {
     cancel: &'a CancellationToken,
 }
 
+impl<'a, R> Cancellable<'a, R> {
+    pub(super) fn new(inner: R, cancel: &'a CancellationToken) -> Self {
+        Cancellable { inner, cancel }
+    }
+}
+
 impl<R: Read> Read for Cancellable<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.cancel.is_cancelled() {
@@ -32,6 +38,9 @@ pub fn verify_deep(
     entry: &EngineEntry,
     cancel: &CancellationToken,
 ) -> Result<Counts> {
+    if super::aof::is_aof(entry) {
+        return super::aof::verify_aof(set, entry, cancel);
+    }
     if entry.details.get(DEEP_VERIFIABLE) == Some(&serde_json::Value::Bool(false)) {
         // A format newer than this build decodes: every byte is still read and its checksum
         // checked; the counts are the server's own (INFO keyspace), taken at backup time.

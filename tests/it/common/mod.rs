@@ -8,6 +8,7 @@ pub mod chroma_dir;
 pub mod mongodb;
 pub mod rabbitmq;
 pub mod redis;
+pub mod redis_aof;
 pub mod s3;
 
 use std::net::TcpListener;
