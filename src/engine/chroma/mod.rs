@@ -6,6 +6,7 @@
 //! - `dump`, `restore`: the two data paths, streamed one page/batch at a time.
 
 pub(crate) mod api;
+pub mod datacopy;
 mod datadir;
 mod dump;
 pub mod format;

@@ -4,8 +4,10 @@
 //! data directory of a stopped server: its state and the pre-start preseed), `rdb` (the RDB
 //! reader) and `stats` (metrics).
 
+pub mod aof;
 mod client;
 mod datadir;
+pub mod import;
 mod probe;
 pub mod rdb;
 mod restore;
