@@ -5,6 +5,7 @@ mod common;
 mod chroma;
 mod cli;
 mod encryption;
+mod import;
 mod install;
 mod metrics;
 mod metrics_chroma;

@@ -111,6 +111,74 @@ fn refused(what: impl std::fmt::Display, why: impl std::fmt::Display) -> Error {
     Error::engine(ENGINE, format!("{what}: {why}; nothing imported"))
 }
 
+/// Index options today's servers accept (mongorestore's list); others (e.g. `safe` from
+/// MongoDB 2.x dumps) make `createIndexes` fail.
+const INDEX_OPTIONS: [&str; 26] = [
+    "v",
+    "key",
+    "name",
+    "ns",
+    "background",
+    "unique",
+    "sparse",
+    "expireAfterSeconds",
+    "partialFilterExpression",
+    "storageEngine",
+    "weights",
+    "default_language",
+    "language_override",
+    "textIndexVersion",
+    "2dsphereIndexVersion",
+    "bits",
+    "min",
+    "max",
+    "bucketSize",
+    "collation",
+    "wildcardProjection",
+    "hidden",
+    "clustered",
+    "prepareUnique",
+    "coarsestIndexedLevel",
+    "finestIndexedLevel",
+];
+
+/// Makes an old dump's index spec one a v:2 index accepts, as `mongorestore
+/// --convertLegacyIndexes` does: key values that are not a non-zero number or a non-empty
+/// string become 1, a Decimal128 direction becomes a double, unknown options are dropped.
+/// Returns whether anything changed.
+fn convert_legacy_index(index: &mut Document) -> bool {
+    use mongodb::bson::Bson;
+    let mut changed = false;
+    if let Ok(key) = index.get_document_mut("key") {
+        for (_, v) in key.iter_mut() {
+            let fixed = match &*v {
+                Bson::Int32(n) if *n != 0 => None,
+                Bson::Int64(n) if *n != 0 => None,
+                Bson::Double(n) if *n != 0.0 && n.is_finite() => None,
+                Bson::String(s) if !s.is_empty() => None,
+                Bson::Decimal128(d) => match d.to_string().parse::<f64>() {
+                    Ok(n) if n != 0.0 && n.is_finite() => Some(Bson::Double(n)),
+                    _ => Some(Bson::Int32(1)),
+                },
+                _ => Some(Bson::Int32(1)),
+            };
+            if let Some(f) = fixed {
+                *v = f;
+                changed = true;
+            }
+        }
+    }
+    let unknown: Vec<String> = index
+        .keys()
+        .filter(|k| !INDEX_OPTIONS.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    for k in &unknown {
+        index.remove(k);
+    }
+    changed || !unknown.is_empty()
+}
+
 /// The set being filled: files, details and counts, as [`super::dump`] fills them.
 struct Builder<'a> {
     out: &'a EngineWriter,
@@ -152,7 +220,17 @@ impl<'a> Builder<'a> {
         if meta.collection_name.is_none() {
             meta.collection_name = Some(name.to_owned());
         }
-        let _ = db;
+        for index in &mut meta.indexes {
+            if convert_legacy_index(index) {
+                warn!(
+                    engine = ENGINE,
+                    db,
+                    collection = name,
+                    index = index.get_str("name").unwrap_or("?"),
+                    "a legacy index spec (key values or options today's servers refuse) converted, as mongorestore --convertLegacyIndexes does"
+                );
+            }
+        }
         Ok(meta)
     }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod chroma;
+pub mod import;
 pub mod mongodb;
 pub mod redis;
 pub mod s3;
