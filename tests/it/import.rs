@@ -400,3 +400,49 @@ fn exports_are_read_by_stock_tools_and_reimport_to_identical_sets() {
         stderr(&o)
     );
 }
+
+#[test]
+fn an_encrypted_repository_imports_sealed_and_exports_with_the_key() {
+    let keys = tempfile::tempdir().unwrap();
+    let (identity, public) = crate::common::age_key(keys.path(), "key.txt");
+    let redis = RedisServer::start();
+    redis.cli(&["DEBUG", "POPULATE", "100"]);
+    let work = tempfile::tempdir().unwrap();
+    let rdb = work.path().join("dump.rdb");
+    redis.cli(&["--rdb", rdb.to_str().unwrap()]);
+    let repo = tempfile::tempdir().unwrap();
+    let with_keys = |c: &mut std::process::Command| {
+        c.env("DBKEEPER_AGE_RECIPIENTS", &public)
+            .env("DBKEEPER_AGE_IDENTITY_FILE", &identity);
+    };
+    let mut c = dbkeeper(repo.path());
+    with_keys(&mut c);
+    let o = run(c.arg("import").arg(&rdb));
+    assert_code(&o, 0);
+    let id = stdout(&o).trim().to_owned();
+    // Sealed: opaque artifact names, and the readable manifest keeps the import mark.
+    let m = manifest(repo.path(), &id);
+    assert!(m["encryption"].is_object(), "{m}");
+    assert!(repo.path().join(&id).join("redis/0001.zst.age").is_file());
+    assert_eq!(
+        m["imported"]["source"],
+        std::fs::canonicalize(&rdb).unwrap().display().to_string()
+    );
+    // Without the key there is nothing to export; with it, the file comes back byte for byte.
+    let o = run(dbkeeper(repo.path())
+        .args(["export", &id])
+        .arg(work.path().join("nokey"))
+        .args(["--format", "rdb"]));
+    assert_code(&o, 1);
+    assert!(!work.path().join("nokey").exists());
+    assert!(!repo.path().join(&id).join("redis/dump.rdb.zst").exists());
+    let mut c = dbkeeper(repo.path());
+    with_keys(&mut c);
+    let out = work.path().join("out");
+    let o = run(c.args(["export", &id]).arg(&out).args(["--format", "rdb"]));
+    assert_code(&o, 0);
+    assert_eq!(
+        std::fs::read(out.join("dump.rdb")).unwrap(),
+        std::fs::read(&rdb).unwrap()
+    );
+}

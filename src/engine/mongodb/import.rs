@@ -72,6 +72,9 @@ fn classify(name: &str) -> Option<(&str, FileKind, bool)> {
     None
 }
 
+/// A file of a dump directory and whether it is gzipped.
+type DumpFile = (std::path::PathBuf, bool);
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum FileKind {
     Metadata,
@@ -274,7 +277,7 @@ impl<'a> Builder<'a> {
             on_doc(&doc);
             w.write_all(doc.as_bytes())
                 .map_err(|e| Error::io(self.out.dir().join(rel), e))?;
-            if docs.count() % 4096 == 0 && self.cancel.is_cancelled() {
+            if docs.count().is_multiple_of(4096) && self.cancel.is_cancelled() {
                 return Err(Error::Interrupted(0));
             }
         }
@@ -416,13 +419,7 @@ pub fn import_dir(
             continue;
         }
         // (metadata, data) per collection name.
-        let mut colls: BTreeMap<
-            String,
-            (
-                Option<(std::path::PathBuf, bool)>,
-                Option<(std::path::PathBuf, bool)>,
-            ),
-        > = BTreeMap::new();
+        let mut colls: BTreeMap<String, (Option<DumpFile>, Option<DumpFile>)> = BTreeMap::new();
         let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
         for e in rd {
             let e = e.map_err(|e| Error::io(&dir, e))?;
@@ -660,7 +657,7 @@ pub fn import_archive(
             o.w.write_all(d.as_bytes())
                 .map_err(|e| Error::io(out.dir(), e))?;
             o.n += 1;
-            if o.n % 4096 == 0 && cancel.is_cancelled() {
+            if o.n.is_multiple_of(4096) && cancel.is_cancelled() {
                 return Err(Error::Interrupted(0));
             }
         }
@@ -733,4 +730,39 @@ pub fn import_archive(
         return Err(refused(&what, "holds no collection"));
     }
     Ok(b.finish(src, &server_version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mongodb::bson::{Bson, doc};
+
+    #[test]
+    fn file_names_are_classified_as_mongodump_writes_them() {
+        assert!(matches!(
+            classify("c.bson"),
+            Some(("c", FileKind::Data, false))
+        ));
+        assert!(matches!(
+            classify("caf%C3%A9s.metadata.json.gz"),
+            Some(("caf%C3%A9s", FileKind::Metadata, true))
+        ));
+        assert!(classify(".bson").is_none());
+        assert!(classify("c2.txt").is_none());
+    }
+
+    #[test]
+    fn legacy_index_specs_become_ones_a_v2_index_accepts() {
+        let mut i = doc! {"v": 1, "key": {"a": 1.0, "b": true, "c": 0, "d": "", "e": "text", "f": -1}, "name": "x", "safe": true};
+        assert!(convert_legacy_index(&mut i));
+        assert_eq!(
+            i,
+            doc! {"v": 1, "key": {"a": 1.0, "b": 1, "c": 1, "d": 1, "e": "text", "f": -1}, "name": "x"}
+        );
+        let mut ok = doc! {"v": 2, "key": {"a": 1}, "name": "a_1", "unique": true};
+        assert!(!convert_legacy_index(&mut ok));
+        let mut dec = doc! {"key": {"c": Bson::Decimal128("-1".parse().unwrap())}};
+        assert!(convert_legacy_index(&mut dec));
+        assert_eq!(dec, doc! {"key": {"c": -1.0}});
+    }
 }
