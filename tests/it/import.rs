@@ -446,3 +446,44 @@ fn an_encrypted_repository_imports_sealed_and_exports_with_the_key() {
         std::fs::read(&rdb).unwrap()
     );
 }
+
+#[test]
+fn a_dump_with_an_oplog_replays_it_on_restore_from_the_directory_and_the_archive() {
+    let Some(fx) = fixtures() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let dump = work.path().join("dump");
+    copy_tree(&fx.join("foodump"), &dump);
+    // What `mongodump --oplog` adds: the entries written while the collections were read.
+    crate::common::chroma::py(
+        r#"
+import sys, bson, datetime
+from bson.timestamp import Timestamp
+e = [{'ts': Timestamp(1700000000, i + 1), 't': bson.int64.Int64(1), 'v': bson.int64.Int64(2), 'op': 'i',
+      'ns': 'test.foo', 'wall': datetime.datetime(2023, 11, 14), 'o': {'_id': 1000 + i, 'from': 'oplog'}}
+     for i in range(3)]
+open(sys.argv[1], 'wb').write(b''.join(bson.encode(x) for x in e))
+"#,
+        &[dump.join("oplog.bson").to_str().unwrap()],
+    );
+    let archive = work.path().join("dump.archive.gz");
+    write_archive(&dump, &archive, true);
+    let repo = tempfile::tempdir().unwrap();
+    let a = imported(repo.path(), &dump, &["--time", "2026-02-01_00-00-00"]);
+    let b = imported(repo.path(), &archive, &["--time", "2026-02-01_00-00-01"]);
+    let m = manifest(repo.path(), &a);
+    assert_eq!(
+        m["engines"]["mongodb"]["details"]["oplog"]["entries"], 3,
+        "{m}"
+    );
+    assert_eq!(content(repo.path(), &a), content(repo.path(), &b));
+    let dst = Mongo::start(false, false);
+    let o = run(dbkeeper(repo.path())
+        .env("DBKEEPER_MONGODB_URI", dst.uri())
+        .args(["restore", &b]));
+    assert_code(&o, 0);
+    let docs = dst.sorted_docs("test", "foo");
+    assert_eq!(
+        docs.len(),
+        pymongo_docs(&fx.join("foodump"))["test.foo"].len() + 3
+    );
+}

@@ -455,7 +455,8 @@ pub fn import_dir(
                 // A timeseries collection's data: read with its collection below.
                 continue;
             }
-            if !is_dumped_collection(name) || is_system_db(&db) && db != "admin" {
+            // Of the server's databases a dump carries only users and roles (above).
+            if !is_dumped_collection(name) || is_system_db(&db) {
                 warn!(engine = ENGINE, db, collection = %name, "a server collection: skipped");
                 continue;
             }
@@ -509,6 +510,12 @@ pub fn import_dir(
         ));
     }
     Ok(b.finish(src, "unknown (mongodump)"))
+}
+
+/// Whether a collection of a dump is left out: the server's own (`system.*` but `system.js`,
+/// and the `admin`, `local` and `config` databases, whose users and roles are read apart).
+fn skipped(db: &str, name: &str) -> bool {
+    is_system_db(db) || !is_dumped_collection(name)
 }
 
 /// Reads an exact number of bytes, or says where the archive ends.
@@ -597,12 +604,15 @@ pub fn import_archive(
     }
     // The blocks: a namespace header, its documents, the terminator.
     struct Open {
-        w: crate::repo::writer::ArtifactWriter,
+        /// None for a namespace that is not imported: its documents are read and dropped.
+        w: Option<crate::repo::writer::ArtifactWriter>,
+        /// The oplog's file, created with its first entry: an empty oplog is left out.
+        lazy: Option<String>,
         n: u64,
         last_ts: OpTime,
     }
     let mut open: BTreeMap<(String, String), Open> = BTreeMap::new();
-    let mut done: BTreeMap<(String, String), (FileEntry, u64, OpTime)> = BTreeMap::new();
+    let mut done: BTreeMap<(String, String), Option<(FileEntry, u64, OpTime)>> = BTreeMap::new();
     loop {
         let mut probe = [0u8; 1];
         match r.read(&mut probe) {
@@ -632,10 +642,26 @@ pub fn import_archive(
             } else {
                 format!("{db}/{}.bson", escape(coll))
             };
+            let authz = db == "admin" && (coll == "system.users" || coll == "system.roles");
+            let name = coll.strip_prefix("system.buckets.").unwrap_or(coll);
+            let w = if oplog {
+                None
+            } else if authz || !skipped(db, name) {
+                Some(out.create(&rel, 0)?)
+            } else {
+                warn!(
+                    engine = ENGINE,
+                    db,
+                    collection = coll,
+                    "a server collection: skipped"
+                );
+                None
+            };
             open.insert(
                 key.clone(),
                 Open {
-                    w: out.create(&rel, 0)?,
+                    w,
+                    lazy: oplog.then(|| rel.clone()),
                     n: 0,
                     last_ts: OpTime::ZERO,
                 },
@@ -654,8 +680,13 @@ pub fn import_archive(
                     i: ts.increment,
                 });
             }
-            o.w.write_all(d.as_bytes())
-                .map_err(|e| Error::io(out.dir(), e))?;
+            if let Some(rel) = o.lazy.take() {
+                o.w = Some(out.create(&rel, 0)?);
+            }
+            if let Some(w) = &mut o.w {
+                w.write_all(d.as_bytes())
+                    .map_err(|e| Error::io(out.dir(), e))?;
+            }
             o.n += 1;
             if o.n.is_multiple_of(4096) && cancel.is_cancelled() {
                 return Err(Error::Interrupted(0));
@@ -663,7 +694,11 @@ pub fn import_archive(
         }
         if eof {
             let o = open.remove(&key).expect("opened above");
-            done.insert(key, (o.w.finish()?, o.n, o.last_ts));
+            let finished = match o.w {
+                Some(w) => Some((w.finish()?, o.n, o.last_ts)),
+                None => None,
+            };
+            done.insert(key, finished);
         }
     }
     if let Some((db, coll)) = open.keys().next() {
@@ -672,7 +707,7 @@ pub fn import_archive(
             format!("byte {offset}: the archive ends before {db}.{coll} does"),
         ));
     }
-    for ((db, coll), (f, n, last)) in done {
+    for ((db, coll), (f, n, last)) in done.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))) {
         if db.is_empty() && coll == "oplog" {
             if n > 0 {
                 b.details.oplog = Some(OplogSlice {
@@ -712,7 +747,7 @@ pub fn import_archive(
     }
     // Collections in the prelude without a block: views, and collections with no documents.
     for ((db, name), meta) in metas {
-        if is_system_db(&db) && db != "admin" || !is_dumped_collection(&name) {
+        if skipped(&db, &name) {
             continue;
         }
         let data = if meta.kind == Kind::View {
