@@ -612,7 +612,9 @@ pub fn import_archive(
         last_ts: OpTime,
     }
     let mut open: BTreeMap<(String, String), Open> = BTreeMap::new();
-    let mut done: BTreeMap<(String, String), Option<(FileEntry, u64, OpTime)>> = BTreeMap::new();
+    // A finished namespace: its file, documents and newest op time (none: not imported).
+    type Done = Option<(FileEntry, u64, OpTime)>;
+    let mut done: BTreeMap<(String, String), Done> = BTreeMap::new();
     loop {
         let mut probe = [0u8; 1];
         match r.read(&mut probe) {
