@@ -368,8 +368,9 @@ fn exports_are_read_by_stock_tools_and_reimport_to_identical_sets() {
     let back = imported(
         repo.path(),
         &rd.join("dump.rdb"),
-        &["--time", "2025-07-03_00-00-00"],
+        &["--time", "2025-07-03T02:00:00+02:00"],
     );
+    assert_eq!(back, "2025-07-03_00-00-00", "--time in RFC 3339, in UTC");
     let again = content(repo.path(), &back);
     assert_eq!(again["redis/dump.rdb.zst"], original["redis/dump.rdb.zst"]);
     assert_eq!(again["redis counts"], original["redis counts"]);
@@ -410,6 +411,13 @@ fn an_encrypted_repository_imports_sealed_and_exports_with_the_key() {
     let work = tempfile::tempdir().unwrap();
     let rdb = work.path().join("dump.rdb");
     redis.cli(&["--rdb", rdb.to_str().unwrap()]);
+    // Without --time, a file's set is named after its modification time.
+    let touch = std::process::Command::new("touch")
+        .args(["-d", "2024-05-06 07:08:09 UTC"])
+        .arg(&rdb)
+        .output()
+        .unwrap();
+    assert!(touch.status.success());
     let repo = tempfile::tempdir().unwrap();
     let with_keys = |c: &mut std::process::Command| {
         c.env("DBKEEPER_AGE_RECIPIENTS", &public)
@@ -420,6 +428,7 @@ fn an_encrypted_repository_imports_sealed_and_exports_with_the_key() {
     let o = run(c.arg("import").arg(&rdb));
     assert_code(&o, 0);
     let id = stdout(&o).trim().to_owned();
+    assert_eq!(id, "2024-05-06_07-08-09");
     // Sealed: opaque artifact names, and the readable manifest keeps the import mark.
     let m = manifest(repo.path(), &id);
     assert!(m["encryption"].is_object(), "{m}");
