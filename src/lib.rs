@@ -11,7 +11,7 @@
 //! - `engine`: the engine contract and its MongoDB, Redis and Chroma implementations.
 //! - `repo`: sets on disk — manifest, atomic publish, lock, verification, retention.
 //! - `role`: one module per verb (wait, health, backup, list, verify, restore/preseed, prune,
-//!   init, test-restore).
+//!   init, test-restore, import/export of other tools' backups).
 //! - `sidecar`: the resident role — schedule, jobs, health loop, HTTP API, metrics, webhooks.
 
 pub mod cli;
