@@ -477,6 +477,15 @@ pub fn import_dir(
             } else {
                 data.clone()
             };
+            // mongodump shortens a name too long for a file name; the metadata keeps it whole.
+            let name = match meta.collection_name.clone() {
+                Some(full) if &full != name => {
+                    info!(engine = ENGINE, db, file = %name, collection = %full, "collection named by its metadata");
+                    full
+                }
+                _ => name.clone(),
+            };
+            let name = &name;
             let data = match (meta.kind, data_of) {
                 (Kind::View, _) => None,
                 (kind, Some((p, gz))) => {
@@ -554,9 +563,10 @@ fn archive_doc(r: &mut dyn Read, what: &str, offset: &mut u64) -> Result<Option<
     Ok(Some(doc))
 }
 
-/// Imports a `mongodump --archive` file (plain or gzip). Its collections' blocks may be
-/// interleaved; each collection's documents are collected in a temp file of the set's own
-/// directory... no: in memory-bounded streams, one open artifact per collection.
+/// Imports a `mongodump --archive` file (plain or gzip), in one pass. Its collections' blocks
+/// are interleaved (mongodump writes a few collections at once), so each collection has its
+/// own artifact open from its first block to its EOF header: memory is a zstd stream per
+/// collection being written, as many as the dump wrote at once, never a collection's data.
 pub fn import_archive(
     src: &Path,
     out: EngineWriter,
