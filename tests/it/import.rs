@@ -270,6 +270,10 @@ fn sources_that_do_not_parse_are_refused_and_nothing_is_written() {
     let n = bytes.len();
     bytes[n - 1] ^= 0xff;
     std::fs::write(&rdb, &bytes).unwrap();
+    // A metadata file that is not JSON (an empty one means none, as in testdirs/).
+    let badmeta = work.path().join("badmeta");
+    copy_tree(&fx.join("foodump"), &badmeta);
+    std::fs::write(badmeta.join("test/foo.metadata.json"), "{\"options\": {").unwrap();
     // An empty directory.
     let empty = work.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
@@ -283,6 +287,7 @@ fn sources_that_do_not_parse_are_refused_and_nothing_is_written() {
     for (src, file, says) in [
         (&dump, dump.join("test/foo.bson"), "at byte"),
         (&rdb, rdb.clone(), "checksum"),
+        (&badmeta, badmeta.join("test/foo.metadata.json"), "not JSON"),
         (&empty, empty.clone(), "empty directory"),
         (&archive, archive.clone(), "byte"),
     ] {
@@ -290,7 +295,9 @@ fn sources_that_do_not_parse_are_refused_and_nothing_is_written() {
         assert_code(&o, 1);
         let line = last_line(&o);
         assert!(
-            line.contains(&file.display().to_string()) && line.contains(says),
+            line.starts_with("dbkeeper: ")
+                && line.contains(&file.display().to_string())
+                && line.contains(says),
             "{}: {line}",
             src.display()
         );
