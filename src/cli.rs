@@ -379,6 +379,27 @@ pub enum Command {
         #[arg(long, value_name = "PATH=UID:GID", value_parser = parse_own)]
         own: Vec<Own>,
     },
+    /// Import another tool's backup (seed layout, mongodump, dump.rdb, AOF, Chroma copy) as one set
+    Import {
+        /// The backup to import; with --all, a directory of seed-layout sets
+        path: PathBuf,
+        /// The set's time (RFC 3339 or YYYY-MM-DD_HH-MM-SS); default: the source's own time
+        #[arg(long, value_name = "TIME", conflicts_with = "all")]
+        time: Option<String>,
+        /// Import every seed-layout set under PATH, oldest first, skipping those already imported
+        #[arg(long)]
+        all: bool,
+    },
+    /// Write a set out in a stock layout: a mongodump directory, a dump.rdb or the seed layout
+    Export {
+        /// Set id, or `latest`
+        id: String,
+        /// Target directory (must be absent or empty)
+        dir: PathBuf,
+        /// mongodump, rdb or seed
+        #[arg(long, value_parser = ["mongodump", "rdb", "seed"])]
+        format: String,
+    },
     /// The resident role: scheduled backups, verify, retention, health loop, HTTP API
     Sidecar(SidecarArgs),
     /// Restore a set into scratch servers, compare counts with the manifest, wipe them again

@@ -13,7 +13,7 @@
 //! - `repo`: sets on disk — engine kinds and counts, manifest, atomic publish, lock,
 //!   verification, retention. Below `engine`: a deep verify is given the engines' decoders.
 //! - `role`: one module per verb (wait, health, backup, list, verify, restore/preseed, prune,
-//!   init, test-restore). Below `sidecar`.
+//!   init, test-restore, import/export of other tools' backups). Below `sidecar`.
 //! - `schedule`: `DBKEEPER_SCHEDULE` (cron or interval) and the loop that fires it.
 //! - `sidecar`: the resident role — schedule, jobs, health loop, HTTP API, metrics, webhooks —
 //!   and its `stats` client; started by the entry point.

@@ -30,7 +30,19 @@ pub struct Manifest {
     /// How the set is encrypted; absent for plain sets. See [`Encryption`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// Set by `import`: the backup it was read from. Absent in sets dbkeeper took itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported: Option<Imported>,
     pub engines: BTreeMap<EngineKind, EngineEntry>,
+}
+
+/// Where an imported set came from: the source path as given (made absolute) and the
+/// SHA-256 of its content (every file's relative path, size and bytes, in sorted order), so
+/// `import --all` can tell a source it already imported.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Imported {
+    pub source: String,
+    pub sha256: String,
 }
 
 /// An encrypted set keeps two manifests. `manifest.json` stays readable without any key and
@@ -222,6 +234,8 @@ impl Manifest {
             schema_version: self.schema_version.clone(),
             schema: self.schema.clone(),
             encryption: Some(encryption),
+            // A path and a hash: nothing that names the data, and `list` shows it.
+            imported: self.imported.clone(),
             engines,
         }
     }

@@ -122,6 +122,8 @@ pub struct SetWriter {
     /// Numbers the opaque names of an encrypted set's files.
     seq: Arc<AtomicU32>,
     published: bool,
+    /// Set by `import` (see [`Manifest::imported`]).
+    imported: Option<super::manifest::Imported>,
 }
 
 impl SetWriter {
@@ -173,6 +175,7 @@ impl SetWriter {
             identity_age,
             seq: Arc::new(AtomicU32::new(1)),
             published: false,
+            imported: None,
         }
     }
 
@@ -200,6 +203,11 @@ impl SetWriter {
 
     pub fn add_engine(&mut self, kind: EngineKind, entry: EngineEntry) {
         self.engines.insert(kind, entry);
+    }
+
+    /// Marks the set as imported from another tool's backup (`import`).
+    pub fn mark_imported(&mut self, imported: super::manifest::Imported) {
+        self.imported = Some(imported);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -243,6 +251,7 @@ impl SetWriter {
             schema_version: schema.as_ref().and_then(|s| s.summary()),
             schema,
             encryption: None,
+            imported: self.imported.take(),
             engines: std::mem::take(&mut self.engines),
         };
         let public = match &self.sealer {

@@ -81,6 +81,10 @@ pub fn set_json(s: &SetInfo, now: chrono::DateTime<Utc>) -> serde_json::Value {
         "bytes": s.manifest.as_ref().map(|m| m.stored_bytes()).unwrap_or(0),
         "encrypted": s.manifest.as_ref().map(|m| m.encryption.is_some()).unwrap_or(false),
         "engines": engines.unwrap_or_default(),
+        "imported": s.manifest.as_ref().ok().and_then(|m| m.imported.as_ref()).map(|i| json!({
+            "source": i.source,
+            "sha256": i.sha256,
+        })),
     })
 }
 
@@ -170,6 +174,9 @@ fn print(repo: &Repo, as_json: bool) -> Result<()> {
             human_age((now - s.time).num_seconds()),
             engines
         );
+        if let Ok(Some(i)) = s.manifest.as_ref().map(|m| m.imported.as_ref()) {
+            println!("  └ imported from {}", i.source);
+        }
         if short != "ok" && short != "unverified" {
             println!("  └ {st}");
         }

@@ -1,7 +1,9 @@
 //! The roles: one file per verb, each a function over `&Config` and the engines.
 
 pub mod backup;
+pub mod export;
 pub mod health;
+pub mod import;
 pub mod init;
 pub mod install;
 pub mod list;
@@ -232,6 +234,27 @@ async fn dispatch(
             to,
             args,
         } => migrate::run(cfg, action, dry_run, to, &args, cancel).await,
+        Command::Import { path, time, all } => {
+            if all {
+                import::import_all(cfg, &path, cancel).await
+            } else {
+                import::import(cfg, &path, time.as_deref(), cancel)
+                    .await
+                    .map(|_| ())
+            }
+        }
+        Command::Export { id, dir, format } => {
+            if id != "latest" && crate::repo::parse_set_name(&id).is_none() {
+                return Err(Error::config(format!(
+                    "{id:?} is not a set id (YYYY-MM-DD_HH-MM-SS) or `latest`"
+                )));
+            }
+            let fmt = export::Format::parse(&format)?;
+            let set = find_set(cfg, &id, None).await?;
+            tokio::task::spawn_blocking(move || export::export(&set, &dir, fmt))
+                .await
+                .map_err(|e| Error::engine("export", format!("task failed: {e}")))?
+        }
         // The entry point starts the sidecar and its `stats` client (`sidecar::run_cli`).
         Command::Sidecar(_) | Command::Stats { .. } => Err(Error::config(
             "the sidecar and `stats` are not dispatched as roles",

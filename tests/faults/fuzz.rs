@@ -462,6 +462,7 @@ fn manifests() -> Vec<Vec<u8>> {
         schema_version: None,
         schema: None,
         encryption: None,
+        imported: None,
         engines: [
             (
                 EngineKind::Redis,

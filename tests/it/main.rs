@@ -6,6 +6,7 @@ mod chroma;
 mod chroma_copy;
 mod cli;
 mod encryption;
+mod import;
 mod install;
 mod metrics;
 mod metrics_chroma;

@@ -9,6 +9,7 @@ pub(crate) mod bsonfile;
 mod dump;
 pub use dump::zstd_workers;
 mod archive;
+pub mod import;
 mod metadata;
 mod names;
 pub mod oplog;

@@ -8,6 +8,7 @@
 pub mod aof;
 mod client;
 mod datadir;
+pub mod import;
 mod probe;
 pub mod rdb;
 mod restore;

@@ -5,6 +5,7 @@
 
 pub mod chroma;
 pub mod chroma_dir;
+pub mod import;
 pub mod mongodb;
 pub mod rabbitmq;
 pub mod redis;
