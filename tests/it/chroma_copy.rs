@@ -266,7 +266,7 @@ fn data_copy_refusals_write_nothing() {
     );
     let e = refused(repo.path(), &foreign, "not Chroma's");
     assert!(e.to_string().contains("foreign/chroma.sqlite3"), "{e}");
-    assert!(matches!(e, Error::Config(_)), "{e}");
+    assert!(matches!(e, Error::Engine { .. }), "{e}");
 
     // Garbage named chroma.sqlite3.
     let garbage = root.path().join("garbage");
@@ -274,7 +274,7 @@ fn data_copy_refusals_write_nothing() {
     std::fs::write(garbage.join("chroma.sqlite3"), noise(8192, 5)).unwrap();
     let e = refused(repo.path(), &garbage, "not a SQLite database");
     assert!(e.to_string().contains("garbage/chroma.sqlite3"), "{e}");
-    assert!(matches!(e, Error::Config(_)), "{e}");
+    assert!(matches!(e, Error::Engine { .. }), "{e}");
 
     // No chroma.sqlite3 at all, and no directory at all.
     let bare = root.path().join("bare");

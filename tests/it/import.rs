@@ -283,8 +283,30 @@ fn sources_that_do_not_parse_are_refused_and_nothing_is_written() {
     let a = std::fs::read(&archive).unwrap();
     std::fs::write(&archive, &a[..a.len() / 2]).unwrap();
 
+    // A single-file AOF cut in the middle of a command.
+    let aof = work.path().join("appendonly.aof");
+    std::fs::write(
+        &aof,
+        b"*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nva",
+    )
+    .unwrap();
+    // A SQLite file that is not Chroma's, where a persist directory's would be.
+    let foreign = work.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    let o = std::process::Command::new(crate::common::chroma::python())
+        .args([
+            "-c",
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('CREATE TABLE notes (body TEXT)'); c.commit()",
+        ])
+        .arg(foreign.join("chroma.sqlite3"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+
     let repo = tempfile::tempdir().unwrap();
     for (src, file, says) in [
+        (&aof, aof.clone(), "byte 23"),
+        (&foreign, foreign.join("chroma.sqlite3"), "not Chroma's"),
         (&dump, dump.join("test/foo.bson"), "at byte"),
         (&rdb, rdb.clone(), "checksum"),
         (&badmeta, badmeta.join("test/foo.metadata.json"), "not JSON"),
@@ -502,4 +524,88 @@ open(sys.argv[1], 'wb').write(b''.join(bson.encode(x) for x in e))
         docs.len(),
         pymongo_docs(&fx.join("foodump"))["test.foo"].len() + 3
     );
+}
+
+/// The seed's whole nightly set: a mongodump directory, the Redis server's `appendonlydir/`
+/// (no `dump.rdb`: an AOF-only Redis) and a copy of Chroma's persist directory taken while the
+/// server was stopped. It imports as one set with all three engines, and each preseeds from it:
+/// MongoDB through its server, Redis and Chroma into their empty data directories, where
+/// servers started on them read back what the sources held.
+#[test]
+fn seed_layout_with_aof_and_chroma_copy_imports_and_preseeds_all_three() {
+    use crate::common::chroma::{COMPARE, SEED, py};
+    use crate::common::chroma_dir::ChromaDirServer;
+    use crate::common::redis_aof::{aof_server, dbsizes, rewrite};
+    const SPEC: &str = r#"[{"name": "notes", "space": "l2", "dim": 8, "n": 120, "seed": 7, "metadata": {"k": 1}}]"#;
+    let Some(fx) = fixtures() else { return };
+    let work = tempfile::tempdir().unwrap();
+
+    let aof_home = work.path().join("redis");
+    std::fs::create_dir_all(&aof_home).unwrap();
+    let redis = aof_server(true, &aof_home);
+    redis.cli(&["DEBUG", "POPULATE", "300", "k"]);
+    rewrite(&redis);
+    redis.cli(&["SET", "after-rewrite", "1"]);
+    redis.cli(&["DEL", "k:1"]);
+    redis.cli(&["-n", "2", "HSET", "h", "f", "v"]);
+    let want_sizes = dbsizes(&redis);
+    let want_digest = redis.digest();
+    drop(redis);
+
+    let chroma_src = work.path().join("chroma-src");
+    let chroma = ChromaDirServer::start(&chroma_src);
+    py(SEED, &[&chroma.port.to_string(), SPEC]);
+    chroma.stop();
+
+    let dump = fx.join("coll_with_index");
+    let backups = work.path().join("backups");
+    let set_dir = seed_set(
+        &backups,
+        "2025-07-01_03-00-00",
+        &SeedParts {
+            mongodump: Some(&dump),
+            aof_dir: Some(&aof_home.join("appendonlydir")),
+            chroma_dir: Some(&chroma_src),
+            ..Default::default()
+        },
+    );
+    let repo = tempfile::tempdir().unwrap();
+    let id = imported(repo.path(), &set_dir, &[]);
+    assert_eq!(id, "2025-07-01_03-00-00");
+    let m = manifest(repo.path(), &id);
+    for e in ["mongodb", "redis", "chroma"] {
+        assert!(m["engines"].get(e).is_some(), "{e} missing: {m}");
+    }
+    assert_eq!(m["engines"]["redis"]["details"]["format"], "aof", "{m}");
+    assert_eq!(
+        m["engines"]["chroma"]["details"]["format"], "data-copy",
+        "{m}"
+    );
+    let counts: std::collections::BTreeMap<String, u64> =
+        serde_json::from_value(m["engines"]["redis"]["counts"].clone()).unwrap();
+    assert_eq!(counts, want_sizes);
+    assert_eq!(
+        m["engines"]["chroma"]["counts"]["default_database/notes"], 120,
+        "{m}"
+    );
+
+    let mongo = Mongo::start(false, false);
+    let redis_data = tempfile::tempdir().unwrap();
+    let chroma_data = tempfile::tempdir().unwrap();
+    let o = run(dbkeeper(repo.path())
+        .env("DBKEEPER_MONGODB_URI", mongo.uri())
+        .env("DBKEEPER_REDIS_DATA_DIR", redis_data.path())
+        .env("DBKEEPER_CHROMA_DATA_DIR", chroma_data.path())
+        .arg("preseed"));
+    assert_code(&o, 0);
+    let mut want = pymongo_docs(&dump)["test.foo"].clone();
+    want.sort();
+    assert_eq!(mongo.sorted_docs("test", "foo"), want);
+    let r = RedisServer::on_dir(redis_data.path(), true);
+    assert_eq!(r.digest(), want_digest);
+    drop(r);
+    let a = ChromaDirServer::start(&chroma_src);
+    let b = ChromaDirServer::start(chroma_data.path());
+    let out = py(COMPARE, &[&a.port.to_string(), &b.port.to_string(), SPEC]);
+    assert!(out.contains("OK"), "{out}");
 }

@@ -317,10 +317,10 @@ fn walk(root: &Path) -> Result<Vec<(String, u64)>> {
             }
             let r = rel.join(&name);
             let Some(r_str) = r.to_str().map(str::to_owned) else {
-                return Err(Error::config(format!(
-                    "{}: a file name that is not UTF-8",
-                    path.display()
-                )));
+                return Err(Error::engine(
+                    ENGINE,
+                    format!("{}: a file name that is not UTF-8", path.display()),
+                ));
             };
             if meta.is_dir() {
                 stack.push(r);
@@ -331,10 +331,13 @@ fn walk(root: &Path) -> Result<Vec<(String, u64)>> {
                 }
                 out.push((r_str, meta.len()));
             } else {
-                return Err(Error::config(format!(
-                    "{}: neither a file nor a directory (a symlink or special file); copy the persist directory with its files dereferenced",
-                    path.display()
-                )));
+                return Err(Error::engine(
+                    ENGINE,
+                    format!(
+                        "{}: neither a file nor a directory (a symlink or special file); copy the persist directory with its files dereferenced",
+                        path.display()
+                    ),
+                ));
             }
         }
     }
@@ -379,13 +382,16 @@ pub fn import_data_copy(
     }
     let files = walk(src)?;
     if !files.iter().any(|(r, _)| r == SQLITE) {
-        return Err(Error::config(format!(
-            "{}: no {SQLITE}; not a Chroma persist directory",
-            src.display()
-        )));
+        return Err(Error::engine(
+            ENGINE,
+            format!(
+                "{}: no {SQLITE}; not a Chroma persist directory",
+                src.display()
+            ),
+        ));
     }
     let display = src.join(SQLITE).display().to_string();
-    let found = inspect(src, &display).map_err(|NotChroma(m)| Error::config(m))?;
+    let found = inspect(src, &display).map_err(|NotChroma(m)| Error::engine(ENGINE, m))?;
     if let Some(why) = newer_than_pinned(&found.migrations) {
         return Err(Error::engine(
             ENGINE,
@@ -399,10 +405,13 @@ pub fn import_data_copy(
             .iter()
             .find(|f| !files.iter().any(|(r, _)| *r == format!("{seg}/{f}")))
         {
-            return Err(Error::config(format!(
-                "{}: segment {seg}/{f} of collection {key} is missing; copy the whole persist directory",
-                src.display()
-            )));
+            return Err(Error::engine(
+                ENGINE,
+                format!(
+                    "{}: segment {seg}/{f} of collection {key} is missing; copy the whole persist directory",
+                    src.display()
+                ),
+            ));
         }
     }
 
