@@ -17,6 +17,7 @@ mod mongo_replset;
 mod mongo_users;
 mod mongodb;
 mod monitoring;
+mod postgres;
 mod redis;
 mod remote;
 mod s3store;

@@ -5,6 +5,7 @@
 
 pub mod chroma;
 pub mod mongodb;
+pub mod postgres;
 pub mod redis;
 pub mod s3;
 
