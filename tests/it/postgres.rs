@@ -145,24 +145,118 @@ fn postgres_in_recovery_is_healthy_standby_but_not_ready() {
     assert!(stderr(&o).contains("in recovery"), "{}", stderr(&o));
 }
 
+fn populate(s: &PgServer) {
+    s.psql("CREATE DATABASE app");
+    s.psql("CREATE DATABASE shop");
+    let app = |sql: &str| {
+        let o = std::process::Command::new(crate::common::postgres::pg_bin("psql"))
+            .arg("-h")
+            .arg(&s.root)
+            .args(["-p", &s.port.to_string(), "-U", "postgres", "-d", "app"])
+            .args(["-v", "ON_ERROR_STOP=1", "-XAtq", "-c", sql])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    app(
+        "CREATE EXTENSION pgcrypto; CREATE EXTENSION hstore; CREATE SCHEMA billing; \
+         CREATE SEQUENCE billing.invoice_no START 1000; \
+         CREATE TABLE billing.invoice (id bigint DEFAULT nextval('billing.invoice_no') PRIMARY KEY, \
+           body text, tags hstore, digest bytea); \
+         INSERT INTO billing.invoice (body, tags, digest) \
+           SELECT repeat(md5(g::text), 400), hstore('n', g::text), digest(g::text, 'sha256') \
+           FROM generate_series(1, 300) g; \
+         SELECT lo_from_bytea(0, convert_to(repeat('large object ', 5000), 'UTF8'));",
+    );
+}
+
+fn set_dir(repo: &Path) -> std::path::PathBuf {
+    let ids = sets(repo);
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    repo.join(&ids[0])
+}
+
 #[test]
-fn postgres_backup_and_online_restore_refuse_leaving_nothing() {
+fn postgres_backup_is_accepted_by_pg_verifybackup_unpacked() {
+    let s = PgServer::start();
+    populate(&s);
+    let repo = tempfile::tempdir().unwrap();
+    // A role with REPLICATION only, not a superuser.
+    let o = run(dbkeeper(repo.path())
+        .env("DBKEEPER_POSTGRES_URL", s.url_as("keeper", Some(PW)))
+        .arg("backup"));
+    assert_no_password(&o);
+    assert_code(&o, 0);
+    let set = set_dir(repo.path());
+    let text = std::fs::read_to_string(set.join("manifest.json")).unwrap();
+    assert!(!text.contains(PW));
+    let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let pg = &m["engines"]["postgres"];
+    let details = &pg["details"];
+    for key in ["system_identifier", "start_lsn", "end_lsn", "timeline"] {
+        assert!(
+            details[key].as_str().is_some_and(|v| !v.is_empty()),
+            "{key}: {pg}"
+        );
+    }
+    assert_eq!(details["major"], "15", "{pg}");
+    assert!(
+        details["database_bytes"]["app"].as_u64().unwrap() > 1_000_000,
+        "{pg}"
+    );
+    assert!(pg["counts"]["base.tar"].as_u64().unwrap() > 900, "{pg}");
+
+    let out = tempfile::tempdir().unwrap();
+    let sh = format!(
+        "zstd -dc {0}/postgres/base.tar.zst | tar -x -C {1} && zstd -qdc {0}/postgres/backup_manifest.zst > {1}/backup_manifest",
+        set.display(),
+        out.path().display()
+    );
+    let o = run(std::process::Command::new("sh").args(["-c", &sh]));
+    assert_code(&o, 0);
+    let o = run(
+        std::process::Command::new(crate::common::postgres::pg_bin("pg_verifybackup"))
+            .arg(out.path()),
+    );
+    assert!(
+        o.status.success(),
+        "pg_verifybackup: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    // The check can fail: one byte changed in one file is caught.
+    let f = out.path().join("PG_VERSION");
+    std::fs::write(&f, "14\n").unwrap();
+    let o = run(
+        std::process::Command::new(crate::common::postgres::pg_bin("pg_verifybackup"))
+            .arg(out.path()),
+    );
+    assert!(!o.status.success());
+}
+
+#[test]
+fn postgres_deep_verify_passes_and_online_restore_refuses() {
     let s = PgServer::start();
     let repo = tempfile::tempdir().unwrap();
     let o = run(dbkeeper(repo.path())
         .env("DBKEEPER_POSTGRES_URL", s.url())
         .arg("backup"));
-    assert_no_password(&o);
-    assert_ne!(crate::common::code(&o), 0);
-    assert!(
-        stderr(&o).contains("not supported by this build yet"),
-        "{}",
-        stderr(&o)
-    );
-    assert!(sets(repo.path()).is_empty(), "a set was published");
+    assert_code(&o, 0);
     assert!(
         temps(repo.path()).is_empty(),
         "temps left: {:?}",
         temps(repo.path())
+    );
+    let o = run(dbkeeper(repo.path()).args(["verify", "--deep", "latest"]));
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let o = run(dbkeeper(repo.path())
+        .env("DBKEEPER_POSTGRES_URL", s.url())
+        .args(["restore", "--force"]));
+    assert_no_password(&o);
+    assert_ne!(crate::common::code(&o), 0);
+    assert!(
+        stderr(&o).contains("DBKEEPER_POSTGRES_DATA_DIR"),
+        "{}",
+        stderr(&o)
     );
 }

@@ -3,7 +3,9 @@
 //! preseed are not built yet: they refuse with a clear error. A data directory holding
 //! `PG_VERSION` is always reported as holding data, so nothing ever writes into it.
 
+mod basebackup;
 mod client;
+mod verify;
 
 use std::time::Duration;
 
@@ -165,11 +167,11 @@ fn not_built(what: &str) -> Error {
 
 /// Offline check of a set's PostgreSQL part.
 pub fn verify_deep(
-    _set: &SetReader,
-    _entry: &EngineEntry,
-    _cancel: &CancellationToken,
+    set: &SetReader,
+    entry: &EngineEntry,
+    cancel: &CancellationToken,
 ) -> Result<Counts> {
-    Err(not_built("verifying a PostgreSQL set"))
+    verify::verify_deep(set, entry, cancel)
 }
 
 impl EngineOps for PostgresEngine {
@@ -233,8 +235,8 @@ impl EngineOps for PostgresEngine {
         })
     }
 
-    async fn dump(&self, _out: EngineWriter, _cancel: &CancellationToken) -> Result<EngineEntry> {
-        Err(not_built("a PostgreSQL backup"))
+    async fn dump(&self, out: EngineWriter, cancel: &CancellationToken) -> Result<EngineEntry> {
+        basebackup::dump(&self.cfg, out, cancel).await
     }
 
     async fn restore(
