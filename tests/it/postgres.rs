@@ -260,3 +260,160 @@ fn postgres_deep_verify_passes_and_online_restore_refuses() {
         stderr(&o)
     );
 }
+
+fn dumpall(s: &PgServer) -> String {
+    let o = std::process::Command::new(crate::common::postgres::pg_bin("pg_dumpall"))
+        .arg("-h")
+        .arg(&s.root)
+        .args([
+            "-p",
+            &s.port.to_string(),
+            "-U",
+            "postgres",
+            "--no-role-passwords",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // pg_dump's per-run \\restrict keys are random; the rest is the data.
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("\\restrict ") && !l.starts_with("\\unrestrict "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn preseed(repo: &Path, dir: &Path, major: &str) -> Output {
+    run(dbkeeper(repo)
+        .env(
+            "DBKEEPER_POSTGRES_URL",
+            "postgres://postgres@127.0.0.1:1/postgres",
+        )
+        .env("DBKEEPER_POSTGRES_DATA_DIR", dir)
+        .env("DBKEEPER_POSTGRES_MAJOR", major)
+        .arg("preseed"))
+}
+
+#[test]
+fn postgres_backup_under_writes_preseeds_an_empty_pgdata_equal_at_the_end_point() {
+    let s = PgServer::start();
+    populate(&s);
+    s.psql("CREATE TABLE ticks (n bigint)");
+    // A writer runs while the backup is taken; its rows are compared at the end point
+    // (the backup's end is after the writer stopped: the writer stops, then the backup ends
+    // only once its WAL is written, so every committed row before the end is in).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let root = s.root.clone();
+        let port = s.port;
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let _ = std::process::Command::new(crate::common::postgres::pg_bin("psql"))
+                    .arg("-h")
+                    .arg(&root)
+                    .args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+                    .args(["-XAtq", "-c", &format!("INSERT INTO ticks VALUES ({n})")])
+                    .status();
+            }
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let repo = tempfile::tempdir().unwrap();
+    let o = run(dbkeeper(repo.path())
+        .env("DBKEEPER_POSTGRES_URL", s.url_as("keeper", Some(PW)))
+        .arg("backup"));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_code(&o, 0);
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(set_dir(repo.path()).join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(m["engines"]["postgres"]["details"]["end_lsn"].is_string());
+
+    // The preseeded copy, in an empty directory the server's user owns.
+    let target = tempfile::tempdir().unwrap();
+    std::process::Command::new("chown")
+        .arg("postgres:postgres")
+        .arg(target.path())
+        .status()
+        .unwrap();
+    let pgdata = target.path().join("data");
+    std::fs::create_dir(&pgdata).unwrap();
+    std::process::Command::new("chown")
+        .arg("postgres:postgres")
+        .arg(&pgdata)
+        .status()
+        .unwrap();
+    // Another major version: refused in one line, nothing written.
+    let o = preseed(repo.path(), &pgdata, "16");
+    assert_ne!(crate::common::code(&o), 0);
+    let err = stderr(&o);
+    assert!(
+        err.contains("PostgreSQL 15") && err.contains("PostgreSQL 16"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&pgdata).unwrap().count(), 0);
+
+    let o = preseed(repo.path(), &pgdata, "15");
+    assert!(o.status.success(), "{}", stderr(&o));
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let pg_uid = std::fs::metadata(&pgdata).unwrap().uid();
+    for e in walk(&pgdata) {
+        let m = std::fs::symlink_metadata(&e).unwrap();
+        assert_eq!(m.uid(), pg_uid, "{}", e.display());
+        let want = if m.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(m.permissions().mode() & 0o777, want, "{}", e.display());
+    }
+    assert!(
+        !std::fs::read_dir(&pgdata).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with('.'))
+    );
+
+    // The writer numbered its rows 1, 2, ...: the copy holds those up to the backup's end
+    // point, k. The source brought back to that point (its rows after k deleted) must dump
+    // equal to the copy: every table, large object, sequence and row.
+    let mut copy = PgServer::on_data(&pgdata);
+    let k: u64 = copy
+        .psql("SELECT coalesce(max(n), 0) FROM ticks")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(k > 0, "the writer wrote nothing before the backup's end");
+    s.psql(&format!("DELETE FROM ticks WHERE n > {k}"));
+    let want = dumpall(&s);
+    let got = dumpall(&copy);
+    assert!(
+        got == want,
+        "pg_dumpall of the copy differs from the source at the end point (k={k})"
+    );
+    let o =
+        run(dbkeeper(Path::new("/nonexistent")).args(["wait", "--timeout", "30s", &copy.url()]));
+    assert_code(&o, 0);
+    copy.stop();
+
+    // A cluster is never touched: a second preseed leaves it as it is.
+    let before = std::fs::read(pgdata.join("PG_VERSION")).unwrap();
+    let o = preseed(repo.path(), &pgdata, "15");
+    assert_code(&o, 0);
+    assert!(stderr(&o).contains("PG_VERSION"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(pgdata.join("PG_VERSION")).unwrap(), before);
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}

@@ -1,10 +1,12 @@
 //! PostgreSQL engine: readiness and health over the frontend/backend protocol (startup,
-//! authentication, one query). Physical backup, its deep verify and the data-directory
-//! preseed are not built yet: they refuse with a clear error. A data directory holding
-//! `PG_VERSION` is always reported as holding data, so nothing ever writes into it.
+//! authentication, one query); a physical base backup over the replication protocol
+//! (`basebackup`), its deep verify without a server (`verify`), and the pre-start preseed of
+//! an empty PGDATA (`datadir`). A running server cannot load a physical backup: online
+//! restore, wipe and the marker refuse, pointing at the preseed.
 
 mod basebackup;
 mod client;
+mod datadir;
 mod verify;
 
 use std::time::Duration;
@@ -155,16 +157,6 @@ impl PostgresEngine {
     }
 }
 
-/// Why physical backups are not available in this build.
-fn not_built(what: &str) -> Error {
-    Error::engine(
-        ENGINE,
-        format!(
-            "{what} is not supported by this build yet (physical base backups are being built)"
-        ),
-    )
-}
-
 /// Offline check of a set's PostgreSQL part.
 pub fn verify_deep(
     set: &SetReader,
@@ -265,45 +257,7 @@ fn online_restore() -> Error {
     )
 }
 
-/// Whether a PostgreSQL data directory may be preseeded: one holding `PG_VERSION` is a
-/// cluster and is never touched.
-pub fn data_dir_state(dir: &std::path::Path) -> Result<Emptiness> {
-    let meta = std::fs::metadata(dir).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::config(format!(
-                "DBKEEPER_POSTGRES_DATA_DIR {}: no such directory; mount the PostgreSQL data volume there",
-                dir.display()
-            ))
-        } else {
-            Error::io(dir, e)
-        }
-    })?;
-    if !meta.is_dir() {
-        return Err(Error::config(format!(
-            "DBKEEPER_POSTGRES_DATA_DIR {}: not a directory",
-            dir.display()
-        )));
-    }
-    let version = dir.join("PG_VERSION");
-    if version.exists() {
-        let v = std::fs::read_to_string(&version).unwrap_or_default();
-        return Ok(Emptiness::HasData(format!(
-            "{} holds a PostgreSQL {} cluster (PG_VERSION)",
-            dir.display(),
-            v.trim()
-        )));
-    }
-    Ok(Emptiness::Empty)
-}
-
-/// Unpacks a base backup into an empty PGDATA (not built yet: refuses, writing nothing).
-pub fn preseed_data_dir(
-    _dir: &std::path::Path,
-    _set: &SetReader,
-    _entry: &EngineEntry,
-) -> Result<()> {
-    Err(not_built("preseeding a PostgreSQL data directory"))
-}
+pub use datadir::{data_dir_state, preseed_data_dir};
 
 #[cfg(test)]
 mod tests {

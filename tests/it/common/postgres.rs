@@ -133,6 +133,29 @@ impl PgServer {
         s
     }
 
+    /// A server on an existing PGDATA (e.g. a preseeded one), started in a new temp dir for
+    /// its socket and log. The directory is kept.
+    pub fn on_data(data: &Path) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_owned();
+        if is_root() {
+            Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&root)
+                .status()
+                .unwrap();
+        }
+        let mut s = PgServer {
+            child: None,
+            port: free_port(),
+            data: data.to_owned(),
+            root,
+            _tmp: tmp,
+        };
+        s.run();
+        s
+    }
+
     /// Starts the server on its data directory and waits until it takes a query (or, in
     /// recovery, a connection).
     pub fn run(&mut self) {
