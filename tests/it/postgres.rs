@@ -417,3 +417,43 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn postgres_server_stopping_mid_backup_publishes_nothing() {
+    let mut s = PgServer::start();
+    // Enough incompressible data that the backup is still streaming when the server stops.
+    s.psql(
+        "CREATE EXTENSION pgcrypto; CREATE TABLE blob AS \
+         SELECT gen_random_bytes(1024) AS b FROM generate_series(1, 300000)",
+    );
+    let repo = tempfile::tempdir().unwrap();
+    let child = dbkeeper(repo.path())
+        .env("DBKEEPER_POSTGRES_URL", s.url_as("keeper", Some(PW)))
+        .arg("backup")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the archive is being written, stop the server (immediate shutdown).
+    let started = crate::common::wait_until(std::time::Duration::from_secs(30), || {
+        temps(repo.path()).iter().any(|t| {
+            std::fs::read_dir(repo.path().join(t).join("postgres"))
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false)
+        })
+    });
+    assert!(started, "the backup never started writing");
+    s.stop();
+    let o = child.wait_with_output().unwrap();
+    assert_no_password(&o);
+    assert_ne!(crate::common::code(&o), 0, "{}", stderr(&o));
+    let last = stderr(&o).lines().last().unwrap_or_default().to_owned();
+    assert!(last.contains("postgres"), "{last}");
+    eprintln!("mid-backup stop: {last}");
+    assert!(sets(repo.path()).is_empty(), "a set was published");
+    assert!(
+        temps(repo.path()).is_empty(),
+        "temps left: {:?}",
+        temps(repo.path())
+    );
+}
