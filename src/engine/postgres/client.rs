@@ -218,6 +218,15 @@ impl Conn {
         }
     }
 
+    fn eof_or_io(&self, e: std::io::Error) -> Error {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            self.cfg
+                .unreachable("the server closed the connection in the middle of a message")
+        } else {
+            self.io(e)
+        }
+    }
+
     fn io(&self, e: std::io::Error) -> Error {
         self.cfg.unreachable(e.to_string())
     }
@@ -269,7 +278,10 @@ impl Conn {
 
     async fn read_body(&mut self, tag: u8) -> Result<Msg> {
         let mut len = [0u8; 4];
-        self.io.read_exact(&mut len).await.map_err(|e| self.io(e))?;
+        self.io
+            .read_exact(&mut len)
+            .await
+            .map_err(|e| self.eof_or_io(e))?;
         let len = u32::from_be_bytes(len) as usize;
         if !(4..=MAX_MESSAGE).contains(&len) {
             return Err(self.cfg.refused(format!(
@@ -281,7 +293,7 @@ impl Conn {
         self.io
             .read_exact(&mut body)
             .await
-            .map_err(|e| self.io(e))?;
+            .map_err(|e| self.eof_or_io(e))?;
         Ok(Msg { tag, body })
     }
 

@@ -212,3 +212,34 @@ fn check_wal(ranges: &[WalRange], wal: &BTreeMap<String, u64>) -> std::result::R
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(start: &str, end: &str) -> WalRange {
+        WalRange {
+            timeline: 1,
+            start: start.into(),
+            end: end.into(),
+        }
+    }
+
+    #[test]
+    fn wal_range_needs_every_segment() {
+        let seg = 16u64 << 20;
+        let mut wal = BTreeMap::new();
+        wal.insert("000000010000000000000002".to_owned(), seg);
+        wal.insert("000000010000000000000003".to_owned(), seg);
+        assert_eq!(parse_lsn("0/2000028"), Some(0x2000028));
+        assert!(check_wal(&[range("0/2000028", "0/3000100")], &wal).is_ok());
+        // An end exactly on a boundary needs no segment after it.
+        assert!(check_wal(&[range("0/2000028", "0/4000000")], &wal).is_ok());
+        let e = check_wal(&[range("0/2000028", "0/4000100")], &wal).unwrap_err();
+        assert!(e.contains("000000010000000000000004"), "{e}");
+        assert!(check_wal(&[range("0/2000028", "0/3000100")], &BTreeMap::new()).is_err());
+        let mut torn = wal.clone();
+        torn.insert("000000010000000000000004".to_owned(), 100);
+        assert!(check_wal(&[range("0/2000028", "0/3000100")], &torn).is_err());
+    }
+}
