@@ -457,3 +457,80 @@ fn postgres_server_stopping_mid_backup_publishes_nothing() {
         temps(repo.path())
     );
 }
+
+/// Rewrites the set's base archive with `PG_VERSION` changed (same size), and the set's own
+/// checksums to match: only the backup manifest's CRC32C can tell.
+fn tamper_pg_version(set: &Path) {
+    use sha2::Digest;
+    let path = set.join("postgres/base.tar.zst");
+    let raw = zstd::decode_all(std::fs::File::open(&path).unwrap()).unwrap();
+    let mut out = tar::Builder::new(Vec::new());
+    let mut ar = tar::Archive::new(&raw[..]);
+    let mut changed = false;
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut header = e.header().clone();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        if e.path_bytes().as_ref() == b"PG_VERSION" {
+            data = b"14\n".to_vec();
+            changed = true;
+        }
+        header.set_cksum();
+        out.append(&header, &data[..]).unwrap();
+    }
+    assert!(changed, "no PG_VERSION in base.tar");
+    let tar_bytes = out.into_inner().unwrap();
+    let stored = zstd::encode_all(&tar_bytes[..], 3).unwrap();
+    std::fs::write(&path, &stored).unwrap();
+    let mpath = set.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    for f in m["engines"]["postgres"]["files"].as_array_mut().unwrap() {
+        if f["path"] == "postgres/base.tar.zst" {
+            f["size"] = stored.len().into();
+            f["raw_size"] = tar_bytes.len().into();
+            f["sha256"] = hex::encode(sha2::Sha256::digest(&stored)).into();
+        }
+    }
+    let text = serde_json::to_vec_pretty(&m).unwrap();
+    std::fs::write(&mpath, &text).unwrap();
+    std::fs::write(
+        set.join("manifest.json.sha256"),
+        format!(
+            "{}  manifest.json\n",
+            hex::encode(sha2::Sha256::digest(&text))
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn postgres_a_file_that_differs_from_the_backup_manifest_fails_verify_and_preseed() {
+    let s = PgServer::start();
+    let repo = tempfile::tempdir().unwrap();
+    let o = run(dbkeeper(repo.path())
+        .env("DBKEEPER_POSTGRES_URL", s.url())
+        .arg("backup"));
+    assert_code(&o, 0);
+    let set = set_dir(repo.path());
+    tamper_pg_version(&set);
+    // The set's own checksums are consistent again: a plain verify passes...
+    let o = run(dbkeeper(repo.path()).args(["verify", "latest"]));
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    // ...the deep one compares with the server's manifest and fails.
+    let o = run(dbkeeper(repo.path()).args(["verify", "--deep", "latest"]));
+    assert_code(&o, 4);
+    assert!(stderr(&o).contains("PG_VERSION: CRC32C"), "{}", stderr(&o));
+    // The preseed skips it (the only set: a first start) and writes nothing from it.
+    let target = tempfile::tempdir().unwrap();
+    let o = preseed(repo.path(), target.path(), "15");
+    assert_code(&o, 0);
+    assert!(
+        stderr(&o).contains("skipping a set that does not verify"),
+        "{}",
+        stderr(&o)
+    );
+    let left: Vec<_> = std::fs::read_dir(target.path()).unwrap().collect();
+    assert!(left.is_empty(), "the preseed left {left:?}");
+}
