@@ -534,3 +534,25 @@ fn postgres_a_file_that_differs_from_the_backup_manifest_fails_verify_and_presee
     let left: Vec<_> = std::fs::read_dir(target.path()).unwrap().collect();
     assert!(left.is_empty(), "the preseed left {left:?}");
 }
+
+#[test]
+fn postgres_backup_without_replication_rights_says_what_the_role_needs() {
+    let s = PgServer::start();
+    let repo = tempfile::tempdir().unwrap();
+    // md5user has no REPLICATION attribute and no `replication` line in pg_hba.conf.
+    let o = run(dbkeeper(repo.path())
+        .env(
+            "DBKEEPER_POSTGRES_URL",
+            s.url_as(MD5_USER.0, Some(MD5_USER.1)),
+        )
+        .arg("backup"));
+    assert_no_password(&o);
+    assert_code(&o, 1);
+    let err = stderr(&o);
+    assert!(
+        err.contains("REPLICATION") && err.contains("pg_hba.conf"),
+        "{err}"
+    );
+    assert!(sets(repo.path()).is_empty());
+    assert!(temps(repo.path()).is_empty(), "{:?}", temps(repo.path()));
+}

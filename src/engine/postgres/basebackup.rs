@@ -103,7 +103,22 @@ pub(crate) async fn dump(
         }
     }
 
-    let mut c = Conn::connect(cfg, CONNECT_TIMEOUT, true).await?;
+    let mut c = Conn::connect(cfg, CONNECT_TIMEOUT, true)
+        .await
+        .map_err(|e| match e {
+            Error::Refused {
+                engine,
+                url,
+                message,
+            } => Error::Refused {
+                engine,
+                url,
+                message: format!(
+                    "replication connection refused: {message}; the role needs the REPLICATION attribute and pg_hba.conf a `host replication <role> ...` line"
+                ),
+            },
+            other => other,
+        })?;
     let server_version = c
         .params
         .get("server_version")
@@ -116,7 +131,12 @@ pub(crate) async fn dump(
         other => other,
     })?;
     let system_id = col(&ident, 0, 0).ok_or_else(|| bad(cfg, "IDENTIFY_SYSTEM: no answer"))?;
-    let slot = format!("dbkeeper_{}", std::process::id());
+    // Unique per backup: containers all run as pid 1, and two of them may back up one server.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let slot = format!("dbkeeper_{}_{nanos}", std::process::id());
     c.query(&format!(
         "CREATE_REPLICATION_SLOT {slot} TEMPORARY PHYSICAL RESERVE_WAL"
     ))
