@@ -88,7 +88,7 @@ pub(crate) async fn dump(
     cancel: &CancellationToken,
 ) -> Result<EngineEntry> {
     let started_at = Utc::now();
-    // Database sizes, from an ordinary session (a physical replication session runs no SQL).
+    // Database sizes, from an ordinary connection (a physical replication connection runs no SQL).
     let mut sql = Conn::connect(cfg, CONNECT_TIMEOUT, false).await?;
     let sizes = sql
         .query(

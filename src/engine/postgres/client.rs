@@ -1,6 +1,6 @@
-//! The frontend/backend protocol session: startup, authentication (trust, cleartext, md5,
+//! A frontend/backend protocol connection: startup, authentication (trust, cleartext, md5,
 //! SCRAM-SHA-256), simple queries. Message encoding and the SCRAM exchange come from
-//! `postgres-protocol`; the session loop is ours (a few dozen lines over a tokio socket,
+//! `postgres-protocol`; the message loop is ours (a few dozen lines over a tokio socket,
 //! where a full client library would bring a connection pool and type system we do not use).
 
 use std::collections::BTreeMap;
@@ -68,8 +68,8 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    /// Connects, starts a session and authenticates, bounded by `timeout`. `replication`
-    /// opens a physical replication session (`replication=true`).
+    /// Connects, sends the startup message and authenticates, bounded by `timeout`. `replication`
+    /// opens a physical replication connection (`replication=true`).
     pub async fn connect(cfg: &PgConfig, timeout: Duration, replication: bool) -> Result<Conn> {
         match tokio::time::timeout(timeout, Self::connect_inner(cfg, replication)).await {
             Ok(r) => r,
@@ -243,7 +243,7 @@ impl Conn {
         r.map_err(|e| self.io(e))
     }
 
-    /// The first answer of a session: also tells a server of another protocol.
+    /// The first answer of a connection: also tells a server of another protocol.
     async fn read_first(&mut self) -> Result<Msg> {
         let mut tag = [0u8; 1];
         match self.io.read_exact(&mut tag).await {

@@ -24,7 +24,7 @@ use client::Conn;
 
 pub(crate) const ENGINE: &str = "postgres";
 
-/// Admin sessions (is_empty) get this long to connect.
+/// Admin connections (is_empty) get this long to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the URL says: where, who, which database.
@@ -123,7 +123,7 @@ impl PostgresEngine {
         })
     }
 
-    /// One session: startup, authentication, then `SELECT pg_is_in_recovery()`. The version
+    /// One connection: startup, authentication, then `SELECT pg_is_in_recovery()`. The version
     /// comes with the startup answer (`server_version`), so a probe is three round trips.
     async fn check(&self, timeout: Duration) -> Result<(Probe, bool)> {
         let run = async {
