@@ -100,7 +100,7 @@ fn configuration_errors_are_exit_2() {
         (
             vec!["backup", "--only", "cassandra"],
             vec![],
-            "unknown engine",
+            "no postgres URL is configured",
         ),
         (
             vec!["backup", "--only", "mongodb"],

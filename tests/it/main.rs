@@ -19,6 +19,7 @@ mod mongo_replset;
 mod mongo_users;
 mod mongodb;
 mod monitoring;
+mod postgres;
 mod rabbitmq;
 mod redis;
 mod redis_aof;

@@ -1,4 +1,13 @@
-//! PostgreSQL engine (being built: every operation still refuses with a clear error).
+//! PostgreSQL engine: readiness and health over the frontend/backend protocol (startup,
+//! authentication, one query); a physical base backup over the replication protocol
+//! (`basebackup`), its deep verify without a server (`verify`), and the pre-start preseed of
+//! an empty PGDATA (`datadir`). A running server cannot load a physical backup: online
+//! restore, wipe and the marker refuse, pointing at the preseed.
+
+mod basebackup;
+mod client;
+mod datadir;
+mod verify;
 
 use std::time::Duration;
 
@@ -11,31 +20,150 @@ use crate::repo::reader::SetReader;
 use crate::repo::writer::EngineWriter;
 use crate::secret::{Secret, redact_url};
 
+use client::Conn;
+
 pub(crate) const ENGINE: &str = "postgres";
 
-pub struct PostgresEngine {
+/// Admin connections (is_empty) get this long to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the URL says: where, who, which database.
+#[derive(Clone)]
+pub(crate) struct PgConfig {
+    host: String,
+    port: u16,
+    user: String,
+    password: Option<Secret>,
+    dbname: String,
     display: String,
+}
+
+impl PgConfig {
+    pub fn parse(url: &Secret) -> Result<Self> {
+        let raw = url.expose();
+        let display = redact_url(raw);
+        let bad = |why: &str| Error::config(format!("{display}: {why}"));
+        let u = url::Url::parse(raw).map_err(|e| bad(&format!("not a valid URL ({e})")))?;
+        if !matches!(u.scheme(), "postgres" | "postgresql") {
+            return Err(bad("scheme is not postgres:// or postgresql://"));
+        }
+        let host = match u.host() {
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            Some(h) => h.to_string(),
+            None => return Err(bad("no host")),
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        let decode = |s: &str| -> Result<String> {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| bad("user, password or database is not valid UTF-8 once decoded"))
+        };
+        let user = match u.username() {
+            "" => "postgres".to_owned(),
+            name => decode(name)?,
+        };
+        let password = match u.password() {
+            None | Some("") => None,
+            Some(p) => Some(Secret::new(decode(p)?)),
+        };
+        let dbname = match u.path().trim_start_matches('/') {
+            "" => user.clone(),
+            p => decode(p)?,
+        };
+        for (k, v) in u.query_pairs() {
+            match (k.as_ref(), v.as_ref()) {
+                ("sslmode", "disable" | "allow" | "prefer") => {}
+                ("sslmode", other) => {
+                    return Err(bad(&format!(
+                        "sslmode={other}: TLS to PostgreSQL is not supported by this build yet; use sslmode=disable (or prefer) on a trusted network"
+                    )));
+                }
+                ("connect_timeout" | "application_name", _) => {}
+                (other, _) => return Err(bad(&format!("unknown parameter {other:?}"))),
+            }
+        }
+        Ok(PgConfig {
+            host,
+            port: u.port().unwrap_or(5432),
+            user,
+            password,
+            dbname,
+            display,
+        })
+    }
+
+    fn unreachable(&self, message: impl Into<String>) -> Error {
+        Error::Unreachable {
+            engine: ENGINE,
+            url: self.display.clone(),
+            message: message.into(),
+        }
+    }
+
+    fn refused(&self, message: impl Into<String>) -> Error {
+        Error::Refused {
+            engine: ENGINE,
+            url: self.display.clone(),
+            message: message.into(),
+        }
+    }
+}
+
+pub struct PostgresEngine {
+    cfg: PgConfig,
 }
 
 impl PostgresEngine {
     pub fn new(url: &Secret, _opts: &EngineOptions) -> Result<Self> {
         Ok(PostgresEngine {
-            display: redact_url(url.expose()),
+            cfg: PgConfig::parse(url)?,
         })
     }
-}
 
-fn not_built() -> Error {
-    Error::engine(ENGINE, "not supported by this build yet")
+    /// One connection: startup, authentication, then `SELECT pg_is_in_recovery()`. The version
+    /// comes with the startup answer (`server_version`), so a probe is three round trips.
+    async fn check(&self, timeout: Duration) -> Result<(Probe, bool)> {
+        let run = async {
+            let mut c = Conn::connect(&self.cfg, timeout, false).await?;
+            let rows = c.query("SELECT pg_is_in_recovery()").await?;
+            let recovery =
+                matches!(rows.first().and_then(|r| r.first()), Some(Some(v)) if v == "t");
+            let version = c.params.get("server_version").map(|v| {
+                // "15.14 (Debian 15.14-0+deb12u1)": the number is the version.
+                v.split_whitespace().next().unwrap_or(v).to_owned()
+            });
+            c.terminate().await;
+            Ok::<_, Error>((version, recovery))
+        };
+        let (version, recovery) = match tokio::time::timeout(timeout, run).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(self
+                    .cfg
+                    .unreachable(format!("no answer within {timeout:?}")));
+            }
+        };
+        let role = if recovery { "standby" } else { "primary" };
+        Ok((
+            Probe {
+                version,
+                detail: format!("role={role}"),
+            },
+            recovery,
+        ))
+    }
 }
 
 /// Offline check of a set's PostgreSQL part.
 pub fn verify_deep(
-    _set: &SetReader,
-    _entry: &EngineEntry,
-    _cancel: &CancellationToken,
+    set: &SetReader,
+    entry: &EngineEntry,
+    cancel: &CancellationToken,
 ) -> Result<Counts> {
-    Err(not_built())
+    verify::verify_deep(set, entry, cancel)
 }
 
 impl EngineOps for PostgresEngine {
@@ -43,17 +171,66 @@ impl EngineOps for PostgresEngine {
         EngineKind::Postgres
     }
     fn display_url(&self) -> &str {
-        &self.display
+        &self.cfg.display
     }
-    async fn probe(&self, _timeout: Duration) -> Result<Probe> {
-        Err(not_built())
+
+    /// Health: a primary or a standby that answers a query is healthy.
+    async fn probe(&self, timeout: Duration) -> Result<Probe> {
+        Ok(self.check(timeout).await?.0)
     }
+
+    /// Readiness: a server still in recovery (a standby, or one replaying WAL after a
+    /// preseed) is "not yet".
+    async fn ready(&self, timeout: Duration) -> Result<Probe> {
+        let (p, recovery) = self.check(timeout).await?;
+        if recovery {
+            return Err(self.cfg.unreachable(
+                "in recovery (a standby, or still replaying WAL): not taking writes yet",
+            ));
+        }
+        Ok(p)
+    }
+
+    /// Whether the server holds user data: databases besides `postgres` and the templates,
+    /// or tables outside the system schemas of the database the URL names.
     async fn is_empty(&self) -> Result<Emptiness> {
-        Err(not_built())
+        let mut c = Conn::connect(&self.cfg, CONNECT_TIMEOUT, false).await?;
+        let dbs = c
+            .query(
+                "SELECT datname FROM pg_database WHERE datname NOT IN ('postgres','template0','template1') ORDER BY 1",
+            )
+            .await?;
+        let tables = c
+            .query(
+                "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind IN ('r','p','m') AND n.nspname NOT IN ('pg_catalog','information_schema') \
+                 AND n.nspname NOT LIKE 'pg_toast%'",
+            )
+            .await?;
+        c.terminate().await;
+        let names: Vec<String> = dbs
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten())
+            .collect();
+        let ntables: u64 = tables
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Ok(match (names.is_empty(), ntables) {
+            (true, 0) => Emptiness::Empty,
+            _ => Emptiness::HasData(format!(
+                "databases [{}], {ntables} tables in {}",
+                names.join(", "),
+                self.cfg.dbname
+            )),
+        })
     }
-    async fn dump(&self, _out: EngineWriter, _cancel: &CancellationToken) -> Result<EngineEntry> {
-        Err(not_built())
+
+    async fn dump(&self, out: EngineWriter, cancel: &CancellationToken) -> Result<EngineEntry> {
+        basebackup::dump(&self.cfg, out, cancel).await
     }
+
     async fn restore(
         &self,
         _set: &SetReader,
@@ -61,26 +238,67 @@ impl EngineOps for PostgresEngine {
         _opts: &RestoreOptions,
         _cancel: &CancellationToken,
     ) -> Result<Counts> {
-        Err(not_built())
+        Err(online_restore())
     }
+
     async fn wipe(&self) -> Result<()> {
-        Err(not_built())
+        Err(online_restore())
     }
+
     async fn set_marker(&self, _on: bool) -> Result<()> {
-        Err(not_built())
+        Err(online_restore())
     }
 }
 
-/// Whether a PostgreSQL data directory may be preseeded.
-pub fn data_dir_state(_dir: &std::path::Path) -> Result<Emptiness> {
-    Err(not_built())
+/// A running server cannot load a physical backup.
+fn online_restore() -> Error {
+    Error::config(
+        "a running PostgreSQL server cannot load a physical backup; preseed its empty data directory before it starts (DBKEEPER_POSTGRES_DATA_DIR)",
+    )
 }
 
-/// Unpacks a base backup into an empty PGDATA.
-pub fn preseed_data_dir(
-    _dir: &std::path::Path,
-    _set: &SetReader,
-    _entry: &EngineEntry,
-) -> Result<()> {
-    Err(not_built())
+pub use datadir::{data_dir_state, preseed_data_dir};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_defaults_and_refusals() {
+        let c = PgConfig::parse(&Secret::new("postgres://h")).unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.port, c.user.as_str(), c.dbname.as_str()),
+            ("h", 5432, "postgres", "postgres")
+        );
+        let c = PgConfig::parse(&Secret::new(
+            "postgresql://u:p%40ss@h:6000/app?sslmode=disable",
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.port, c.user.as_str(), c.dbname.as_str()),
+            (6000, "u", "app")
+        );
+        assert_eq!(c.password.unwrap().expose(), "p@ss");
+        let e = PgConfig::parse(&Secret::new("postgres://u:secret@h/?sslmode=require"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("sslmode=require") && !e.contains("secret"),
+            "{e}"
+        );
+        assert!(PgConfig::parse(&Secret::new("postgres://h/db?bogus=1")).is_err());
+    }
+
+    #[test]
+    fn data_dir_with_pg_version_has_data() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(data_dir_state(d.path()).unwrap(), Emptiness::Empty);
+        std::fs::write(d.path().join("PG_VERSION"), "15\n").unwrap();
+        match data_dir_state(d.path()).unwrap() {
+            Emptiness::HasData(w) => assert!(w.contains("PostgreSQL 15"), "{w}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(data_dir_state(&d.path().join("missing")).is_err());
+    }
 }

@@ -7,6 +7,7 @@ pub mod chroma;
 pub mod chroma_dir;
 pub mod import;
 pub mod mongodb;
+pub mod postgres;
 pub mod rabbitmq;
 pub mod redis;
 pub mod redis_aof;

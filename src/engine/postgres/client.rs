@@ -1,0 +1,362 @@
+//! A frontend/backend protocol connection: startup, authentication (trust, cleartext, md5,
+//! SCRAM-SHA-256), simple queries. Message encoding and the SCRAM exchange come from
+//! `postgres-protocol`; the message loop is ours (a few dozen lines over a tokio socket,
+//! where a full client library would bring a connection pool and type system we do not use).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use super::PgConfig;
+use crate::error::{Error, Result};
+
+/// A backend message larger than this is not PostgreSQL talking (its own limit for most
+/// messages is 1 GB; ours is the CopyData chunks of a base backup, well under it).
+const MAX_MESSAGE: usize = 1 << 30;
+
+/// One backend message: its type byte and body.
+pub(super) struct Msg {
+    pub tag: u8,
+    pub body: Vec<u8>,
+}
+
+/// A server error or notice: its fields by code (`C` SQLSTATE, `M` message, `S` severity).
+#[derive(Debug, Clone)]
+pub(super) struct ServerError {
+    pub code: String,
+    pub message: String,
+}
+
+impl ServerError {
+    fn parse(body: &[u8]) -> ServerError {
+        let mut code = String::new();
+        let mut message = String::new();
+        let mut rest = body;
+        while let Some((&field, tail)) = rest.split_first() {
+            if field == 0 {
+                break;
+            }
+            let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+            let value = String::from_utf8_lossy(&tail[..end]).into_owned();
+            match field {
+                b'C' => code = value,
+                b'M' => message = value,
+                _ => {}
+            }
+            rest = tail.get(end + 1..).unwrap_or(&[]);
+        }
+        ServerError { code, message }
+    }
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (SQLSTATE {})", self.message, self.code)
+    }
+}
+
+pub(super) struct Conn {
+    io: BufReader<TcpStream>,
+    pub params: BTreeMap<String, String>,
+    cfg: PgConfig,
+}
+
+impl Conn {
+    /// Connects, sends the startup message and authenticates, bounded by `timeout`. `replication`
+    /// opens a physical replication connection (`replication=true`).
+    pub async fn connect(cfg: &PgConfig, timeout: Duration, replication: bool) -> Result<Conn> {
+        match tokio::time::timeout(timeout, Self::connect_inner(cfg, replication)).await {
+            Ok(r) => r,
+            Err(_) => Err(cfg.unreachable(format!(
+                "no answer to the startup message within {timeout:?} (is this a PostgreSQL port?)"
+            ))),
+        }
+    }
+
+    async fn connect_inner(cfg: &PgConfig, replication: bool) -> Result<Conn> {
+        let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
+            .await
+            .map_err(|e| cfg.unreachable(format!("connect: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let mut c = Conn {
+            io: BufReader::with_capacity(256 << 10, tcp),
+            params: BTreeMap::new(),
+            cfg: cfg.clone(),
+        };
+        let mut buf = BytesMut::new();
+        let mut params: Vec<(&str, &str)> = vec![
+            ("user", cfg.user.as_str()),
+            ("database", cfg.dbname.as_str()),
+            ("application_name", "dbkeeper"),
+            ("client_encoding", "UTF8"),
+        ];
+        if replication {
+            params.push(("replication", "true"));
+        }
+        frontend::startup_message(params.iter().copied(), &mut buf)
+            .map_err(|e| cfg.refused(format!("startup message: {e}")))?;
+        c.send(&buf).await?;
+        c.authenticate().await?;
+        // ParameterStatus, BackendKeyData, then ReadyForQuery.
+        loop {
+            let m = c.read().await?;
+            match m.tag {
+                b'Z' => return Ok(c),
+                b'S' => c.param(&m.body),
+                b'E' => return Err(c.server_error(&m.body)),
+                _ => {}
+            }
+        }
+    }
+
+    fn param(&mut self, body: &[u8]) {
+        let mut parts = body.split(|&b| b == 0);
+        if let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+            self.params.insert(
+                String::from_utf8_lossy(k).into_owned(),
+                String::from_utf8_lossy(v).into_owned(),
+            );
+        }
+    }
+
+    async fn authenticate(&mut self) -> Result<()> {
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let m = self.read_first().await?;
+            match m.tag {
+                b'R' => {}
+                b'E' => return Err(self.server_error(&m.body)),
+                // NegotiateProtocolVersion: a minor version or option we did not ask for.
+                b'v' => continue,
+                other => {
+                    return Err(self.cfg.refused(format!(
+                        "answered the startup message with {:?}: not a PostgreSQL server",
+                        other as char
+                    )));
+                }
+            }
+            if m.body.len() < 4 {
+                return Err(self.cfg.refused("short authentication message"));
+            }
+            let code = i32::from_be_bytes([m.body[0], m.body[1], m.body[2], m.body[3]]);
+            let data = &m.body[4..];
+            let mut buf = BytesMut::new();
+            match code {
+                0 => return Ok(()),
+                3 => {
+                    let pw = self.password()?;
+                    frontend::password_message(pw.as_bytes(), &mut buf).map_err(|e| self.io(e))?;
+                }
+                5 => {
+                    let pw = self.password()?;
+                    let salt: [u8; 4] = data
+                        .get(..4)
+                        .and_then(|s| s.try_into().ok())
+                        .ok_or_else(|| self.cfg.refused("md5 request without a salt"))?;
+                    let hash = md5_hash(self.cfg.user.as_bytes(), pw.as_bytes(), salt);
+                    frontend::password_message(hash.as_bytes(), &mut buf)
+                        .map_err(|e| self.io(e))?;
+                }
+                10 => {
+                    let offered: Vec<&[u8]> =
+                        data.split(|&b| b == 0).filter(|s| !s.is_empty()).collect();
+                    if !offered.contains(&SCRAM_SHA_256.as_bytes()) {
+                        return Err(self.cfg.refused(format!(
+                            "the server offers SASL mechanisms {:?}; only {SCRAM_SHA_256} is supported",
+                            offered
+                                .iter()
+                                .map(|s| String::from_utf8_lossy(s))
+                                .collect::<Vec<_>>()
+                        )));
+                    }
+                    let pw = self.password()?;
+                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut buf)
+                        .map_err(|e| self.io(e))?;
+                    scram = Some(s);
+                }
+                11 => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| self.cfg.refused("SASL continue before SASL start"))?;
+                    s.update(data)
+                        .map_err(|e| self.cfg.refused(format!("SCRAM: {e}")))?;
+                    frontend::sasl_response(s.message(), &mut buf).map_err(|e| self.io(e))?;
+                }
+                12 => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| self.cfg.refused("SASL final before SASL start"))?;
+                    s.finish(data).map_err(|e| {
+                        self.cfg
+                            .refused(format!("SCRAM: the server's signature is wrong: {e}"))
+                    })?;
+                    continue;
+                }
+                other => {
+                    return Err(self.cfg.refused(format!(
+                        "authentication method {other} is not supported (trust, password, md5 and scram-sha-256 are)"
+                    )));
+                }
+            }
+            self.send(&buf).await?;
+        }
+    }
+
+    fn password(&self) -> Result<String> {
+        match &self.cfg.password {
+            Some(p) => Ok(p.expose().to_owned()),
+            None => Err(self.cfg.refused(
+                "the server asks for a password; put it in the URL (postgres://user:PASSWORD@host/db)",
+            )),
+        }
+    }
+
+    fn eof_or_io(&self, e: std::io::Error) -> Error {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            self.cfg
+                .unreachable("the server closed the connection in the middle of a message")
+        } else {
+            self.io(e)
+        }
+    }
+
+    fn io(&self, e: std::io::Error) -> Error {
+        self.cfg.unreachable(e.to_string())
+    }
+
+    /// The error a server sent, classified: "not yet" states are `Unreachable`, the rest
+    /// (credentials, unknown database, no pg_hba.conf entry) `Refused`.
+    pub fn server_error(&self, body: &[u8]) -> Error {
+        let e = ServerError::parse(body);
+        classify(&self.cfg, &e)
+    }
+
+    pub async fn send(&mut self, buf: &[u8]) -> Result<()> {
+        let r = self.io.get_mut().write_all(buf).await;
+        r.map_err(|e| self.io(e))
+    }
+
+    /// The first answer of a connection: also tells a server of another protocol.
+    async fn read_first(&mut self) -> Result<Msg> {
+        let mut tag = [0u8; 1];
+        match self.io.read_exact(&mut tag).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(self.cfg.unreachable(
+                    "closed the connection on the startup message (shutting down, or not a PostgreSQL server)",
+                ));
+            }
+            Err(e) => return Err(self.io(e)),
+        }
+        if !matches!(tag[0], b'R' | b'E' | b'v') {
+            return Err(self.cfg.refused(format!(
+                "answered the startup message with {:?}: not a PostgreSQL server",
+                String::from_utf8_lossy(&tag)
+            )));
+        }
+        self.read_body(tag[0]).await
+    }
+
+    pub async fn read(&mut self) -> Result<Msg> {
+        let mut tag = [0u8; 1];
+        self.io.read_exact(&mut tag).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                self.cfg.unreachable("the server closed the connection")
+            } else {
+                self.io(e)
+            }
+        })?;
+        self.read_body(tag[0]).await
+    }
+
+    async fn read_body(&mut self, tag: u8) -> Result<Msg> {
+        let mut len = [0u8; 4];
+        self.io
+            .read_exact(&mut len)
+            .await
+            .map_err(|e| self.eof_or_io(e))?;
+        let len = u32::from_be_bytes(len) as usize;
+        if !(4..=MAX_MESSAGE).contains(&len) {
+            return Err(self.cfg.refused(format!(
+                "message {:?} of length {len}: not a PostgreSQL server",
+                tag as char
+            )));
+        }
+        let mut body = vec![0u8; len - 4];
+        self.io
+            .read_exact(&mut body)
+            .await
+            .map_err(|e| self.eof_or_io(e))?;
+        Ok(Msg { tag, body })
+    }
+
+    /// A simple query: the rows of its (last) result as text, NULL as `None`.
+    pub async fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
+        let mut buf = BytesMut::new();
+        frontend::query(sql, &mut buf).map_err(|e| self.io(e))?;
+        self.send(&buf).await?;
+        let mut rows = Vec::new();
+        let mut err = None;
+        loop {
+            let m = self.read().await?;
+            match m.tag {
+                b'T' => rows.clear(),
+                b'D' => rows.push(
+                    parse_row(&m.body)
+                        .ok_or_else(|| self.cfg.refused("malformed DataRow from the server"))?,
+                ),
+                b'E' => err = Some(self.server_error(&m.body)),
+                b'S' => self.param(&m.body),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        match err {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+
+    pub async fn terminate(mut self) {
+        let mut buf = BytesMut::new();
+        frontend::terminate(&mut buf);
+        let _ = self.io.get_mut().write_all(&buf).await;
+    }
+}
+
+pub(super) fn classify(cfg: &PgConfig, e: &ServerError) -> Error {
+    match e.code.as_str() {
+        // cannot_connect_now (starting up, shutting down, in recovery), admin/crash shutdown,
+        // too many connections.
+        "57P03" | "57P01" | "57P02" | "53300" | "53000" => cfg.unreachable(e.to_string()),
+        "28P01" => cfg.refused(format!("{e}: wrong password")),
+        _ => cfg.refused(e.to_string()),
+    }
+}
+
+fn parse_row(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let n = u16::from_be_bytes(body.get(..2)?.try_into().ok()?) as usize;
+    let mut at = 2;
+    let mut row = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        if len < 0 {
+            row.push(None);
+        } else {
+            let end = at + len as usize;
+            row.push(Some(
+                String::from_utf8_lossy(body.get(at..end)?).into_owned(),
+            ));
+            at = end;
+        }
+    }
+    Some(row)
+}
