@@ -100,6 +100,11 @@ fn configuration_errors_are_exit_2() {
         (
             vec!["backup", "--only", "cassandra"],
             vec![],
+            "unknown engine",
+        ),
+        (
+            vec!["backup", "--only", "postgres"],
+            vec![],
             "no postgres URL is configured",
         ),
         (
