@@ -42,3 +42,21 @@ pub(crate) fn connect(host: &str, port: u16, deadline: Instant) -> Result<TcpStr
         None => ConnectError::NoAddress,
     })
 }
+
+/// A URL's host as a connect takes it (an IPv6 address without its brackets); `None` when
+/// the URL has none or an empty one.
+pub(crate) fn url_host(u: &url::Url) -> Option<String> {
+    let host = match u.host()? {
+        url::Host::Ipv6(a) => a.to_string(),
+        h => h.to_string(),
+    };
+    (!host.is_empty()).then_some(host)
+}
+
+/// A percent-encoded URL part (user, password, path), decoded; `None` when it is not UTF-8.
+pub(crate) fn url_decode(s: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
+}

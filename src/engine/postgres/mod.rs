@@ -47,19 +47,10 @@ impl PgConfig {
         if !matches!(u.scheme(), "postgres" | "postgresql") {
             return Err(bad("scheme is not postgres:// or postgresql://"));
         }
-        let host = match u.host() {
-            Some(url::Host::Ipv6(a)) => a.to_string(),
-            Some(h) => h.to_string(),
-            None => return Err(bad("no host")),
-        };
-        if host.is_empty() {
-            return Err(bad("no host"));
-        }
+        let host = crate::engine::net::url_host(&u).ok_or_else(|| bad("no host"))?;
         let decode = |s: &str| -> Result<String> {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8()
-                .map(|c| c.into_owned())
-                .map_err(|_| bad("user, password or database is not valid UTF-8 once decoded"))
+            crate::engine::net::url_decode(s)
+                .ok_or_else(|| bad("user, password or database is not valid UTF-8 once decoded"))
         };
         let user = match u.username() {
             "" => "postgres".to_owned(),

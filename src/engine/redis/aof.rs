@@ -29,7 +29,7 @@ use crate::repo::manifest::EngineEntry;
 use crate::repo::reader::SetReader;
 use crate::repo::writer::EngineWriter;
 
-use super::datadir::{AOF_DIR, TMP_AOF, chown_like, dir_error, fsync_path, write_checked};
+use super::datadir::{TMP_AOF, chown_like, dir_error, fsync_path, write_checked};
 use super::{ENGINE, rdb};
 
 /// `details.format` of an AOF set.
@@ -1480,13 +1480,7 @@ pub(super) fn preseed_aof(dir: &Path, set: &SetReader, entry: &EngineEntry) -> R
             return Err(e);
         }
     };
-    let aof_path = dir.join(AOF_DIR);
-    if aof_path.exists() {
-        // Only an interrupted earlier preseed gets here (data_dir_state said no data).
-        fs::remove_dir_all(&aof_path).map_err(|e| Error::io(&aof_path, e))?;
-    }
-    fs::rename(&tmp, &aof_path).map_err(|e| Error::io(&aof_path, e))?;
-    fsync_path(dir)?;
+    super::datadir::install_aof_dir(dir, &tmp)?;
     info!(
         engine = ENGINE,
         dir = %dir.display(),

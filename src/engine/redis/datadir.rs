@@ -204,13 +204,7 @@ pub fn preseed_data_dir(dir: &Path, set: &SetReader, entry: &EngineEntry) -> Res
     let rdb_path = dir.join(RDB_NAME);
     fs::rename(&tmp_rdb, &rdb_path).map_err(|e| Error::io(&rdb_path, e))?;
     fsync_path(dir)?;
-    let aof_path = dir.join(AOF_DIR);
-    if aof_path.exists() {
-        // Only an interrupted earlier preseed gets here (data_dir_state said no data).
-        fs::remove_dir_all(&aof_path).map_err(|e| Error::io(&aof_path, e))?;
-    }
-    fs::rename(&tmp_aof, &aof_path).map_err(|e| Error::io(&aof_path, e))?;
-    fsync_path(dir)?;
+    install_aof_dir(dir, &tmp_aof)?;
     info!(
         engine = ENGINE,
         dir = %dir.display(),
@@ -220,4 +214,16 @@ pub fn preseed_data_dir(dir: &Path, set: &SetReader, entry: &EngineEntry) -> Res
         "data directory preseeded (dump.rdb and appendonlydir/)"
     );
     Ok(())
+}
+
+/// Puts a checked `appendonlydir/` built under a temp name into place, replacing what an
+/// interrupted earlier preseed left (only such a preseed gets here: `data_dir_state` said no
+/// data), and makes the rename durable.
+pub(super) fn install_aof_dir(dir: &Path, tmp: &Path) -> Result<()> {
+    let aof_path = dir.join(AOF_DIR);
+    if aof_path.exists() {
+        fs::remove_dir_all(&aof_path).map_err(|e| Error::io(&aof_path, e))?;
+    }
+    fs::rename(tmp, &aof_path).map_err(|e| Error::io(&aof_path, e))?;
+    fsync_path(dir)
 }

@@ -158,19 +158,10 @@ impl RedisConfig {
                 )));
             }
         };
-        let host = match u.host() {
-            Some(url::Host::Ipv6(a)) => a.to_string(),
-            Some(h) => h.to_string(),
-            None => return Err(bad("no host")),
-        };
-        if host.is_empty() {
-            return Err(bad("no host"));
-        }
+        let host = crate::engine::net::url_host(&u).ok_or_else(|| bad("no host"))?;
         let decode = |s: &str| -> Result<String> {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8()
-                .map(|c| c.into_owned())
-                .map_err(|_| bad("user or password is not valid UTF-8 once decoded"))
+            crate::engine::net::url_decode(s)
+                .ok_or_else(|| bad("user or password is not valid UTF-8 once decoded"))
         };
         let username = match u.username() {
             "" => None,
