@@ -205,7 +205,9 @@ pub trait EngineOps {
         entry.counts.clone()
     }
 
-    /// Removes every user record (what `--force` and an interrupted preseed need).
+    /// Removes every user record (what `--force` and an interrupted preseed need), leaving the
+    /// restore marker as it was where the engine keeps it apart (Redis's `FLUSHALL` takes it
+    /// with everything else, at once).
     async fn wipe(&self) -> Result<()>;
 
     /// Sets (`true`) or clears the "restore in progress" marker that `is_empty` reports as

@@ -118,6 +118,9 @@ pub async fn restore(
     for ((e, state), set) in engines.iter().zip(states).zip(found) {
         if state != Emptiness::Empty {
             info!(engine = %e.kind(), state = ?state, "wiping the target before restoring");
+            // Marked before anything is dropped: a restore killed mid-wipe leaves a target the
+            // next preseed redoes, not half of the old data passing for "holds data".
+            e.set_marker(true).await?;
             e.wipe().await?;
         }
         let mut opts = RestoreOptions {

@@ -260,7 +260,10 @@ impl EngineOps for ChromaEngine {
     async fn wipe(&self) -> Result<()> {
         for db in self.databases().await? {
             for c in self.api.list_collections(&db).await? {
-                self.api.delete_collection(&db, &c.name).await?;
+                // The restore marker outlives a wipe: `restore --force` sets it first.
+                if c.name != MARKER {
+                    self.api.delete_collection(&db, &c.name).await?;
+                }
             }
         }
         Ok(())

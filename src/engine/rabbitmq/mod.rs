@@ -445,7 +445,8 @@ impl EngineOps for RabbitEngine {
                 .await?;
         }
         for name in defs::names(&d, "global_parameters", "name") {
-            if !defs::is_internal_global(&name) {
+            // The restore marker outlives a wipe: `restore --force` sets it first.
+            if !defs::is_internal_global(&name) && name != MARKER {
                 self.api.delete(&["global-parameters", &name]).await?;
             }
         }
