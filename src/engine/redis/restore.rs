@@ -245,23 +245,7 @@ pub(super) fn restore_blocking(
             ),
         ));
     }
-    let mut r = Restorer {
-        cfg,
-        con: client(cfg)?,
-        cancel,
-        rdb_version,
-        source_version: &entry.server_version,
-        pipe: redis::pipe(),
-        pipe_bytes: 0,
-        pipe_keys: 0,
-        db: None,
-        counts: BTreeMap::new(),
-        expired: 0,
-        bytes: 0,
-        keys: 0,
-        start: Instant::now(),
-        last_report: Instant::now(),
-    };
+    let mut r = Restorer::new(cfg, cancel, rdb_version, &entry.server_version)?;
     let opts = rdb::ParseOptions {
         decode_values: false,
         capture_payload: true,
