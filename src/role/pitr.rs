@@ -75,7 +75,40 @@ pub fn plan(repo: &Repo, target: Target) -> Result<Plan> {
         target = %to,
         "point-in-time plan"
     );
+    check_segments(&store, &plan)?;
     Ok(plan)
+}
+
+/// Reads every segment of `plan` (checksum, decryption, entry count) before the target is
+/// touched, so a corrupt or undecryptable segment stops the restore with nothing changed,
+/// naming the segment and the newest point reachable before it.
+fn check_segments(store: &SegmentStore, plan: &Plan) -> Result<()> {
+    for (i, seg) in plan.segments.iter().enumerate() {
+        store.read(seg).map_err(|e| match e {
+            Error::Corrupt { set, message } => {
+                let before = match i {
+                    0 => plan.base.end,
+                    _ => plan.segments[i - 1].last,
+                };
+                Error::corrupt(
+                    set,
+                    format!(
+                        "{message}; the archive cannot recover past {before} ({}): restore to a point at or before it",
+                        before.time().to_rfc3339()
+                    ),
+                )
+            }
+            other => other,
+        })?;
+        if (i + 1) % 1000 == 0 {
+            info!(
+                checked = i + 1,
+                of = plan.segments.len(),
+                "oplog segments checked"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `list --pitr`: each recoverable window, per starting set, newest first.

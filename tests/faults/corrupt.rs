@@ -2,7 +2,9 @@
 //! (Redis RDB, MongoDB BSON and metadata, Chroma collection/records/embeddings, age-encrypted
 //! artifacts) and of the manifest, each in a copy of one good set. `dbkeeper verify ID` must
 //! catch every one (exit 4, one line); `verify --deep` must never panic; `preseed` falls back
-//! to the previous good set and names the corrupt one.
+//! to the previous good set and names the corrupt one. The same for MongoDB's archived oplog
+//! segments: `verify` names the corrupt one, and a restore to a point past it stops before the
+//! target is touched.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,7 +12,7 @@ use std::time::Duration;
 use crate::common::chroma::{ChromaServer, SEED, py};
 use crate::common::mongodb::Mongo;
 use crate::common::redis::RedisServer;
-use crate::common::{age_key, dbkeeper, sets, stderr};
+use crate::common::{age_key, dbkeeper, free_port, sets, stderr, stdout, wait_until};
 use crate::network::{bounded, clean_failure, tally};
 use crate::report;
 
@@ -293,4 +295,164 @@ fn chroma_artifacts() {
     let r = preseed_falls_back(&src, "DBKEEPER_CHROMA_URL", &empty.url(), &records);
     results.push(("preseed falls back".into(), r));
     tally("corrupt/chroma", results);
+}
+
+/// The segment files of a repository's oplog archive, sorted.
+fn segment_files(repo: &Path) -> Vec<PathBuf> {
+    let dir = repo.join("pitr/mongodb");
+    let mut all = Vec::new();
+    if dir.is_dir() {
+        files(&dir, repo, &mut all);
+    }
+    all.retain(|p| p.to_string_lossy().contains(".bson.zst"));
+    all.sort();
+    all
+}
+
+#[test]
+fn pitr_segments() {
+    let m = Mongo::start(false, false);
+    let doc = |i: i32| mongodb::bson::rawdoc! { "_id": i, "name": format!("n{i}") };
+    m.insert("app", "people", (0..500).map(doc).collect());
+    let repo = tempfile::tempdir().unwrap();
+    let o = bounded(
+        dbkeeper(repo.path())
+            .env("DBKEEPER_MONGODB_URI", m.uri())
+            .arg("backup"),
+        BOUND,
+    )
+    .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    // The sidecar archives the oplog while batches land a little apart: several segments.
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("sidecar.log");
+    let mut sidecar = dbkeeper(repo.path())
+        .arg("sidecar")
+        .env("DBKEEPER_MONGODB_URI", m.uri())
+        .env("DBKEEPER_MONGODB_PITR", "on")
+        .env("DBKEEPER_PITR_FLUSH", "200ms")
+        .env("DBKEEPER_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("DBKEEPER_SCHEDULE", "0 0 1 1 *")
+        .env("DBKEEPER_MIN_FREE", "0%")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    for b in 1..=4 {
+        m.insert(
+            "app",
+            "people",
+            (b * 1000..b * 1000 + 200).map(doc).collect(),
+        );
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let archived = wait_until(Duration::from_secs(20), || {
+        segment_files(repo.path()).len() >= 3
+    });
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &sidecar.id().to_string()])
+        .status();
+    let _ = sidecar.wait();
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(archived, "fewer than 3 oplog segments archived:\n{log}");
+    let segs = segment_files(repo.path());
+    let o = bounded(
+        dbkeeper(repo.path()).args(["list", "--pitr", "--json"]),
+        BOUND,
+    )
+    .unwrap();
+    let windows: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let end = windows[0]["to_ts"].as_str().unwrap().to_owned();
+
+    // The intact archive verifies and restores: the cases below fail for the corruption alone.
+    let empty = Mongo::start(false, false);
+    let restore = |dir: &Path, target: &Mongo| {
+        bounded(
+            dbkeeper(dir)
+                .env("DBKEEPER_MONGODB_URI", target.uri())
+                .args(["restore", "--force", "--to-oplog-ts", &end]),
+            BOUND,
+        )
+    };
+    let o = bounded(dbkeeper(repo.path()).args(["verify", "--deep"]), BOUND).unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("oplog segments"), "{}", stdout(&o));
+    let o = restore(repo.path(), &empty).unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        empty.sorted_docs("app", "people"),
+        m.sorted_docs("app", "people")
+    );
+    // A fresh target for the corrupt cases: each must leave it empty.
+    drop(empty);
+    let empty = Mongo::start(false, false);
+
+    let mut results = Vec::new();
+    let n = report::cases(10, 100);
+    for i in 0..n {
+        // A middle segment: the base set and the segments before it stay good.
+        let rel = &segs[(i % (segs.len() - 1)) + 1];
+        let len = std::fs::metadata(repo.path().join(rel)).unwrap().len() as usize;
+        let seed = report::case_seed("corrupt/pitr", i);
+        let pos = (seed % len as u64) as usize;
+        let flip = i % 2 == 0;
+        let name = rel.file_name().unwrap().to_string_lossy().into_owned();
+        let what = if flip {
+            format!(
+                "segment: bit {} of byte {pos} of {len} flipped (seed {seed})",
+                seed >> 61
+            )
+        } else {
+            format!("segment: truncated to {pos} of {len} bytes (seed {seed})")
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        copy_dir(repo.path(), tmp.path());
+        let path = tmp.path().join(rel);
+        let mut bytes = std::fs::read(&path).unwrap();
+        if flip {
+            bytes[pos] ^= 1 << (seed >> 61);
+        } else {
+            bytes.truncate(pos);
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let verify = |deep: bool| {
+            let mut c = dbkeeper(tmp.path());
+            c.arg("verify");
+            if deep {
+                c.arg("--deep");
+            }
+            bounded(&mut c, BOUND)
+        };
+        let names = |o: &std::process::Output| {
+            stderr(o)
+                .contains(&name)
+                .then_some(())
+                .ok_or_else(|| format!("the segment is not named: {}", stderr(o)))
+        };
+        let r = verify(false)
+            .and_then(|o| {
+                clean_failure(&o, &[4]).map_err(|e| format!("verify: {e}"))?;
+                names(&o)
+            })
+            .and_then(|()| verify(true))
+            .and_then(|o| {
+                clean_failure(&o, &[4]).map_err(|e| format!("verify --deep: {e}"))?;
+                names(&o)
+            })
+            .and_then(|()| restore(tmp.path(), &empty))
+            .and_then(|o| {
+                clean_failure(&o, &[4]).map_err(|e| format!("restore: {e}"))?;
+                names(&o)
+            })
+            .and_then(|()| {
+                empty
+                    .databases()
+                    .is_empty()
+                    .then_some(())
+                    .ok_or(format!("the target was touched: {:?}", empty.databases()))
+            });
+        results.push((what, r));
+    }
+    tally("corrupt/pitr", results);
 }

@@ -136,6 +136,11 @@ impl Segment {
         )
     }
 
+    /// How errors and `verify` name it.
+    pub fn what(&self) -> String {
+        format!("oplog segment {}/{}", self.run, self.name())
+    }
+
     fn rel(&self) -> String {
         format!("{DIR}/{}/{}", self.run, self.name())
     }
@@ -340,14 +345,9 @@ impl SegmentStore {
     /// The entries of a segment, checked against its checksum and count: raw BSON documents
     /// one after another.
     pub fn read(&self, seg: &Segment) -> Result<Vec<u8>> {
-        let what = format!("oplog segment {}/{}", seg.run, seg.name());
+        let what = seg.what();
         let corrupt = |m: String| Error::corrupt(&what, m);
-        let stored = self
-            .get(&seg.rel())?
-            .ok_or_else(|| corrupt("is listed but cannot be read".into()))?;
-        if hex::encode(Sha256::digest(&stored)) != seg.sha256 {
-            return Err(corrupt("checksum mismatch".into()));
-        }
+        let stored = self.stored(seg)?;
         let compressed = if seg.sealed {
             let crypto: &Crypto = self.repo.crypto().ok_or_else(|| {
                 Error::Key(format!(
@@ -384,6 +384,19 @@ impl SegmentStore {
             )));
         }
         Ok(raw)
+    }
+
+    /// A segment's stored bytes, checked against the checksum in its name: what `verify`
+    /// checks of a segment without `--deep`.
+    pub fn stored(&self, seg: &Segment) -> Result<Vec<u8>> {
+        let corrupt = |m: &str| Error::corrupt(seg.what(), m);
+        let stored = self
+            .get(&seg.rel())?
+            .ok_or_else(|| corrupt("is listed but cannot be read"))?;
+        if hex::encode(Sha256::digest(&stored)) != seg.sha256 {
+            return Err(corrupt("checksum mismatch"));
+        }
+        Ok(stored)
     }
 
     pub fn delete(&self, seg: &Segment) -> Result<()> {
