@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::common::chroma::ChromaServer;
+use crate::common::mongodb::Mongo;
 use crate::common::redis::RedisServer;
 use crate::common::{
     assert_code, dbkeeper, free_port, run, server_binary, stderr, stdout, wait_until,
@@ -199,7 +201,7 @@ const EXPORTER_NAMES: &[&str] = &["redis_rdb_last_bgsave_duration_sec"];
 /// format only: on an OpenMetrics page a counter's `_total` samples are not matched with
 /// their family (declared without `_total`) and are reported as having no HELP; with
 /// `openmetrics` those findings are expected, on the counters' samples only.
-fn promtool_check(page: &str, openmetrics: bool) {
+pub fn promtool_check(page: &str, openmetrics: bool) {
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -424,20 +426,87 @@ fn redis_up_turns_0_within_an_interval_of_the_server_going_and_1_when_it_is_back
     assert!(log.contains("statistics not gathered"), "{log}");
 }
 
+/// Down is a refused connection for every engine: MongoDB and Chroma as Redis above.
+#[test]
+fn mongodb_and_chroma_up_turn_0_when_the_server_goes_and_1_when_it_is_back() {
+    let (mport, cport) = (free_port(), free_port());
+    let mongo = Mongo::start_on(mport);
+    let chroma = ChromaServer::start_on(cport);
+    let repo = tempfile::tempdir().unwrap();
+    let (uri, url) = (mongo.uri(), chroma.url());
+    let sc = Sidecar::start(
+        repo.path(),
+        &[("DBKEEPER_MONGODB_URI", &uri), ("DBKEEPER_CHROMA_URL", &url)],
+    );
+    let both = |v: f64| {
+        sc.sample("mongodb_up") == Some(v) && sc.sample("chroma_up") == Some(v)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || both(1.0)),
+        "{}",
+        sc.log()
+    );
+
+    drop(mongo);
+    drop(chroma);
+    let gone = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(15), || both(0.0)),
+        "mongodb_up or chroma_up stayed 1:\n{}",
+        sc.log()
+    );
+    // One interval (1s), and the refused connections of the round after it.
+    let took = gone.elapsed();
+    assert!(took < Duration::from_millis(3500), "both 0 after {took:?}");
+    let (_, _, body) = get(sc.port, "/stats", None).unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap();
+    for engine in ["mongodb", "chroma"] {
+        assert_eq!(v["engines"][engine]["up"], false, "{v}");
+    }
+
+    let _mongo = Mongo::start_on(mport);
+    let _chroma = ChromaServer::start_on(cport);
+    let back = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(15), || both(1.0)),
+        "mongodb_up or chroma_up stayed 0:\n{}",
+        sc.log()
+    );
+    let took = back.elapsed();
+    assert!(took < Duration::from_millis(3500), "both 1 after {took:?}");
+}
+
+/// A server of each engine that accepts and never answers: no scrape waits on it, each
+/// engine's round ends at its timeout and reports the engine down, and the stop is not held.
 #[test]
 fn a_server_that_never_answers_blocks_no_scrape_and_not_the_stop() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    // Accept every connection and keep it open, never answering.
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for c in listener.incoming() {
-            held.push(c);
-        }
-    });
+    let hung = || {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Accept every connection and keep it open, never answering.
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for c in listener.incoming() {
+                held.push(c);
+            }
+        });
+        port
+    };
     let repo = tempfile::tempdir().unwrap();
-    let url = format!("redis://127.0.0.1:{port}");
-    let mut sc = Sidecar::start(repo.path(), &[("DBKEEPER_REDIS_URL", &url)]);
+    let redis = format!("redis://127.0.0.1:{}", hung());
+    let mongo = format!(
+        "mongodb://127.0.0.1:{}",
+        hung()
+    );
+    let chroma = format!("http://127.0.0.1:{}", hung());
+    let mut sc = Sidecar::start(
+        repo.path(),
+        &[
+            ("DBKEEPER_REDIS_URL", &redis),
+            ("DBKEEPER_MONGODB_URI", &mongo),
+            ("DBKEEPER_CHROMA_URL", &chroma),
+        ],
+    );
 
     let mut slowest = Duration::ZERO;
     let started = Instant::now();
@@ -453,13 +522,14 @@ fn a_server_that_never_answers_blocks_no_scrape_and_not_the_stop() {
         slowest < Duration::from_millis(500),
         "a scrape took {slowest:?}"
     );
-    // The hung round ends at its timeout (one interval) and reports the engine down.
-    assert!(
-        wait_until(Duration::from_secs(10), || sc.sample("redis_up")
-            == Some(0.0)),
-        "{}",
-        sc.log()
-    );
+    // The hung rounds end at their timeout (one interval) and report the engines down.
+    for up in ["redis_up", "mongodb_up", "chroma_up"] {
+        assert!(
+            wait_until(Duration::from_secs(10), || sc.sample(up) == Some(0.0)),
+            "{up}:\n{}",
+            sc.log()
+        );
+    }
     let t = Instant::now();
     let (code, _, _) = get(sc.port, "/stats", None).unwrap();
     assert_eq!(code, 200);

@@ -349,3 +349,39 @@ fn a_password_is_sent_and_a_missing_one_is_refused() {
     assert!(!e.is_retryable(), "{e}");
     assert!(!format!("{e:#}").contains("n0t-Th3-pass"), "{e:#}");
 }
+
+/// No label or value of the page or of `/stats` carries the password or a key's name: keys are
+/// counted per db, commands by name, never by key.
+#[test]
+fn no_label_carries_a_password_or_a_key_name() {
+    let pw = "s3cret-Label-pw";
+    let r = RedisServer::with_password(pw);
+    for key in ["customer:4711:email", "session-token-abcdef"] {
+        r.cli(&["SET", key, "v"]);
+        r.cli(&["GET", key]);
+    }
+    r.cli(&["HSET", "profile-of-alice", "mail", "a@example.org"]);
+    let repo = tempfile::tempdir().unwrap();
+    let url = r.url();
+    let sc = Sidecar::start(repo.path(), &[("DBKEEPER_REDIS_URL", &url)]);
+    let mut page = String::new();
+    let served = wait_until(Duration::from_secs(30), || {
+        page = get(sc.port, "/metrics").unwrap_or_default();
+        page.contains("\nredis_db_keys{")
+    });
+    assert!(served, "{page}\n{}", sc.log());
+    let stats = get(sc.port, "/stats").unwrap();
+    for text in [&page, &stats] {
+        for secret in [
+            pw,
+            "customer:4711",
+            "session-token",
+            "profile-of-alice",
+            "a@example.org",
+        ] {
+            assert!(!text.contains(secret), "{secret} is served:\n{text}");
+        }
+    }
+    // The keys are there, counted.
+    assert!(page.contains("redis_db_keys{db=\"db0\"} 3"), "{page}");
+}

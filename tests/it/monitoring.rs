@@ -330,6 +330,8 @@ c.create_collection("notes").add(ids=["a"], embeddings=[[1.0, 2.0]])
 fn dashboard_and_rules_read_what_the_sidecar_serves_and_prometheus_scrapes_it() {
     let stack = Stack::start();
     let scraped = stack.scraped_names();
+    // promtool accepts the page of all three engines together.
+    crate::metrics::promtool_check(&stack.sidecar.metrics(None).1, false);
     let missing: Vec<String> = dashboard_metrics()
         .into_iter()
         .filter(|n| !scraped.contains(n))

@@ -20,9 +20,13 @@ pub struct ChromaServer {
 
 impl ChromaServer {
     pub fn start() -> ChromaServer {
+        ChromaServer::start_on(free_port())
+    }
+
+    /// A server on `port` (one that comes back where one went away).
+    pub fn start_on(port: u16) -> ChromaServer {
         let bin = server_binary("DBKEEPER_TEST_CHROMA", "venv/bin/chroma", "chroma");
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
         let child = Command::new(bin)
             .args([

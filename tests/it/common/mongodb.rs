@@ -43,6 +43,11 @@ impl Mongo {
         Mongo::start_with(auth, standalone, None, &[])
     }
 
+    /// A standalone server on `port` (a server that comes back where one went away).
+    pub fn start_on(port: u16) -> Mongo {
+        Mongo::start_at(port, false, true, None, &[])
+    }
+
     /// A replica-set member started with extra server flags (`--oplog-max-entries 200`).
     pub fn start_args(args: &[&str]) -> Mongo {
         Mongo::start_with(false, false, None, args)
@@ -54,8 +59,17 @@ impl Mongo {
     }
 
     fn start_with(auth: bool, standalone: bool, certs: Option<&Path>, extra: &[&str]) -> Mongo {
+        Mongo::start_at(free_port(), auth, standalone, certs, extra)
+    }
+
+    fn start_at(
+        port: u16,
+        auth: bool,
+        standalone: bool,
+        certs: Option<&Path>,
+        extra: &[&str],
+    ) -> Mongo {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let mut cmd = Command::new(secantusd());
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .arg("--storage-path")
