@@ -436,11 +436,12 @@ fn mongodb_and_chroma_up_turn_0_when_the_server_goes_and_1_when_it_is_back() {
     let (uri, url) = (mongo.uri(), chroma.url());
     let sc = Sidecar::start(
         repo.path(),
-        &[("DBKEEPER_MONGODB_URI", &uri), ("DBKEEPER_CHROMA_URL", &url)],
+        &[
+            ("DBKEEPER_MONGODB_URI", &uri),
+            ("DBKEEPER_CHROMA_URL", &url),
+        ],
     );
-    let both = |v: f64| {
-        sc.sample("mongodb_up") == Some(v) && sc.sample("chroma_up") == Some(v)
-    };
+    let both = |v: f64| sc.sample("mongodb_up") == Some(v) && sc.sample("chroma_up") == Some(v);
     assert!(
         wait_until(Duration::from_secs(30), || both(1.0)),
         "{}",
@@ -494,10 +495,7 @@ fn a_server_that_never_answers_blocks_no_scrape_and_not_the_stop() {
     };
     let repo = tempfile::tempdir().unwrap();
     let redis = format!("redis://127.0.0.1:{}", hung());
-    let mongo = format!(
-        "mongodb://127.0.0.1:{}",
-        hung()
-    );
+    let mongo = format!("mongodb://127.0.0.1:{}", hung());
     let chroma = format!("http://127.0.0.1:{}", hung());
     let mut sc = Sidecar::start(
         repo.path(),
@@ -774,4 +772,44 @@ fn bad_alert_thresholds_exit_2_with_one_line() {
         ("DBKEEPER_ALERT_MONGODB_CONNECTIONS", "0%"),
         ("DBKEEPER_ALERT_WINDOW", "0s"),
     ]);
+}
+
+/// MongoDB's connections against the server's own limit (`current / (current + available)`)
+/// reach `/alerts` past `DBKEEPER_ALERT_MONGODB_CONNECTIONS`, and not at or below it. The
+/// stand-in has no connection limit to configure and reports `available: 0`, which is a
+/// server at its limit (100%): 50% fires, 100% (the highest threshold) stays silent.
+#[test]
+fn mongodb_connections_past_the_threshold_reach_alerts() {
+    let mongo = Mongo::start(false, true);
+    let uri = mongo.uri();
+    let high = |threshold: &str| {
+        let repo = tempfile::tempdir().unwrap();
+        let sc = Sidecar::start(
+            repo.path(),
+            &[
+                ("DBKEEPER_MONGODB_URI", &uri),
+                ("DBKEEPER_ALERT_MONGODB_CONNECTIONS", threshold),
+            ],
+        );
+        assert!(
+            wait_until(Duration::from_secs(20), || sc
+                .metrics(None)
+                .1
+                .contains("mongodb_connections{state=\"available\"}")),
+            "{}",
+            sc.log()
+        );
+        // Two more rounds: an alert would be up by then.
+        let fired = wait_until(Duration::from_secs(3), || {
+            alert_names(sc.port).contains(&"mongodb_connections_high".to_owned())
+        });
+        (fired, sc.log())
+    };
+    let (fired, log) = high("50%");
+    assert!(
+        fired,
+        "no mongodb_connections_high past its threshold:\n{log}"
+    );
+    let (fired, log) = high("100%");
+    assert!(!fired, "mongodb_connections_high at its threshold:\n{log}");
 }
