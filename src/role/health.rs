@@ -190,6 +190,7 @@ pub fn configured_urls(env: EnvLookup<'_>) -> Result<Vec<Secret>> {
         "DBKEEPER_MONGODB_URI",
         "DBKEEPER_REDIS_URL",
         "DBKEEPER_CHROMA_URL",
+        "DBKEEPER_POSTGRES_URL",
         "DBKEEPER_RABBITMQ_URL",
     ] {
         if let Some(u) = secret::resolve(name, None, env)? {
@@ -244,7 +245,7 @@ fn parse_and_check(args: &[OsString], env: EnvLookup<'_>) -> Result<bool> {
     }
     if urls.is_empty() {
         return Err(Error::config(
-            "no URL given and no DBKEEPER_MONGODB_URI / DBKEEPER_REDIS_URL / DBKEEPER_CHROMA_URL set",
+            "no URL given and no DBKEEPER_MONGODB_URI / DBKEEPER_REDIS_URL / DBKEEPER_CHROMA_URL / DBKEEPER_POSTGRES_URL / DBKEEPER_RABBITMQ_URL set",
         ));
     }
     let opts = EngineOptions {

@@ -65,9 +65,15 @@ impl SchemaGuard {
 /// What preseed did for one engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Restored { set: String, records: u64 },
+    Restored {
+        set: String,
+        records: u64,
+    },
     SkippedHasData(String),
     FirstStart,
+    /// A server that loads its backups only from its data directory before it starts
+    /// (PostgreSQL): a running one is left as it is.
+    DataDirOnly,
 }
 
 /// Restores `id` into every engine. A non-empty target is refused unless `force`. With a
@@ -147,6 +153,8 @@ pub async fn preseed(
     for e in engines {
         let outcome = if let Some(dir) = cfg.data_dirs.get(&e.kind()) {
             preseed_dir(cfg, e.kind(), dir, guard).await?
+        } else if e.kind() == EngineKind::Postgres {
+            Outcome::DataDirOnly
         } else {
             preseed_one(cfg, e, guard, cancel).await?
         };
@@ -159,6 +167,9 @@ pub async fn preseed(
             }
             Outcome::FirstStart => {
                 info!(engine = %e.kind(), "no backup yet and the target is empty: first start")
+            }
+            Outcome::DataDirOnly => {
+                info!(engine = %e.kind(), "preseed left to the data directory: a running server cannot load a physical backup (DBKEEPER_POSTGRES_DATA_DIR, before the server starts)")
             }
         }
         outcomes.push((e.kind(), outcome));
@@ -185,6 +196,7 @@ pub async fn preseed_dir_only(cfg: &Config, kind: EngineKind, guard: &SchemaGuar
         Outcome::FirstStart => {
             info!(engine = %kind, "no backup yet and the target is empty: first start")
         }
+        Outcome::DataDirOnly => unreachable!("a data directory was given"),
     }
     Ok(())
 }
@@ -265,13 +277,17 @@ async fn preseed_dir(
     .map_err(|e| Error::engine(kind.name(), format!("preseed task failed: {e}")))?
 }
 
-/// A Chroma data copy (a persist directory) loads only into a stopped server's volume: refused
-/// before a running target is marked or wiped.
+/// A Chroma data copy (a persist directory) and a PostgreSQL base backup load only into a
+/// stopped server's volume: refused before any running target is marked or wiped.
 fn refuse_data_copy(kind: EngineKind, set: &SetReader) -> Result<()> {
     match (kind, set.manifest.engines.get(&kind)) {
         (EngineKind::Chroma, Some(entry)) => {
             crate::engine::chroma::datacopy::refuse_online(set, entry)
         }
+        (EngineKind::Postgres, _) => Err(Error::config(format!(
+            "set {}: a running PostgreSQL server cannot load a physical backup; preseed its empty data directory before it starts (DBKEEPER_POSTGRES_DATA_DIR), or leave it out with --only; nothing was changed",
+            set.id()
+        ))),
         _ => Ok(()),
     }
 }
