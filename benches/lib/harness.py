@@ -25,6 +25,7 @@ from pathlib import Path
 
 import metrics
 import pitr
+import postgres
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = "--quick" in sys.argv[1:]
@@ -35,9 +36,13 @@ SECANTUSD = os.environ.get("DBKEEPER_TEST_SECANTUSD", str(CACHE / "secantus/bin/
 CHROMA = os.environ.get("DBKEEPER_TEST_CHROMA", str(CACHE / "venv/bin/chroma"))
 PY = os.environ.get("DBKEEPER_TEST_PYTHON", str(CACHE / "venv/bin/python"))
 CDP = os.environ.get("DBKEEPER_BENCH_CDP", str(CACHE / "bench-venv/bin/cdp"))
-BIN = ROOT / "target/x86_64-unknown-linux-gnu/release/dbkeeper"
-BASELINE = ROOT / "target/x86_64-unknown-linux-gnu/release/examples/mongo_baseline"
-COMPRESS = ROOT / "target/x86_64-unknown-linux-gnu/release/examples/compress_artifact"
+# Where `cargo build --release` (run by benches/run) puts the binaries: CARGO_TARGET_DIR, as
+# cargo reads it, else target/.
+RELEASE = (ROOT / os.environ.get("CARGO_TARGET_DIR", "target")
+           / "x86_64-unknown-linux-gnu/release")
+BIN = RELEASE / "dbkeeper"
+BASELINE = RELEASE / "examples/mongo_baseline"
+COMPRESS = RELEASE / "examples/compress_artifact"
 CPUS = os.environ.get("DBKEEPER_BENCH_CPUS", "0,1")
 TASKSET = ["taskset", "-c", CPUS]
 ROUNDS = 3
@@ -1028,7 +1033,8 @@ def main():
                  ("chroma", case_chroma),
                  ("s3", lambda: case_s3(mongo_uri)),
                  ("pitr", lambda: pitr.case_pitr(sys.modules[__name__])),
-                 ("metrics", lambda: metrics.case_metrics(sys.modules[__name__]))]
+                 ("metrics", lambda: metrics.case_metrics(sys.modules[__name__])),
+                 ("postgres", lambda: postgres.case_postgres(sys.modules[__name__]))]
         for name, fn in steps:
             if ONLY and name not in ONLY.split(","):
                 continue
