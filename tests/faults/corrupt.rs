@@ -93,6 +93,27 @@ fn two_sets(var: &str, url: &str, extra: &[(&str, &str)]) -> Source {
     }
 }
 
+/// Case `i` of `class`: flips one bit of `path` (even cases) or truncates it (odd ones) at a
+/// seeded position; says what it did, naming the file's type `k`.
+fn damage(path: &Path, class: &str, i: usize, k: &str) -> String {
+    let mut bytes = std::fs::read(path).unwrap();
+    let len = bytes.len();
+    let seed = report::case_seed(class, i);
+    let pos = (seed % len as u64) as usize;
+    let what = if i % 2 == 0 {
+        bytes[pos] ^= 1 << (seed >> 61);
+        format!(
+            "{k}: bit {} of byte {pos} of {len} flipped (seed {seed})",
+            seed >> 61
+        )
+    } else {
+        bytes.truncate(pos);
+        format!("{k}: truncated to {pos} of {len} bytes (seed {seed})")
+    };
+    std::fs::write(path, &bytes).unwrap();
+    what
+}
+
 /// Flips one bit, or truncates, at a seeded position of a copy of `src`'s newer set's `rel`;
 /// `verify` must fail with exit 4 and `verify --deep` must fail without a panic.
 fn corrupt_cases(engine: &str, src: &Source, results: &mut Vec<(String, Result<(), String>)>) {
@@ -107,31 +128,11 @@ fn corrupt_cases(engine: &str, src: &Source, results: &mut Vec<(String, Result<(
     }
     let n = report::cases(10, 100);
     for (k, rel) in seen {
-        let len = std::fs::metadata(set.join(&rel)).unwrap().len() as usize;
         for i in 0..n {
-            let class = format!("corrupt/{engine}/{k}");
-            let seed = report::case_seed(&class, i);
-            let pos = (seed % len as u64) as usize;
-            let flip = i % 2 == 0;
-            let what = if flip {
-                format!(
-                    "{k}: bit {} of byte {pos} of {len} flipped (seed {seed})",
-                    seed >> 61
-                )
-            } else {
-                format!("{k}: truncated to {pos} of {len} bytes (seed {seed})")
-            };
             let tmp = tempfile::tempdir().unwrap();
             let copy = tmp.path().join(&src.newer);
             copy_dir(&set, &copy);
-            let path = copy.join(&rel);
-            let mut bytes = std::fs::read(&path).unwrap();
-            if flip {
-                bytes[pos] ^= 1 << (seed >> 61);
-            } else {
-                bytes.truncate(pos);
-            }
-            std::fs::write(&path, &bytes).unwrap();
+            let what = damage(&copy.join(&rel), &format!("corrupt/{engine}/{k}"), i, &k);
             let verify = |deep: bool| {
                 let mut c = dbkeeper(tmp.path());
                 c.envs(src.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -393,29 +394,10 @@ fn pitr_segments() {
     for i in 0..n {
         // A middle segment: the base set and the segments before it stay good.
         let rel = &segs[(i % (segs.len() - 1)) + 1];
-        let len = std::fs::metadata(repo.path().join(rel)).unwrap().len() as usize;
-        let seed = report::case_seed("corrupt/pitr", i);
-        let pos = (seed % len as u64) as usize;
-        let flip = i % 2 == 0;
         let name = rel.file_name().unwrap().to_string_lossy().into_owned();
-        let what = if flip {
-            format!(
-                "segment: bit {} of byte {pos} of {len} flipped (seed {seed})",
-                seed >> 61
-            )
-        } else {
-            format!("segment: truncated to {pos} of {len} bytes (seed {seed})")
-        };
         let tmp = tempfile::tempdir().unwrap();
         copy_dir(repo.path(), tmp.path());
-        let path = tmp.path().join(rel);
-        let mut bytes = std::fs::read(&path).unwrap();
-        if flip {
-            bytes[pos] ^= 1 << (seed >> 61);
-        } else {
-            bytes.truncate(pos);
-        }
-        std::fs::write(&path, &bytes).unwrap();
+        let what = damage(&tmp.path().join(rel), "corrupt/pitr", i, "segment");
         let verify = |deep: bool| {
             let mut c = dbkeeper(tmp.path());
             c.arg("verify");

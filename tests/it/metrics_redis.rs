@@ -278,13 +278,9 @@ fn stats_name_type_and_label_as_the_exporter_does() {
 
 /// A running `dbkeeper sidecar` on one Redis, killed on drop.
 
-#[test]
-fn the_sidecar_serves_the_exporters_redis_families() {
-    let r = server();
-    let exporter = Exporter::start(&r);
-    let repo = tempfile::tempdir().unwrap();
-    let url = r.url();
-    let sc = Sidecar::start(repo.path(), &[("DBKEEPER_REDIS_URL", &url)]);
+/// A sidecar on the Redis at `url`, and its first page with the Redis families on it.
+fn sidecar_on(url: &str, repo: &std::path::Path) -> (Sidecar, String) {
+    let sc = Sidecar::start(repo, &[("DBKEEPER_REDIS_URL", url)]);
     // The first round runs in the background after start; one interval is 1s.
     let mut page = String::new();
     let served = wait_until(Duration::from_secs(30), || {
@@ -296,6 +292,16 @@ fn the_sidecar_serves_the_exporters_redis_families() {
         "the sidecar serves no redis_db_keys within 30s (is the stats loop wired?)\n{page}\n{}",
         sc.log()
     );
+    (sc, page)
+}
+
+#[test]
+fn the_sidecar_serves_the_exporters_redis_families() {
+    let r = server();
+    let exporter = Exporter::start(&r);
+    let repo = tempfile::tempdir().unwrap();
+    let url = r.url();
+    let (sc, page) = sidecar_on(&url, repo.path());
     let scraped = get(exporter.port, "/metrics").unwrap();
     let pages = parse_pages(&[&page, &scraped]);
     assert!(
@@ -363,13 +369,7 @@ fn no_label_carries_a_password_or_a_key_name() {
     r.cli(&["HSET", "profile-of-alice", "mail", "a@example.org"]);
     let repo = tempfile::tempdir().unwrap();
     let url = r.url();
-    let sc = Sidecar::start(repo.path(), &[("DBKEEPER_REDIS_URL", &url)]);
-    let mut page = String::new();
-    let served = wait_until(Duration::from_secs(30), || {
-        page = get(sc.port, "/metrics").unwrap_or_default();
-        page.contains("\nredis_db_keys{")
-    });
-    assert!(served, "{page}\n{}", sc.log());
+    let (sc, page) = sidecar_on(&url, repo.path());
     let stats = get(sc.port, "/stats").unwrap();
     for text in [&page, &stats] {
         for secret in [
