@@ -544,10 +544,19 @@ async fn handshake(
     let connector = tokio_rustls::TlsConnector::from(config);
     connector.connect(name, tcp).await.map_err(|e| {
         match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(
+                tls @ rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForName
+                    | rustls::CertificateError::NotValidForNameContext { .. },
+                ),
+            ) => cfg.refused(format!(
+                "TLS: the server's certificate is not for host {} (sslmode=verify-full checks the name; verify-ca does not): {tls}",
+                cfg.host
+            )),
             Some(tls @ rustls::Error::InvalidCertificate(_)) => cfg.refused(format!(
-                "TLS: {tls} (sslmode={} checks the server's certificate against {})",
+                "TLS: the server's certificate does not verify against {} (sslmode={}): {tls}",
+                cfg.trust.unwrap_or("nothing"),
                 cfg.ssl.name(),
-                cfg.trust.unwrap_or("nothing")
             )),
             Some(tls) => cfg.refused(format!("TLS: {tls}")),
             None if e.kind() == std::io::ErrorKind::UnexpectedEof => {
