@@ -5,9 +5,7 @@
 //! a server that never answers; then the same through a running sidecar's `/metrics`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dbkeeper::engine::mongodb::MongoEngine;
