@@ -645,6 +645,19 @@ fn postgres_tls_health_and_backup_over_verify_full() {
         .args(["health", &with_query(&s.url(), "sslmode=verify-full")]));
     assert_code(&o, 0);
 
+    // prefer and allow try both ways; a wrong password is refused over TLS and finds no
+    // entry in plain text: one line says both.
+    for query in ["sslmode=prefer", "sslmode=allow"] {
+        let o = health(&with_query(&s.url_as("postgres", Some("wrong")), query));
+        assert_code(&o, 1);
+        assert_one_line(&stdout(&o), "over TLS: password authentication failed");
+        assert!(
+            stdout(&o).contains("in plain text: no pg_hba.conf entry"),
+            "{}",
+            stdout(&o)
+        );
+    }
+
     // Plain text: no pg_hba.conf entry without encryption; refused at once, one line.
     let plain = with_query(&s.url(), "sslmode=disable");
     let o = health(&plain);

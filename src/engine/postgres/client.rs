@@ -177,8 +177,11 @@ impl Conn {
                 Err(Failed::Plain(first @ Error::Refused { .. })) => {
                     tracing::debug!(engine = super::ENGINE, error = %first, "refused in plain text; trying TLS (sslmode=allow)");
                     match Self::attempt(cfg, replication, Wire::Tls).await {
+                        Ok(c) => Ok(c),
                         Err(Failed::NoTls(_)) => Err(first),
-                        r => Ok(r?),
+                        Err(second) => {
+                            Err(both(("in plain text", first), ("over TLS", second.into())))
+                        }
                     }
                 }
                 r => Ok(r?),
@@ -186,7 +189,10 @@ impl Conn {
             SslMode::Prefer => match Self::attempt(cfg, replication, Wire::TlsOrPlain).await {
                 Err(Failed::Tls(e @ Error::Refused { .. })) => {
                     tracing::debug!(engine = super::ENGINE, error = %e, "refused over TLS; trying plain text (sslmode=prefer)");
-                    Ok(Self::attempt(cfg, replication, Wire::Plain).await?)
+                    match Self::attempt(cfg, replication, Wire::Plain).await {
+                        Ok(c) => Ok(c),
+                        Err(second) => Err(both(("over TLS", e), ("in plain text", second.into()))),
+                    }
                 }
                 r => Ok(r?),
             },
@@ -488,6 +494,29 @@ impl Conn {
     }
 }
 
+/// The error of a second attempt after a refused first, in one line: each can be the one that
+/// says what is wrong (a wrong password over TLS, no pg_hba.conf entry in plain text).
+fn both(first: (&str, Error), second: (&str, Error)) -> Error {
+    match (first, second) {
+        (
+            (how1, Error::Refused { message: m1, .. }),
+            (
+                how2,
+                Error::Refused {
+                    engine,
+                    url,
+                    message: m2,
+                },
+            ),
+        ) => Error::Refused {
+            engine,
+            url,
+            message: format!("{how1}: {m1}; {how2}: {m2}"),
+        },
+        (_, (_, e)) => e,
+    }
+}
+
 /// Sends SSLRequest and reads the one-byte answer: whether the server goes on in TLS. The
 /// byte is read straight from the socket: whatever follows it belongs to the handshake, and
 /// bytes the server sent before the handshake must not be read as if they came over TLS.
@@ -535,13 +564,13 @@ async fn handshake(
     cfg: &PgConfig,
     tcp: TcpStream,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let Some(config) = cfg.tls.clone() else {
+    let Some(setup) = &cfg.tls else {
         return Err(cfg.refused("TLS is off (sslmode=disable)"));
     };
     // Checked to be valid when the URL was parsed.
     let name = rustls::pki_types::ServerName::try_from(cfg.host.clone())
         .map_err(|e| cfg.refused(format!("TLS: {}: {e}", cfg.host)))?;
-    let connector = tokio_rustls::TlsConnector::from(config);
+    let connector = tokio_rustls::TlsConnector::from(setup.config.clone());
     connector.connect(name, tcp).await.map_err(|e| {
         match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
             Some(
@@ -555,7 +584,7 @@ async fn handshake(
             )),
             Some(tls @ rustls::Error::InvalidCertificate(_)) => cfg.refused(format!(
                 "TLS: the server's certificate does not verify against {} (sslmode={}): {tls}",
-                cfg.trust.unwrap_or("nothing"),
+                setup.trust.unwrap_or("nothing"),
                 cfg.ssl.name(),
             )),
             Some(tls) => cfg.refused(format!("TLS: {tls}")),

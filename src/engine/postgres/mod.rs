@@ -39,8 +39,14 @@ pub(crate) struct PgConfig {
     dbname: String,
     display: String,
     ssl: SslMode,
-    /// The rustls configuration, unless `sslmode=disable`.
-    tls: Option<Arc<rustls::ClientConfig>>,
+    /// Unless `sslmode=disable`.
+    tls: Option<TlsSetup>,
+}
+
+/// The rustls side of a URL that may use TLS.
+#[derive(Clone)]
+struct TlsSetup {
+    config: Arc<rustls::ClientConfig>,
     /// What the certificate is checked against, for messages: `None` when it is not checked.
     trust: Option<&'static str>,
 }
@@ -102,21 +108,11 @@ impl TlsParams {
     /// TLS mode check the chain; `sslrootcert=system` (the system's CAs, or `SSL_CERT_FILE`)
     /// only goes with `verify-full`, which without `sslrootcert` trusts the system's CAs too.
     /// The error is a configuration error's text.
-    #[allow(clippy::type_complexity)]
-    fn build(
-        self,
-    ) -> std::result::Result<
-        (
-            SslMode,
-            Option<Arc<rustls::ClientConfig>>,
-            Option<&'static str>,
-        ),
-        String,
-    > {
+    fn build(self) -> std::result::Result<(SslMode, Option<TlsSetup>), String> {
         use crate::engine::tls::{ClientCert, Verify, client_config, pem_roots, system_roots};
         let mode = self.mode.unwrap_or(SslMode::Prefer);
         if mode == SslMode::Disable {
-            return Ok((mode, None, None));
+            return Ok((mode, None));
         }
         let system = || {
             system_roots().ok_or_else(|| {
@@ -154,7 +150,7 @@ impl TlsParams {
             (None, Some(_)) => return Err("sslkey is set but sslcert is not; set both".into()),
         };
         let config = client_config(verify, cert).map_err(|e| format!("TLS: {e}"))?;
-        Ok((mode, Some(config), trust))
+        Ok((mode, Some(TlsSetup { config, trust })))
     }
 }
 
@@ -201,7 +197,7 @@ impl PgConfig {
                 other => return Err(bad(&format!("unknown parameter {other:?}"))),
             }
         }
-        let (ssl, tls, trust) = tls.build().map_err(|why| bad(&why))?;
+        let (ssl, tls) = tls.build().map_err(|why| bad(&why))?;
         if tls.is_some() && rustls::pki_types::ServerName::try_from(host.as_str()).is_err() {
             return Err(bad(&format!(
                 "{host} is not a host name TLS can check; use sslmode=disable or the server's DNS name"
@@ -216,7 +212,6 @@ impl PgConfig {
             display,
             ssl,
             tls,
-            trust,
         })
     }
 
@@ -422,16 +417,15 @@ mod tests {
     #[test]
     fn sslmode_as_libpq_reads_it() {
         // libpq's default is prefer: TLS when offered.
+        // What the certificate is checked against, when TLS is on at all.
+        let trust = |c: &PgConfig| c.tls.as_ref().map(|t| t.trust);
         let c = parse("postgres://h").unwrap();
-        assert_eq!(
-            (c.ssl, c.tls.is_some(), c.trust),
-            (SslMode::Prefer, true, None)
-        );
+        assert_eq!((c.ssl, trust(&c)), (SslMode::Prefer, Some(None)));
         let c = parse("postgres://h?sslmode=disable").unwrap();
         assert_eq!((c.ssl, c.tls.is_some()), (SslMode::Disable, false));
         for (mode, want) in [("allow", SslMode::Allow), ("require", SslMode::Require)] {
             let c = parse(&format!("postgres://u:secret@h/?sslmode={mode}")).unwrap();
-            assert_eq!((c.ssl, c.tls.is_some(), c.trust), (want, true, None));
+            assert_eq!((c.ssl, trust(&c)), (want, Some(None)));
         }
         let e = refusal("postgres://u:secret@h/?sslmode=verify");
         assert!(e.contains("sslmode=verify:"), "{e}");
