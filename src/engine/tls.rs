@@ -35,13 +35,23 @@ impl ClientCert {
         let read = |p: &Path| {
             std::fs::read(p).map_err(|e| format!("{}: cannot read it: {e}", p.display()))
         };
-        let certs = CertificateDer::pem_slice_iter(&read(cert)?)
+        let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+        Self::from_pem(&cert_pem, &key_pem).map_err(|(which, why)| {
+            let p = if which == 0 { cert } else { key };
+            format!("{}: {why}", p.display())
+        })
+    }
+
+    /// From PEM bytes; the error says which of the two (0 the certificate, 1 the key) is not
+    /// what it should be.
+    pub fn from_pem(cert: &[u8], key: &[u8]) -> Result<ClientCert, (u8, &'static str)> {
+        let certs = CertificateDer::pem_slice_iter(cert)
             .collect::<Result<Vec<_>, _>>()
             .ok()
             .filter(|c| !c.is_empty())
-            .ok_or_else(|| format!("{}: no PEM certificate in it", cert.display()))?;
-        let key = PrivateKeyDer::from_pem_slice(&read(key)?)
-            .map_err(|_| format!("{}: no PEM private key in it", key.display()))?;
+            .ok_or((0, "no PEM certificate in it"))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key).map_err(|_| (1, "no PEM private key in it"))?;
         Ok(ClientCert { certs, key })
     }
 }
