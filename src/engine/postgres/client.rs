@@ -217,12 +217,7 @@ impl Conn {
                 match negotiate(cfg, &mut tcp).await.map_err(Failed::Plain)? {
                     true => Stream::Tls(Box::new(handshake(cfg, tcp).await.map_err(Failed::Tls)?)),
                     false if wire == Wire::TlsOrPlain => Stream::Plain(tcp),
-                    false => {
-                        return Err(Failed::NoTls(cfg.refused(format!(
-                        "the server does not accept TLS connections (it answered 'N' to the TLS request: ssl = off); sslmode={} needs them",
-                        cfg.ssl.name()
-                    ))));
-                    }
+                    false => return Err(Failed::NoTls(no_tls(cfg))),
                 }
             }
         };
@@ -492,6 +487,13 @@ impl Conn {
         // close_notify, so the server does not log a connection lost.
         let _ = self.io.get_mut().shutdown().await;
     }
+}
+
+fn no_tls(cfg: &PgConfig) -> Error {
+    cfg.refused(format!(
+        "the server does not accept TLS connections (it answered 'N' to the TLS request: ssl = off); sslmode={} needs them",
+        cfg.ssl.name()
+    ))
 }
 
 /// The error of a second attempt after a refused first, in one line: each can be the one that
