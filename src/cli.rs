@@ -61,7 +61,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "URL")]
     pub chroma_url: Option<String>,
 
-    /// PostgreSQL URL (postgres:// or postgresql://) [env: DBKEEPER_POSTGRES_URL, DBKEEPER_POSTGRES_URL_FILE]
+    /// PostgreSQL URL (postgres:// or postgresql://; TLS by ?sslmode=, sslrootcert=) [env: DBKEEPER_POSTGRES_URL, DBKEEPER_POSTGRES_URL_FILE]
     #[arg(long, global = true, value_name = "URL")]
     pub postgres_url: Option<String>,
 

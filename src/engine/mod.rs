@@ -7,6 +7,7 @@ pub(crate) mod net;
 pub mod postgres;
 pub mod rabbitmq;
 pub mod redis;
+pub(crate) mod tls;
 
 use std::time::{Duration, Instant};
 

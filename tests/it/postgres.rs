@@ -1,14 +1,15 @@
 //! PostgreSQL against real `postgres` processes (Debian's postgresql-15): readiness and
 //! health over the protocol with each authentication method, the "not yet" states, the
-//! refusals (wrong password, another protocol on the port), and the operations that refuse
-//! until physical backups are built (nothing published, nothing written).
+//! refusals (wrong password, another protocol on the port), physical backups, their deep
+//! verify and the preseed, and TLS by sslmode (the server's certificate, client certificates,
+//! the refusals).
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Output;
 
-use crate::common::postgres::{MD5_USER, PW, PgServer, TRUST_USER};
+use crate::common::postgres::{MD5_USER, PW, PgServer, TRUST_USER, Tls};
 use crate::common::redis::RedisServer;
 use crate::common::{assert_code, dbkeeper, run, sets, stderr, stdout, temps};
 
@@ -555,4 +556,262 @@ fn postgres_backup_without_replication_rights_says_what_the_role_needs() {
     );
     assert!(sets(repo.path()).is_empty());
     assert!(temps(repo.path()).is_empty(), "{:?}", temps(repo.path()));
+}
+
+/// A URL with `?query` after the database.
+fn with_query(url: &str, query: &str) -> String {
+    format!("{url}?{query}")
+}
+
+#[track_caller]
+fn assert_one_line(text: &str, has: &str) {
+    let text = text.trim_end();
+    assert_eq!(text.lines().count(), 1, "one line: {text}");
+    assert!(text.contains(has), "should say {has:?}: {text}");
+}
+
+/// The last line of stderr: the error a one-shot command reports.
+fn last_error(o: &Output) -> String {
+    stderr(o).lines().last().unwrap_or_default().to_owned()
+}
+
+/// A server that takes TCP connections over TLS only (`hostssl`): health, wait and a backup
+/// (with deep verify) over `verify-full` against the test CA; `require`, `prefer` (libpq's
+/// default), `allow` and `verify-ca` connect too; plain text finds no pg_hba.conf entry and
+/// says so in one line.
+#[test]
+fn postgres_tls_health_and_backup_over_verify_full() {
+    let certs = tempfile::tempdir().unwrap();
+    crate::common::make_certs(certs.path());
+    let ca = certs.path().join("ca.crt");
+    let s = PgServer::start_with(Some(Tls {
+        certs: certs.path(),
+        only: true,
+        client_cert: false,
+    }));
+    let full = format!("sslmode=verify-full&sslrootcert={}", ca.display());
+    let url = with_query(&s.url(), &full);
+    let o = health(&url);
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains("role=primary"), "{}", stdout(&o));
+    assert_code(&wait(&url, "10s"), 0);
+
+    let repo = tempfile::tempdir().unwrap();
+    let o = run(dbkeeper(repo.path())
+        .env(
+            "DBKEEPER_POSTGRES_URL",
+            with_query(&s.url_as("keeper", Some(PW)), &full),
+        )
+        .arg("backup"));
+    assert_no_password(&o);
+    assert_code(&o, 0);
+    let o = run(dbkeeper(repo.path()).args(["verify", "--deep", "latest"]));
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+
+    for query in [
+        "sslmode=require".to_owned(),
+        String::new(),
+        "sslmode=prefer".to_owned(),
+        "sslmode=allow".to_owned(),
+        format!("sslmode=verify-ca&sslrootcert={}", ca.display()),
+        // A root certificate makes require check the chain (libpq's reading).
+        format!("sslmode=require&sslrootcert={}", ca.display()),
+    ] {
+        let url = if query.is_empty() {
+            s.url()
+        } else {
+            with_query(&s.url(), &query)
+        };
+        let o = health(&url);
+        assert_code(&o, 0);
+    }
+    // verify-ca checks the chain, not the name: the certificate names 127.0.0.1 only.
+    let localhost = format!("postgres://postgres:{PW}@localhost:{}/postgres", s.port);
+    assert_code(
+        &health(&with_query(
+            &localhost,
+            &format!("sslmode=verify-ca&sslrootcert={}", ca.display()),
+        )),
+        0,
+    );
+    let o = health(&with_query(&localhost, &full));
+    assert_code(&o, 1);
+    assert_one_line(&stdout(&o), "certificate is not for host localhost");
+
+    // The system's CAs (here SSL_CERT_FILE) when verify-full names no sslrootcert.
+    let o = run(dbkeeper(Path::new("/nonexistent"))
+        .env("SSL_CERT_FILE", &ca)
+        .env_remove("SSL_CERT_DIR")
+        .args(["health", &with_query(&s.url(), "sslmode=verify-full")]));
+    assert_code(&o, 0);
+
+    // prefer and allow try both ways; a wrong password is refused over TLS and finds no
+    // entry in plain text: one line says both.
+    for query in ["sslmode=prefer", "sslmode=allow"] {
+        let o = health(&with_query(&s.url_as("postgres", Some("wrong")), query));
+        assert_code(&o, 1);
+        assert_one_line(&stdout(&o), "over TLS: password authentication failed");
+        assert!(
+            stdout(&o).contains("in plain text: no pg_hba.conf entry"),
+            "{}",
+            stdout(&o)
+        );
+    }
+
+    // Plain text: no pg_hba.conf entry without encryption; refused at once, one line.
+    let plain = with_query(&s.url(), "sslmode=disable");
+    let o = health(&plain);
+    assert_code(&o, 1);
+    assert_one_line(&stdout(&o), "no encryption");
+    let started = std::time::Instant::now();
+    let o = wait(&plain, "30s");
+    assert_code(&o, 1);
+    assert!(started.elapsed().as_secs() < 20);
+    assert!(last_error(&o).contains("no encryption"), "{}", stderr(&o));
+}
+
+/// verify-full with the wrong CA, or none the system trusts, is refused in one line naming
+/// the certificate; a CA file that is not one is a configuration error (exit 2).
+#[test]
+fn postgres_tls_certificate_that_does_not_verify_is_refused() {
+    let certs = tempfile::tempdir().unwrap();
+    crate::common::make_certs(certs.path());
+    let other = tempfile::tempdir().unwrap();
+    crate::common::make_certs(other.path());
+    let wrong_ca = other.path().join("ca.crt");
+    let s = PgServer::start_with(Some(Tls {
+        certs: certs.path(),
+        only: true,
+        client_cert: false,
+    }));
+    for mode in ["verify-full", "verify-ca", "require"] {
+        let url = with_query(
+            &s.url(),
+            &format!("sslmode={mode}&sslrootcert={}", wrong_ca.display()),
+        );
+        let o = health(&url);
+        assert_code(&o, 1);
+        assert_one_line(
+            &stdout(&o),
+            "certificate does not verify against sslrootcert",
+        );
+        // Not retried: retrying cannot make the certificate verify.
+        let started = std::time::Instant::now();
+        assert_code(&wait(&url, "30s"), 1);
+        assert!(started.elapsed().as_secs() < 20);
+    }
+    // No sslrootcert: the system's CAs, which do not know the test CA.
+    let o = run(dbkeeper(Path::new("/nonexistent"))
+        .env("SSL_CERT_FILE", &wrong_ca)
+        .env_remove("SSL_CERT_DIR")
+        .args(["health", &with_query(&s.url(), "sslmode=verify-full")]));
+    assert_no_password(&o);
+    assert_code(&o, 1);
+    assert_one_line(
+        &stdout(&o),
+        "certificate does not verify against the system's CA certificates",
+    );
+
+    // A CA file that is not one: a configuration error, before any connection.
+    let junk = other.path().join("junk.crt");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    for file in [junk.clone(), other.path().join("missing.crt")] {
+        let url = with_query(
+            &s.url(),
+            &format!("sslmode=verify-full&sslrootcert={}", file.display()),
+        );
+        // health says only healthy or not (Docker reserves 2); the other roles exit 2.
+        let o = health(&url);
+        assert_code(&o, 1);
+        assert_one_line(&stdout(&o), "sslrootcert=");
+        assert_code(&wait(&url, "30s"), 2);
+        let repo = tempfile::tempdir().unwrap();
+        let o = run(dbkeeper(repo.path())
+            .env("DBKEEPER_POSTGRES_URL", &url)
+            .arg("backup"));
+        assert_no_password(&o);
+        assert_code(&o, 2);
+        assert!(last_error(&o).contains("sslrootcert="), "{}", stderr(&o));
+    }
+}
+
+/// A server with `ssl = off` answers the TLS request 'N': sslmode=require and verify-full
+/// are refused in one line, prefer (the default) goes on in plain text.
+#[test]
+fn postgres_tls_required_from_a_server_without_it_is_refused() {
+    let s = PgServer::start();
+    for query in ["sslmode=require", "sslmode=verify-full"] {
+        let url = with_query(&s.url(), query);
+        let o = health(&url);
+        assert_code(&o, 1);
+        assert_one_line(&stdout(&o), "does not accept TLS");
+        let repo = tempfile::tempdir().unwrap();
+        let o = run(dbkeeper(repo.path())
+            .env("DBKEEPER_POSTGRES_URL", &url)
+            .arg("backup"));
+        assert_no_password(&o);
+        assert_code(&o, 1);
+        assert!(
+            last_error(&o).contains("does not accept TLS"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(sets(repo.path()).is_empty());
+    }
+    assert_code(&health(&with_query(&s.url(), "sslmode=prefer")), 0);
+    assert_code(&health(&with_query(&s.url(), "sslmode=allow")), 0);
+}
+
+/// `clientcert=verify-ca`: without `sslcert`/`sslkey` the server refuses in one line; with
+/// them health and a backup work.
+#[test]
+fn postgres_tls_client_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    crate::common::make_certs(certs.path());
+    crate::common::make_client_cert(certs.path());
+    let file = |n: &str| certs.path().join(n).display().to_string();
+    let s = PgServer::start_with(Some(Tls {
+        certs: certs.path(),
+        only: true,
+        client_cert: true,
+    }));
+    let full = format!("sslmode=verify-full&sslrootcert={}", file("ca.crt"));
+    let o = health(&with_query(&s.url(), &full));
+    assert_code(&o, 1);
+    assert_one_line(&stdout(&o), "certificate");
+
+    let with_cert = format!(
+        "{full}&sslcert={}&sslkey={}",
+        file("client.crt"),
+        file("client.key")
+    );
+    assert_code(&health(&with_query(&s.url(), &with_cert)), 0);
+    let repo = tempfile::tempdir().unwrap();
+    let o = run(dbkeeper(repo.path())
+        .env(
+            "DBKEEPER_POSTGRES_URL",
+            with_query(&s.url_as("keeper", Some(PW)), &with_cert),
+        )
+        .arg("backup"));
+    assert_code(&o, 0);
+
+    // A key that is not one: configuration (exit 2), one line.
+    let bad_key = with_query(
+        &s.url(),
+        &format!(
+            "{full}&sslcert={}&sslkey={}",
+            file("client.crt"),
+            file("ca.crt")
+        ),
+    );
+    let o = health(&bad_key);
+    assert_code(&o, 1);
+    assert_one_line(&stdout(&o), "sslkey");
+    let o = wait(&bad_key, "30s");
+    assert_code(&o, 2);
+    assert!(
+        last_error(&o).contains("no PEM private key"),
+        "{}",
+        stderr(&o)
+    );
 }

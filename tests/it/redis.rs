@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use crate::common::redis::{Opts, RedisServer};
 use crate::common::{
-    assert_code, code, dbkeeper, make_certs, run, sets, stderr, stdout, temps, wait_until,
+    assert_code, code, dbkeeper, make_certs, make_client_cert, run, sets, stderr, stdout, temps,
+    wait_until,
 };
 
 const PW: &str = "s3cret-Pw-4711";
@@ -788,54 +789,6 @@ fn tls_server(certs: &Path) -> (RedisServer, String) {
         ..Opts::default()
     });
     (s, format!("rediss://:{PW}@127.0.0.1:{tls_port}"))
-}
-
-/// A client certificate signed by the test CA of `make_certs` (`client.crt`, `client.key`).
-fn make_client_cert(dir: &Path) {
-    let sh = |args: &[&str]| {
-        let o = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "openssl {args:?}: {}", stderr(&o));
-    };
-    sh(&[
-        "req",
-        "-subj",
-        "/CN=dbkeeper client",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "client.key",
-        "-out",
-        "client.csr",
-    ]);
-    std::fs::write(
-        dir.join("client.cnf"),
-        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
-    )
-    .unwrap();
-    sh(&[
-        "x509",
-        "-req",
-        "-in",
-        "client.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "client.cnf",
-        "-out",
-        "client.crt",
-    ]);
 }
 
 /// `tls-auth-clients yes`: the server demands a client certificate. Without one the

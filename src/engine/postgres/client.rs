@@ -1,20 +1,26 @@
-//! A frontend/backend protocol connection: startup, authentication (trust, cleartext, md5,
-//! SCRAM-SHA-256), simple queries. Message encoding and the SCRAM exchange come from
-//! `postgres-protocol`; the message loop is ours (a few dozen lines over a tokio socket,
-//! where a full client library would bring a connection pool and type system we do not use).
+//! A frontend/backend protocol connection: TLS as `sslmode` asks (SSLRequest, then rustls on
+//! the same socket), startup, authentication (trust, cleartext, md5, SCRAM-SHA-256), simple
+//! queries. Message encoding and the SCRAM exchange come from `postgres-protocol`; the message
+//! loop is ours (a few dozen lines over a tokio socket, where a full client library would
+//! bring a connection pool and type system we do not use).
 
 use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::PgConfig;
+use super::{PgConfig, SslMode};
 use crate::error::{Error, Result};
+
+/// SSLRequest: length 8, then the code 1234 5679 that no protocol version uses.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 /// A backend message larger than this is not PostgreSQL talking (its own limit for most
 /// messages is 1 GB; ours is the CopyData chunks of a base backup, well under it).
@@ -61,35 +67,180 @@ impl std::fmt::Display for ServerError {
     }
 }
 
+/// The socket, plain or TLS: every message of a session goes through it, so health, `wait`
+/// and the replication connection of a base backup all work over either.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// What one connection attempt puts on the wire first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// The startup message in plain text.
+    Plain,
+    /// SSLRequest; TLS if the server says 'S', refused if it says 'N'.
+    Tls,
+    /// SSLRequest; TLS if the server says 'S', plain text on the same socket if 'N'.
+    TlsOrPlain,
+}
+
+/// How far a failed attempt got, which decides whether `allow` and `prefer` try again.
+enum Failed {
+    /// Before TLS, or without it.
+    Plain(Error),
+    /// The server answered 'N' to the SSLRequest of `Wire::Tls`.
+    NoTls(Error),
+    /// In the TLS handshake, or over TLS.
+    Tls(Error),
+}
+
+impl From<Failed> for Error {
+    fn from(f: Failed) -> Error {
+        match f {
+            Failed::Plain(e) | Failed::NoTls(e) | Failed::Tls(e) => e,
+        }
+    }
+}
+
 pub(super) struct Conn {
-    io: BufReader<TcpStream>,
+    io: BufReader<Stream>,
     pub params: BTreeMap<String, String>,
     cfg: PgConfig,
 }
 
 impl Conn {
-    /// Connects, sends the startup message and authenticates, bounded by `timeout`. `replication`
-    /// opens a physical replication connection (`replication=true`).
+    /// Connects, negotiates TLS as `sslmode` says, sends the startup message and
+    /// authenticates, bounded by `timeout`. `replication` opens a physical replication
+    /// connection (`replication=true`).
     pub async fn connect(cfg: &PgConfig, timeout: Duration, replication: bool) -> Result<Conn> {
         match tokio::time::timeout(timeout, Self::connect_inner(cfg, replication)).await {
             Ok(r) => r,
             Err(_) => Err(cfg.unreachable(format!(
-                "no answer to the startup message within {timeout:?} (is this a PostgreSQL port?)"
+                "no answer to the {} within {timeout:?} (is this a PostgreSQL port?)",
+                if cfg.ssl == SslMode::Disable {
+                    "startup message"
+                } else {
+                    "TLS request or the startup message"
+                }
             ))),
         }
     }
 
+    /// libpq's order of attempts: `allow` tries plain text first and TLS when the server
+    /// refuses that; `prefer` takes TLS when offered and tries plain text again when the
+    /// handshake, or the server over TLS, refuses.
     async fn connect_inner(cfg: &PgConfig, replication: bool) -> Result<Conn> {
-        let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
+        match cfg.ssl {
+            SslMode::Disable => Ok(Self::attempt(cfg, replication, Wire::Plain).await?),
+            SslMode::Allow => match Self::attempt(cfg, replication, Wire::Plain).await {
+                Err(Failed::Plain(first @ Error::Refused { .. })) => {
+                    tracing::debug!(engine = super::ENGINE, error = %first, "refused in plain text; trying TLS (sslmode=allow)");
+                    match Self::attempt(cfg, replication, Wire::Tls).await {
+                        Ok(c) => Ok(c),
+                        Err(Failed::NoTls(_)) => Err(first),
+                        Err(second) => {
+                            Err(both(("in plain text", first), ("over TLS", second.into())))
+                        }
+                    }
+                }
+                r => Ok(r?),
+            },
+            SslMode::Prefer => match Self::attempt(cfg, replication, Wire::TlsOrPlain).await {
+                Err(Failed::Tls(e @ Error::Refused { .. })) => {
+                    tracing::debug!(engine = super::ENGINE, error = %e, "refused over TLS; trying plain text (sslmode=prefer)");
+                    match Self::attempt(cfg, replication, Wire::Plain).await {
+                        Ok(c) => Ok(c),
+                        Err(second) => Err(both(("over TLS", e), ("in plain text", second.into()))),
+                    }
+                }
+                r => Ok(r?),
+            },
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                Ok(Self::attempt(cfg, replication, Wire::Tls).await?)
+            }
+        }
+    }
+
+    async fn attempt(
+        cfg: &PgConfig,
+        replication: bool,
+        wire: Wire,
+    ) -> std::result::Result<Conn, Failed> {
+        let mut tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
             .await
-            .map_err(|e| cfg.unreachable(format!("connect: {e}")))?;
+            .map_err(|e| Failed::Plain(cfg.unreachable(format!("connect: {e}"))))?;
         let _ = tcp.set_nodelay(true);
+        let stream = match wire {
+            Wire::Plain => Stream::Plain(tcp),
+            Wire::Tls | Wire::TlsOrPlain => {
+                match negotiate(cfg, &mut tcp).await.map_err(Failed::Plain)? {
+                    true => Stream::Tls(Box::new(handshake(cfg, tcp).await.map_err(Failed::Tls)?)),
+                    false if wire == Wire::TlsOrPlain => Stream::Plain(tcp),
+                    false => return Err(Failed::NoTls(no_tls(cfg))),
+                }
+            }
+        };
+        let tls = matches!(stream, Stream::Tls(_));
+        let fail = |e| {
+            if tls {
+                Failed::Tls(e)
+            } else {
+                Failed::Plain(e)
+            }
+        };
         let mut c = Conn {
-            io: BufReader::with_capacity(256 << 10, tcp),
+            io: BufReader::with_capacity(256 << 10, stream),
             params: BTreeMap::new(),
             cfg: cfg.clone(),
         };
+        c.startup(replication).await.map_err(fail)?;
+        Ok(c)
+    }
+
+    async fn startup(&mut self, replication: bool) -> Result<()> {
         let mut buf = BytesMut::new();
+        let cfg = &self.cfg;
         let mut params: Vec<(&str, &str)> = vec![
             ("user", cfg.user.as_str()),
             ("database", cfg.dbname.as_str()),
@@ -101,15 +252,15 @@ impl Conn {
         }
         frontend::startup_message(params.iter().copied(), &mut buf)
             .map_err(|e| cfg.refused(format!("startup message: {e}")))?;
-        c.send(&buf).await?;
-        c.authenticate().await?;
+        self.send(&buf).await?;
+        self.authenticate().await?;
         // ParameterStatus, BackendKeyData, then ReadyForQuery.
         loop {
-            let m = c.read().await?;
+            let m = self.read().await?;
             match m.tag {
-                b'Z' => return Ok(c),
-                b'S' => c.param(&m.body),
-                b'E' => return Err(c.server_error(&m.body)),
+                b'Z' => return Ok(()),
+                b'S' => self.param(&m.body),
+                b'E' => return Err(self.server_error(&m.body)),
                 _ => {}
             }
         }
@@ -239,7 +390,12 @@ impl Conn {
     }
 
     pub async fn send(&mut self, buf: &[u8]) -> Result<()> {
-        let r = self.io.get_mut().write_all(buf).await;
+        // TLS holds written records until flushed.
+        let w = self.io.get_mut();
+        let r = match w.write_all(buf).await {
+            Ok(()) => w.flush().await,
+            Err(e) => Err(e),
+        };
         r.map_err(|e| self.io(e))
     }
 
@@ -327,8 +483,119 @@ impl Conn {
     pub async fn terminate(mut self) {
         let mut buf = BytesMut::new();
         frontend::terminate(&mut buf);
-        let _ = self.io.get_mut().write_all(&buf).await;
+        let _ = self.send(&buf).await;
+        // close_notify, so the server does not log a connection lost.
+        let _ = self.io.get_mut().shutdown().await;
     }
+}
+
+fn no_tls(cfg: &PgConfig) -> Error {
+    cfg.refused(format!(
+        "the server does not accept TLS connections (it answered 'N' to the TLS request: ssl = off); sslmode={} needs them",
+        cfg.ssl.name()
+    ))
+}
+
+/// The error of a second attempt after a refused first, in one line: each can be the one that
+/// says what is wrong (a wrong password over TLS, no pg_hba.conf entry in plain text).
+fn both(first: (&str, Error), second: (&str, Error)) -> Error {
+    match (first, second) {
+        (
+            (how1, Error::Refused { message: m1, .. }),
+            (
+                how2,
+                Error::Refused {
+                    engine,
+                    url,
+                    message: m2,
+                },
+            ),
+        ) => Error::Refused {
+            engine,
+            url,
+            message: format!("{how1}: {m1}; {how2}: {m2}"),
+        },
+        (_, (_, e)) => e,
+    }
+}
+
+/// Sends SSLRequest and reads the one-byte answer: whether the server goes on in TLS. The
+/// byte is read straight from the socket: whatever follows it belongs to the handshake, and
+/// bytes the server sent before the handshake must not be read as if they came over TLS.
+async fn negotiate(cfg: &PgConfig, tcp: &mut TcpStream) -> Result<bool> {
+    let io = |e: std::io::Error| cfg.unreachable(format!("TLS request: {e}"));
+    tcp.write_all(&SSL_REQUEST).await.map_err(io)?;
+    let mut answer = [0u8; 1];
+    match tcp.read_exact(&mut answer).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(cfg.unreachable(
+                "closed the connection on the TLS request (shutting down, or not a PostgreSQL server)",
+            ));
+        }
+        Err(e) => return Err(io(e)),
+    }
+    match answer[0] {
+        b'S' => Ok(true),
+        b'N' => Ok(false),
+        // A server that fails before it looks at the request (e.g. too many connections)
+        // answers with an error message.
+        b'E' => {
+            let mut len = [0u8; 4];
+            tcp.read_exact(&mut len).await.map_err(io)?;
+            let len = u32::from_be_bytes(len) as usize;
+            if !(4..=1 << 16).contains(&len) {
+                return Err(
+                    cfg.refused("answered the TLS request with 'E': not a PostgreSQL server")
+                );
+            }
+            let mut body = vec![0u8; len - 4];
+            tcp.read_exact(&mut body).await.map_err(io)?;
+            Err(classify(cfg, &ServerError::parse(&body)))
+        }
+        other => Err(cfg.refused(format!(
+            "answered the TLS request with {:?}: not a PostgreSQL server",
+            String::from_utf8_lossy(&[other])
+        ))),
+    }
+}
+
+/// The TLS handshake on the socket the server said 'S' on. A certificate the configuration
+/// does not accept, or a handshake the server ends, is refused: retrying will not help.
+async fn handshake(
+    cfg: &PgConfig,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let Some(setup) = &cfg.tls else {
+        return Err(cfg.refused("TLS is off (sslmode=disable)"));
+    };
+    // Checked to be valid when the URL was parsed.
+    let name = rustls::pki_types::ServerName::try_from(cfg.host.clone())
+        .map_err(|e| cfg.refused(format!("TLS: {}: {e}", cfg.host)))?;
+    let connector = tokio_rustls::TlsConnector::from(setup.config.clone());
+    connector.connect(name, tcp).await.map_err(|e| {
+        match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(
+                tls @ rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForName
+                    | rustls::CertificateError::NotValidForNameContext { .. },
+                ),
+            ) => cfg.refused(format!(
+                "TLS: the server's certificate is not for host {} (sslmode=verify-full checks the name; verify-ca does not): {tls}",
+                cfg.host
+            )),
+            Some(tls @ rustls::Error::InvalidCertificate(_)) => cfg.refused(format!(
+                "TLS: the server's certificate does not verify against {} (sslmode={}): {tls}",
+                setup.trust.unwrap_or("nothing"),
+                cfg.ssl.name(),
+            )),
+            Some(tls) => cfg.refused(format!("TLS: {tls}")),
+            None if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                cfg.unreachable("the server closed the connection in the TLS handshake")
+            }
+            None => cfg.unreachable(format!("TLS handshake: {e}")),
+        }
+    })
 }
 
 pub(super) fn classify(cfg: &PgConfig, e: &ServerError) -> Error {

@@ -9,6 +9,8 @@ mod client;
 mod datadir;
 mod verify;
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -27,7 +29,7 @@ pub(crate) const ENGINE: &str = "postgres";
 /// Admin connections (is_empty) get this long to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What the URL says: where, who, which database.
+/// What the URL says: where, who, which database, and how TLS is used.
 #[derive(Clone)]
 pub(crate) struct PgConfig {
     host: String,
@@ -36,6 +38,120 @@ pub(crate) struct PgConfig {
     password: Option<Secret>,
     dbname: String,
     display: String,
+    ssl: SslMode,
+    /// Unless `sslmode=disable`.
+    tls: Option<TlsSetup>,
+}
+
+/// The rustls side of a URL that may use TLS.
+#[derive(Clone)]
+struct TlsSetup {
+    config: Arc<rustls::ClientConfig>,
+    /// What the certificate is checked against, for messages: `None` when it is not checked.
+    trust: Option<&'static str>,
+}
+
+/// libpq's `sslmode`: whether TLS is tried, insisted on, and whose certificate is believed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SslMode {
+    /// Plain text only.
+    Disable,
+    /// Plain text first; TLS if the server refuses that.
+    Allow,
+    /// TLS if the server offers it, else plain text (libpq's default).
+    Prefer,
+    /// TLS or nothing; the certificate is checked only when `sslrootcert` names a CA.
+    Require,
+    /// TLS, the certificate signed by the CA of `sslrootcert`.
+    VerifyCa,
+    /// TLS, the certificate signed by a trusted CA and naming the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(s: &str) -> Option<SslMode> {
+        Some(match s {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// The URL's TLS parameters, before the files they name are read.
+#[derive(Default)]
+struct TlsParams {
+    mode: Option<SslMode>,
+    rootcert: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+impl TlsParams {
+    /// The rustls configuration the parameters ask for (`None` for `disable`) and what the
+    /// certificate is checked against, as libpq reads them: a root certificate makes every
+    /// TLS mode check the chain; `sslrootcert=system` (the system's CAs, or `SSL_CERT_FILE`)
+    /// only goes with `verify-full`, which without `sslrootcert` trusts the system's CAs too.
+    /// The error is a configuration error's text.
+    fn build(self) -> std::result::Result<(SslMode, Option<TlsSetup>), String> {
+        use crate::engine::tls::{ClientCert, Verify, client_config, pem_roots, system_roots};
+        let mode = self.mode.unwrap_or(SslMode::Prefer);
+        if mode == SslMode::Disable {
+            return Ok((mode, None));
+        }
+        let system = || {
+            system_roots().ok_or_else(|| {
+                "no trusted CA certificate found on the system; set SSL_CERT_FILE to a PEM bundle or sslrootcert=PATH".to_owned()
+            })
+        };
+        let root = |p: &str| pem_roots(Path::new(p)).map_err(|e| format!("sslrootcert={e}"));
+        let (verify, trust) = match (mode, self.rootcert.as_deref()) {
+            (SslMode::VerifyFull, None | Some("system")) => (
+                Verify::Full(system()?),
+                Some("the system's CA certificates"),
+            ),
+            (_, Some("system")) => {
+                return Err(format!(
+                    "sslrootcert=system needs sslmode=verify-full, not {}: the system's CAs sign certificates for any host",
+                    mode.name()
+                ));
+            }
+            (SslMode::VerifyCa, None) => {
+                return Err(
+                    "sslmode=verify-ca needs sslrootcert=PATH, the CA certificate that signed the server's (or use verify-full, which can trust the system's CAs)"
+                        .to_owned(),
+                );
+            }
+            (SslMode::VerifyFull, Some(p)) => (Verify::Full(root(p)?), Some("sslrootcert")),
+            (_, Some(p)) => (Verify::Chain(root(p)?), Some("sslrootcert")),
+            (_, None) => (Verify::Nothing, None),
+        };
+        let cert = match (&self.cert, &self.key) {
+            (None, None) => None,
+            (Some(c), Some(k)) => {
+                Some(ClientCert::load(c, k).map_err(|e| format!("sslcert/sslkey: {e}"))?)
+            }
+            (Some(_), None) => return Err("sslcert is set but sslkey is not; set both".into()),
+            (None, Some(_)) => return Err("sslkey is set but sslcert is not; set both".into()),
+        };
+        let config = client_config(verify, cert).map_err(|e| format!("TLS: {e}"))?;
+        Ok((mode, Some(TlsSetup { config, trust })))
+    }
 }
 
 impl PgConfig {
@@ -64,17 +180,28 @@ impl PgConfig {
             "" => user.clone(),
             p => decode(p)?,
         };
+        let mut tls = TlsParams::default();
         for (k, v) in u.query_pairs() {
-            match (k.as_ref(), v.as_ref()) {
-                ("sslmode", "disable" | "allow" | "prefer") => {}
-                ("sslmode", other) => {
-                    return Err(bad(&format!(
-                        "sslmode={other}: TLS to PostgreSQL is not supported by this build yet; use sslmode=disable (or prefer) on a trusted network"
-                    )));
+            match k.as_ref() {
+                "sslmode" => {
+                    tls.mode = Some(SslMode::parse(&v).ok_or_else(|| {
+                        bad(&format!(
+                            "sslmode={v}: not disable, allow, prefer, require, verify-ca or verify-full"
+                        ))
+                    })?);
                 }
-                ("connect_timeout" | "application_name", _) => {}
-                (other, _) => return Err(bad(&format!("unknown parameter {other:?}"))),
+                "sslrootcert" => tls.rootcert = Some(v.into_owned()),
+                "sslcert" => tls.cert = Some(PathBuf::from(v.as_ref())),
+                "sslkey" => tls.key = Some(PathBuf::from(v.as_ref())),
+                "connect_timeout" | "application_name" => {}
+                other => return Err(bad(&format!("unknown parameter {other:?}"))),
             }
+        }
+        let (ssl, tls) = tls.build().map_err(|why| bad(&why))?;
+        if tls.is_some() && rustls::pki_types::ServerName::try_from(host.as_str()).is_err() {
+            return Err(bad(&format!(
+                "{host} is not a host name TLS can check; use sslmode=disable or the server's DNS name"
+            )));
         }
         Ok(PgConfig {
             host,
@@ -83,6 +210,8 @@ impl PgConfig {
             password,
             dbname,
             display,
+            ssl,
+            tls,
         })
     }
 
@@ -270,15 +399,61 @@ mod tests {
             (6000, "u", "app")
         );
         assert_eq!(c.password.unwrap().expose(), "p@ss");
-        let e = PgConfig::parse(&Secret::new("postgres://u:secret@h/?sslmode=require"))
-            .err()
-            .unwrap()
-            .to_string();
+        assert!(PgConfig::parse(&Secret::new("postgres://h/db?bogus=1")).is_err());
+    }
+
+    fn parse(url: &str) -> Result<PgConfig> {
+        PgConfig::parse(&Secret::new(url))
+    }
+
+    fn refusal(url: &str) -> String {
+        let e = parse(url).err().expect("refused");
+        assert!(matches!(e, Error::Config(_)), "{e}");
+        let e = e.to_string();
+        assert!(!e.contains("secret") && !e.contains('\n'), "{e}");
+        e
+    }
+
+    #[test]
+    fn sslmode_as_libpq_reads_it() {
+        // libpq's default is prefer: TLS when offered.
+        // What the certificate is checked against, when TLS is on at all.
+        let trust = |c: &PgConfig| c.tls.as_ref().map(|t| t.trust);
+        let c = parse("postgres://h").unwrap();
+        assert_eq!((c.ssl, trust(&c)), (SslMode::Prefer, Some(None)));
+        let c = parse("postgres://h?sslmode=disable").unwrap();
+        assert_eq!((c.ssl, c.tls.is_some()), (SslMode::Disable, false));
+        for (mode, want) in [("allow", SslMode::Allow), ("require", SslMode::Require)] {
+            let c = parse(&format!("postgres://u:secret@h/?sslmode={mode}")).unwrap();
+            assert_eq!((c.ssl, trust(&c)), (want, Some(None)));
+        }
+        let e = refusal("postgres://u:secret@h/?sslmode=verify");
+        assert!(e.contains("sslmode=verify:"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        // Not a certificate: refused at start-up, naming the file.
+        std::fs::write(&ca, "not a certificate\n").unwrap();
+        let e = refusal(&format!(
+            "postgres://u:secret@h/?sslmode=verify-full&sslrootcert={}",
+            ca.display()
+        ));
+        assert!(e.contains("sslrootcert=") && e.contains("ca.crt"), "{e}");
+        let e = refusal(&format!(
+            "postgres://u:secret@h/?sslmode=verify-ca&sslrootcert={}",
+            dir.path().join("missing.crt").display()
+        ));
         assert!(
-            e.contains("sslmode=require") && !e.contains("secret"),
+            e.contains("missing.crt") && e.contains("cannot read"),
             "{e}"
         );
-        assert!(PgConfig::parse(&Secret::new("postgres://h/db?bogus=1")).is_err());
+        // verify-ca without a CA of its own would take any certificate a public CA signed.
+        let e = refusal("postgres://u:secret@h/?sslmode=verify-ca");
+        assert!(e.contains("sslrootcert=PATH"), "{e}");
+        let e = refusal("postgres://u:secret@h/?sslmode=require&sslrootcert=system");
+        assert!(e.contains("verify-full"), "{e}");
+        let e = refusal("postgres://u:secret@h/?sslmode=require&sslcert=/c.pem");
+        assert!(e.contains("sslkey"), "{e}");
     }
 
     #[test]

@@ -237,28 +237,21 @@ impl RabbitConfig {
         &self,
         tcp: TcpStream,
     ) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(cert);
-        }
-        if roots.is_empty() {
-            return Err(self.refused(
+        use crate::engine::tls::{Verify, client_config, system_roots};
+        let roots = system_roots().ok_or_else(|| {
+            self.refused(
                 "amqps://: no trusted CA certificate found; set SSL_CERT_FILE to a PEM bundle",
-            ));
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| self.refused(format!("TLS: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            )
+        })?;
+        let config = client_config(Verify::Full(roots), None)
+            .map_err(|e| self.refused(format!("TLS: {e}")))?;
         let name = rustls::pki_types::ServerName::try_from(self.host.clone()).map_err(|e| {
             self.refused(format!(
                 "TLS: {} is not a valid server name: {e}",
                 self.host
             ))
         })?;
-        let conn = rustls::ClientConnection::new(Arc::new(config), name)
+        let conn = rustls::ClientConnection::new(config, name)
             .map_err(|e| self.refused(format!("TLS: {e}")))?;
         Ok(rustls::StreamOwned::new(conn, tcp))
     }

@@ -70,39 +70,25 @@ impl Write for Stream {
 /// The client side of `rediss://`: rustls with the ring provider, trusting the system's CA
 /// certificates (or the bundle `SSL_CERT_FILE` names, as OpenSSL tools do).
 pub(super) fn tls_client_config(cfg: &RedisConfig) -> Result<std::sync::Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    if roots.is_empty() {
-        return Err(cfg.refused(
-            "rediss://: no trusted CA certificate found; set SSL_CERT_FILE to a PEM bundle",
-        ));
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| cfg.refused(format!("TLS: {e}")))?
-        .with_root_certificates(roots);
-    let config = match &cfg.client_auth {
-        None => builder.with_no_client_auth(),
-        Some(auth) => {
-            use rustls::pki_types::pem::PemObject;
-            use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-            // Both parse: `ClientAuth::load` checked them at start-up.
-            let certs = CertificateDer::pem_slice_iter(&auth.cert_pem)
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| Error::config(format!("DBKEEPER_REDIS_TLS_CERT_FILE: {e}")))?;
-            let key = PrivateKeyDer::from_pem_slice(&auth.key_pem)
-                .map_err(|e| Error::config(format!("DBKEEPER_REDIS_TLS_KEY_FILE: {e}")))?;
-            builder.with_client_auth_cert(certs, key).map_err(|e| {
-                Error::config(format!(
-                    "DBKEEPER_REDIS_TLS_CERT_FILE / _KEY_FILE: the key does not go with the certificate ({e})"
-                ))
-            })?
-        }
+    use crate::engine::tls::{ClientCert, Verify, client_config, system_roots};
+    let roots = system_roots().ok_or_else(|| {
+        cfg.refused("rediss://: no trusted CA certificate found; set SSL_CERT_FILE to a PEM bundle")
+    })?;
+    let cert = match &cfg.client_auth {
+        None => None,
+        // Both parse: `ClientAuth::load` checked them at start-up.
+        Some(auth) => Some(ClientCert::from_pem(&auth.cert_pem, &auth.key_pem).map_err(
+            |(which, why)| {
+                let name = [
+                    "DBKEEPER_REDIS_TLS_CERT_FILE",
+                    "DBKEEPER_REDIS_TLS_KEY_FILE",
+                ];
+                Error::config(format!("{}: {why}", name[usize::from(which)]))
+            },
+        )?),
     };
-    Ok(std::sync::Arc::new(config))
+    client_config(Verify::Full(roots), cert)
+        .map_err(|e| Error::config(format!("DBKEEPER_REDIS_TLS_CERT_FILE / _KEY_FILE: {e}")))
 }
 
 pub(super) fn tls_stream(cfg: &RedisConfig, tcp: TcpStream) -> Result<Stream> {

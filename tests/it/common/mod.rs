@@ -200,6 +200,54 @@ pub fn make_certs(dir: &Path) {
     );
 }
 
+/// A client certificate signed by the test CA of `make_certs` (`client.crt`, `client.key`).
+pub fn make_client_cert(dir: &Path) {
+    let sh = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "openssl {args:?}: {}", stderr(&o));
+    };
+    sh(&[
+        "req",
+        "-subj",
+        "/CN=dbkeeper client",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+    ]);
+    std::fs::write(
+        dir.join("client.cnf"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    sh(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "client.cnf",
+        "-out",
+        "client.crt",
+    ]);
+}
+
 /// An age key pair made by the stock `age-keygen`: (identity file, public key).
 pub fn age_key(dir: &Path, name: &str) -> (PathBuf, String) {
     let path = dir.join(name);

@@ -1,7 +1,8 @@
 //! PostgreSQL server harness: a private cluster (`initdb` into a temp dir) started with
 //! `postgres` on a free loopback port, `wal_level=replica`, SCRAM passwords over TCP and
-//! trust on its own Unix socket; stopped (immediate shutdown) and reaped on drop. Run as root,
-//! the server runs as the `postgres` user (it refuses root), which then owns the temp dir.
+//! trust on its own Unix socket, TLS on request; stopped (immediate shutdown) and reaped on
+//! drop. Run as root, the server runs as the `postgres` user (it refuses root), which then
+//! owns the temp dir.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -51,6 +52,16 @@ pub fn as_pg(program: &Path) -> Command {
     }
 }
 
+/// TLS for a test server: `certs` holds `make_certs`' `server.crt`, `server.key` and `ca.crt`.
+#[derive(Clone, Copy)]
+pub struct Tls<'a> {
+    pub certs: &'a Path,
+    /// pg_hba.conf's TCP lines are `hostssl`: a plain-text client finds no entry.
+    pub only: bool,
+    /// Every TCP line asks for a client certificate the test CA signed (`clientcert=verify-ca`).
+    pub client_cert: bool,
+}
+
 pub struct PgServer {
     child: Option<Child>,
     pub port: u16,
@@ -64,6 +75,11 @@ pub struct PgServer {
 impl PgServer {
     /// A fresh cluster with the test roles, running.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A fresh cluster with the test roles, running, with `ssl = on` when `tls` is given.
+    pub fn start_with(tls: Option<Tls>) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_owned();
         if is_root() {
@@ -116,6 +132,9 @@ impl PgServer {
             ),
         )
         .unwrap();
+        if let Some(tls) = tls {
+            configure_tls(&root, &data, tls);
+        }
         let mut s = PgServer {
             child: None,
             port: free_port(),
@@ -243,6 +262,57 @@ impl PgServer {
         );
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
+}
+
+/// Copies the server's certificate and key into the temp dir (the key the server's user's, mode
+/// 0600, as the server insists), turns `ssl` on and rewrites pg_hba.conf's TCP lines.
+fn configure_tls(root: &Path, data: &Path, tls: Tls) {
+    for (name, mode) in [
+        ("server.crt", 0o644),
+        ("server.key", 0o600),
+        ("ca.crt", 0o644),
+    ] {
+        let to = root.join(name);
+        std::fs::copy(tls.certs.join(name), &to).unwrap();
+        std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        if is_root() {
+            let ok = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&to)
+                .status()
+                .unwrap();
+            assert!(ok.success(), "chown of {name} to postgres");
+        }
+    }
+    let mut conf = format!(
+        "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+        root.join("server.crt").display(),
+        root.join("server.key").display()
+    );
+    if tls.client_cert {
+        conf += &format!("ssl_ca_file = '{}'\n", root.join("ca.crt").display());
+    }
+    let pgconf = data.join("postgresql.conf");
+    let old = std::fs::read_to_string(&pgconf).unwrap();
+    std::fs::write(&pgconf, format!("{old}\n{conf}")).unwrap();
+    let hba = data.join("pg_hba.conf");
+    let lines: Vec<String> = std::fs::read_to_string(&hba)
+        .unwrap()
+        .lines()
+        .map(|l| match l.strip_prefix("host ") {
+            Some(rest) => {
+                let kind = if tls.only { "hostssl" } else { "host" };
+                let opt = if tls.client_cert {
+                    " clientcert=verify-ca"
+                } else {
+                    ""
+                };
+                format!("{kind} {rest}{opt}")
+            }
+            None => l.to_owned(),
+        })
+        .collect();
+    std::fs::write(&hba, lines.join("\n") + "\n").unwrap();
 }
 
 impl Drop for PgServer {
