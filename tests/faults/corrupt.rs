@@ -100,7 +100,7 @@ fn damage(path: &Path, class: &str, i: usize, k: &str) -> String {
     let len = bytes.len();
     let seed = report::case_seed(class, i);
     let pos = (seed % len as u64) as usize;
-    let what = if i % 2 == 0 {
+    let what = if i.is_multiple_of(2) {
         bytes[pos] ^= 1 << (seed >> 61);
         format!(
             "{k}: bit {} of byte {pos} of {len} flipped (seed {seed})",

@@ -276,8 +276,6 @@ fn stats_name_type_and_label_as_the_exporter_does() {
     compare(&page_of(&ours), &pages[0]);
 }
 
-/// A running `dbkeeper sidecar` on one Redis, killed on drop.
-
 /// A sidecar on the Redis at `url`, and its first page with the Redis families on it.
 fn sidecar_on(url: &str, repo: &std::path::Path) -> (Sidecar, String) {
     let sc = Sidecar::start(repo, &[("DBKEEPER_REDIS_URL", url)]);
@@ -301,7 +299,7 @@ fn the_sidecar_serves_the_exporters_redis_families() {
     let exporter = Exporter::start(&r);
     let repo = tempfile::tempdir().unwrap();
     let url = r.url();
-    let (sc, page) = sidecar_on(&url, repo.path());
+    let (_sc, page) = sidecar_on(&url, repo.path());
     let scraped = get(exporter.port, "/metrics").unwrap();
     let pages = parse_pages(&[&page, &scraped]);
     assert!(
