@@ -262,7 +262,7 @@ fn run(
         (_, bad) => Err(Error::repo(
             repo.display(),
             format!(
-                "{} of {} sets and oplog segments fail verification: {}",
+                "{} of {} sets fail verification: {}",
                 bad.len(),
                 outcomes.len(),
                 bad.iter()
