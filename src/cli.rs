@@ -128,6 +128,28 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "DBKEEPER_MONGODB_PITR", default_value = "off", value_parser = ["on", "off"])]
     pub mongodb_pitr: String,
 
+    /// Stream PostgreSQL's WAL over a replication slot into the repository for point-in-time recovery (sidecar): on or off
+    #[arg(long, global = true, env = "DBKEEPER_POSTGRES_PITR", default_value = "off", value_parser = ["on", "off"])]
+    pub postgres_pitr: String,
+
+    /// The physical replication slot the WAL archiver streams from (created when missing)
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_POSTGRES_SLOT",
+        default_value = "dbkeeper"
+    )]
+    pub postgres_slot: String,
+
+    /// Preseed PostgreSQL's empty data directory to this RFC 3339 time (the newest set before it and the archived WAL up to it)
+    #[arg(
+        long,
+        global = true,
+        env = "DBKEEPER_PRESEED_TO_TIME",
+        value_name = "TIME"
+    )]
+    pub preseed_to_time: Option<String>,
+
     /// How often archived oplog is published as a segment (sooner when a segment is full)
     #[arg(long, global = true, env = "DBKEEPER_PITR_FLUSH", default_value = "1s", value_parser = parse_duration)]
     pub pitr_flush: Duration,
@@ -541,6 +563,9 @@ pub struct SidecarArgs {
     /// A replica-set member further behind its primary than this raises replication_lag
     #[arg(long, env = "DBKEEPER_ALERT_REPLICATION_LAG", default_value = "10s", value_parser = parse_duration)]
     pub alert_replication_lag: Duration,
+    /// WAL a PostgreSQL replication slot holds on the server beyond this raises postgres_slot_lagging (bytes such as 1GiB)
+    #[arg(long, env = "DBKEEPER_ALERT_POSTGRES_SLOT_LAG", default_value = "1GiB")]
+    pub alert_postgres_slot_lag: String,
     /// How long a Redis eviction or a database restart stays in /alerts
     #[arg(long, env = "DBKEEPER_ALERT_WINDOW", default_value = "5m", value_parser = parse_duration)]
     pub alert_window: Duration,

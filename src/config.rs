@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use crate::cli::GlobalArgs;
 use crate::engine::{Engine, EngineKind, EngineOps, EngineOptions};
 use crate::error::{Error, Result};
@@ -30,6 +32,12 @@ pub struct Config {
     pub lock_wait: Duration,
     /// Continuous oplog archiving for point-in-time recovery (`DBKEEPER_MONGODB_PITR=on`).
     pub mongo_pitr: bool,
+    /// WAL streaming for point-in-time recovery (`DBKEEPER_POSTGRES_PITR=on`).
+    pub postgres_pitr: bool,
+    /// The replication slot it streams from (`DBKEEPER_POSTGRES_SLOT`).
+    pub postgres_slot: String,
+    /// A point-in-time preseed of PostgreSQL's data directory (`DBKEEPER_PRESEED_TO_TIME`).
+    pub preseed_to_time: Option<DateTime<Utc>>,
     /// How often archived oplog is published (`DBKEEPER_PITR_FLUSH`).
     pub pitr_flush: Duration,
     /// How often the sidecar gathers database statistics (`DBKEEPER_STATS_INTERVAL`). The
@@ -114,6 +122,20 @@ impl Config {
         .into_iter()
         .filter_map(|(k, d)| Some((k, d.clone()?)))
         .collect();
+        if !crate::engine::postgres::pitr::valid_slot_name(&g.postgres_slot) {
+            return Err(Error::config(format!(
+                "DBKEEPER_POSTGRES_SLOT={:?}: a slot name is 1 to 63 lower-case letters, digits and underscores",
+                g.postgres_slot
+            )));
+        }
+        let preseed_to_time = match g.preseed_to_time.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(t) => Some(crate::role::pitr::parse_instant(t).map_err(|_| {
+                Error::config(format!(
+                    "DBKEEPER_PRESEED_TO_TIME={t:?}: expected an RFC 3339 time such as 2026-12-04T10:31:07Z"
+                ))
+            })?),
+        };
         let repo = RepoSpec::parse("DBKEEPER_REPO", &g.repo, env)?;
         let remote = match g
             .remote_repo
@@ -191,6 +213,9 @@ impl Config {
             retention: local,
             lock_wait: g.lock_wait,
             mongo_pitr: g.mongodb_pitr == "on",
+            postgres_pitr: g.postgres_pitr == "on",
+            postgres_slot: g.postgres_slot.clone(),
+            preseed_to_time,
             pitr_flush: g.pitr_flush,
             stats_interval,
         };
@@ -341,9 +366,25 @@ impl MinFree {
             }
             return Ok(MinFree::Percent(v));
         }
+        parse_bytes(t).map(MinFree::Bytes).ok_or_else(bad)
+    }
+
+    /// Whether `free` of `total` bytes is below the threshold.
+    pub fn is_low(&self, free: u64, total: u64) -> bool {
+        match *self {
+            MinFree::Percent(p) => total > 0 && (free as f64) * 100.0 < p * total as f64,
+            MinFree::Bytes(b) => free < b,
+        }
+    }
+}
+
+/// A size such as `5GiB`, `512M` or `1000000`.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let t = s.trim();
+    {
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num.parse().map_err(|_| bad())?;
+        let n: u64 = num.parse().ok()?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KiB" | "K" => 1 << 10,
@@ -354,17 +395,9 @@ impl MinFree {
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
             "TB" => 1_000_000_000_000,
-            _ => return Err(bad()),
+            _ => return None,
         };
-        n.checked_mul(mult).map(MinFree::Bytes).ok_or_else(bad)
-    }
-
-    /// Whether `free` of `total` bytes is below the threshold.
-    pub fn is_low(&self, free: u64, total: u64) -> bool {
-        match *self {
-            MinFree::Percent(p) => total > 0 && (free as f64) * 100.0 < p * total as f64,
-            MinFree::Bytes(b) => free < b,
-        }
+        n.checked_mul(mult)
     }
 }
 

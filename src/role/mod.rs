@@ -166,7 +166,32 @@ async fn dispatch(
         } => {
             let guard = restore::SchemaGuard::load(migrations.as_deref())?;
             if let Some(target) = pitr_target(to_time.as_deref(), to_oplog_ts.as_deref())? {
-                // A point in time is a MongoDB notion: other engines are restored by set id.
+                // PostgreSQL recovers to a time through its empty data directory, before its
+                // server starts.
+                if only.iter().any(|o| o == "postgres") {
+                    if only.len() > 1 {
+                        return Err(Error::config(
+                            "--to-time recovers PostgreSQL through its data directory on its own: run it once with --only postgres and once for the others",
+                        ));
+                    }
+                    let pitr::Target::Time(t) = target else {
+                        return Err(Error::config(
+                            "--to-oplog-ts is a MongoDB position; PostgreSQL takes --to-time",
+                        ));
+                    };
+                    let dir = cfg.data_dirs.get(&EngineKind::Postgres).cloned().ok_or_else(|| {
+                        Error::config(
+                            "--to-time for PostgreSQL needs DBKEEPER_POSTGRES_DATA_DIR: the empty data directory of a server that is not running",
+                        )
+                    })?;
+                    let repo = cfg.open_repo()?;
+                    return tokio::task::spawn_blocking(move || {
+                        pitr::preseed_postgres_to_time(&repo, &dir, t).map(|_| ())
+                    })
+                    .await
+                    .map_err(|e| Error::engine("postgres", format!("restore task failed: {e}")))?;
+                }
+                // Otherwise a point in time is MongoDB's: other engines are restored by set id.
                 let only = if only.is_empty() {
                     vec!["mongodb".to_owned()]
                 } else {
@@ -175,7 +200,7 @@ async fn dispatch(
                 let engines = cfg.engines_required(&only)?;
                 if engines.iter().any(|e| e.kind() != EngineKind::Mongodb) {
                     return Err(Error::config(
-                        "--to-time and --to-oplog-ts recover MongoDB only; restore the other engines by set id",
+                        "--to-time and --to-oplog-ts recover MongoDB, and PostgreSQL with --only postgres; restore the other engines by set id",
                     ));
                 }
                 let plan = plan_blocking(cfg, target).await?;

@@ -19,15 +19,46 @@ pub enum Target {
     OpTime(OpTime),
 }
 
+/// An RFC 3339 time.
+pub fn parse_instant(s: &str) -> std::result::Result<DateTime<Utc>, chrono::ParseError> {
+    DateTime::parse_from_rfc3339(s.trim()).map(|t| t.to_utc())
+}
+
+/// A PostgreSQL recovery target: a time given to the second takes every transaction of that
+/// second, as `--to-time` does for MongoDB; a fraction is taken as given.
+pub fn pg_target(t: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::Timelike;
+    if t.nanosecond() == 0 {
+        t + chrono::TimeDelta::microseconds(999_999)
+    } else {
+        t
+    }
+}
+
+/// Plans a PostgreSQL recovery of an empty data directory to `to` and carries it out.
+pub fn preseed_postgres_to_time(
+    repo: &Repo,
+    dir: &std::path::Path,
+    to: DateTime<Utc>,
+) -> Result<String> {
+    let plan = crate::engine::postgres::pitr::plan(repo, pg_target(to))?;
+    info!(
+        base = %plan.base.set,
+        segments = plan.chain.len(),
+        target = %plan.to.to_rfc3339(),
+        "point-in-time plan (PostgreSQL)"
+    );
+    crate::engine::postgres::pitr::preseed_to_time(repo, dir, &plan)?;
+    Ok(plan.base.set)
+}
+
 impl Target {
     pub fn parse_time(s: &str) -> Result<Target> {
-        DateTime::parse_from_rfc3339(s.trim())
-            .map(|t| Target::Time(t.to_utc()))
-            .map_err(|_| {
-                Error::config(format!(
-                    "--to-time {s:?}: expected an RFC 3339 time such as 2026-12-04T10:31:07Z"
-                ))
-            })
+        parse_instant(s).map(Target::Time).map_err(|_| {
+            Error::config(format!(
+                "--to-time {s:?}: expected an RFC 3339 time such as 2026-12-04T10:31:07Z"
+            ))
+        })
     }
 
     pub fn op_time(self) -> Result<OpTime> {
@@ -113,11 +144,13 @@ fn check_segments(store: &SegmentStore, plan: &Plan) -> Result<()> {
 
 /// `list --pitr`: each recoverable window, per starting set, newest first.
 pub fn list(repo: &Repo, as_json: bool) -> Result<()> {
+    use crate::engine::postgres::pitr as pg;
     let sets = repo.list()?;
     let segments = SegmentStore::new(repo.clone()).list()?;
     let windows = pitr::windows(&bases(&sets), &segments);
+    let pg_windows = pg::windows(&pg::bases(&sets), &pg::WalStore::new(repo.clone()).list()?);
     if as_json {
-        let items: Vec<_> = windows
+        let mut items: Vec<_> = windows
             .iter()
             .map(|w| {
                 json!({
@@ -131,15 +164,24 @@ pub fn list(repo: &Repo, as_json: bool) -> Result<()> {
                 })
             })
             .collect();
+        items.extend(pg_windows.iter().map(|w| {
+            json!({
+                "engine": "postgres",
+                "set": w.set,
+                "from": w.from,
+                "to": w.to,
+                "segments": w.segments,
+            })
+        }));
         println!(
             "{}",
             serde_json::to_string_pretty(&items).expect("serializes")
         );
         return Ok(());
     }
-    if windows.is_empty() {
+    if windows.is_empty() && pg_windows.is_empty() {
         println!(
-            "no recoverable window in {}: no MongoDB set with an oplog end point (a replica-set member's set) yet",
+            "no recoverable window in {}: no MongoDB set with an oplog end point (a replica-set member's set) and no PostgreSQL set yet",
             repo.display()
         );
         return Ok(());
@@ -158,6 +200,16 @@ pub fn list(repo: &Repo, as_json: bool) -> Result<()> {
             w.segments
         );
     }
+    for w in pg_windows {
+        println!(
+            "{:<8}  {:<20}  {:<25}  {:<25}  {}",
+            "postgres",
+            w.set,
+            w.from.to_rfc3339(),
+            w.to.to_rfc3339(),
+            w.segments
+        );
+    }
     Ok(())
 }
 
@@ -170,16 +222,17 @@ pub fn prune_segments(
     dry_run: bool,
     print: bool,
 ) -> Result<usize> {
-    let store = SegmentStore::new(repo.clone());
-    let segments = store.list()?;
-    if segments.is_empty() {
-        return Ok(0);
-    }
     let sets: Vec<SetInfo> = repo
         .list()?
         .into_iter()
         .filter(|s| !deleted.contains(&s.id))
         .collect();
+    let wal = prune_wal(repo, &sets, dry_run, print)?;
+    let store = SegmentStore::new(repo.clone());
+    let segments = store.list()?;
+    if segments.is_empty() {
+        return Ok(wal);
+    }
     let kept = bases(&sets);
     let doomed = pitr::unneeded(&kept, &segments);
     for s in &doomed {
@@ -198,6 +251,34 @@ pub fn prune_segments(
                 "deleted {} oplog segment(s) no kept set needs",
                 doomed.len()
             );
+        }
+    }
+    Ok(doomed.len() + wal)
+}
+
+/// The PostgreSQL half of `prune_segments`: WAL no kept set needs, and partial segments a
+/// longer piece replaced.
+fn prune_wal(repo: &Repo, kept: &[SetInfo], dry_run: bool, print: bool) -> Result<usize> {
+    use crate::engine::postgres::pitr as pg;
+    let store = pg::WalStore::new(repo.clone());
+    let pieces = store.list()?;
+    if pieces.is_empty() {
+        return Ok(0);
+    }
+    let doomed = pg::unneeded(&pg::bases(kept), &pieces);
+    for p in &doomed {
+        if dry_run {
+            if print {
+                println!("would delete {}", p.what());
+            }
+        } else {
+            store.delete(p)?;
+        }
+    }
+    if !dry_run && !doomed.is_empty() {
+        info!(segments = doomed.len(), repo = %repo.display(), "WAL segments no kept set needs deleted by retention");
+        if print {
+            println!("deleted {} WAL segment(s) no kept set needs", doomed.len());
         }
     }
     Ok(doomed.len())

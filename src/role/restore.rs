@@ -245,6 +245,17 @@ async fn preseed_dir(
     if let Emptiness::HasData(what) = crate::engine::data_dir_state(kind, dir)? {
         return Ok(Outcome::SkippedHasData(what));
     }
+    if let (EngineKind::Postgres, Some(to)) = (kind, cfg.preseed_to_time) {
+        // A point in time: from the repository only (the WAL archive lives there).
+        let repo = cfg.open_repo()?;
+        let dir = dir.to_owned();
+        return tokio::task::spawn_blocking(move || {
+            let set = super::pitr::preseed_postgres_to_time(&repo, &dir, to)?;
+            Ok(Outcome::Restored { set, records: 0 })
+        })
+        .await
+        .map_err(|e| Error::engine(kind.name(), format!("preseed task failed: {e}")))?;
+    }
     let repos = super::sources(cfg)?;
     let dir = dir.to_owned();
     let guard = guard.clone();

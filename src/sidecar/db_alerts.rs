@@ -26,6 +26,8 @@ pub struct Thresholds {
     pub replication_lag: Duration,
     /// How long an eviction or a restart stays an alert (`DBKEEPER_ALERT_WINDOW`, 5 min).
     pub window: Duration,
+    /// WAL a PostgreSQL slot holds on the server (`DBKEEPER_ALERT_POSTGRES_SLOT_LAG`, 1 GiB).
+    pub postgres_slot_lag: u64,
 }
 
 impl Default for Thresholds {
@@ -35,6 +37,7 @@ impl Default for Thresholds {
             mongodb_connections: 0.8,
             replication_lag: Duration::from_secs(10),
             window: Duration::from_secs(300),
+            postgres_slot_lag: 1 << 30,
         }
     }
 }

@@ -209,6 +209,44 @@ pub fn active_alerts(app: &Sidecar) -> Vec<Value> {
             out.push(json!({"alert": "pitr_stopped", "message": err}));
         }
     }
+    if let Some(p) = app
+        .pg_pitr
+        .as_ref()
+        .and_then(|p| p.lock().ok().map(|g| g.clone()))
+    {
+        use crate::engine::postgres::pitr::fmt_lsn;
+        if let Some((lost, resumed)) = p.gap {
+            out.push(json!({
+                "alert": "pitr_gap",
+                "engine": "postgres",
+                "archived_to": fmt_lsn(lost),
+                "resumed_at": fmt_lsn(resumed),
+                "message": format!(
+                    "the replication slot no longer held the WAL after the archive's end ({}): points between it and the next set cannot be recovered; a new set starts a new chain",
+                    fmt_lsn(lost)
+                ),
+            }));
+        }
+        if let (false, Some(err)) = (p.running, &p.last_error) {
+            out.push(json!({"alert": "pitr_stopped", "engine": "postgres", "message": err}));
+        }
+        let limit = app.sc.db_alerts.postgres_slot_lag;
+        if let Some(lag) = p.slot_lag_bytes
+            && lag >= limit
+        {
+            out.push(json!({
+                "alert": "postgres_slot_lagging",
+                "engine": "postgres",
+                "slot": app.cfg.postgres_slot,
+                "lag_bytes": lag,
+                "threshold_bytes": limit,
+                "message": format!(
+                    "replication slot {} holds {lag} bytes of WAL on the server (threshold {limit}): the server keeps WAL until it is archived; it fills the server's disk if archiving stays behind",
+                    app.cfg.postgres_slot
+                ),
+            }));
+        }
+    }
     if let Some(Err(why)) = app.remote_freshness(now) {
         out.push(json!({"alert": "remote_stale", "message": why}));
     }

@@ -474,6 +474,63 @@ fn own_families(app: &Sidecar) -> Vec<Family> {
             o.sample(name, &[], v as f64);
         }
     }
+    if let Some(p) = app
+        .pg_pitr
+        .as_ref()
+        .and_then(|p| p.lock().ok().map(|g| g.clone()))
+    {
+        o.family(
+            "dbkeeper_postgres_pitr_up",
+            "gauge",
+            "Whether the PostgreSQL WAL archiver is streaming (1) or not (0).",
+        );
+        o.sample("dbkeeper_postgres_pitr_up", &[], p.running as u8 as f64);
+        if let Some(t) = p.reach {
+            o.family(
+                "dbkeeper_postgres_pitr_newest_recoverable_timestamp_seconds",
+                "gauge",
+                "The newest point a PostgreSQL point-in-time recovery can reach (Unix time).",
+            );
+            o.sample(
+                "dbkeeper_postgres_pitr_newest_recoverable_timestamp_seconds",
+                &[],
+                t.timestamp_micros() as f64 / 1e6,
+            );
+        }
+        if let Some(lag) = p.slot_lag_bytes {
+            o.family(
+                "dbkeeper_postgres_slot_lag_bytes",
+                "gauge",
+                "WAL the server keeps for the archiver's replication slot (its flush position less the slot's restart point).",
+            );
+            o.sample("dbkeeper_postgres_slot_lag_bytes", &[], lag as f64);
+        }
+        o.family(
+            "dbkeeper_postgres_pitr_gap",
+            "gauge",
+            "1 while the WAL archive has a gap no set has closed yet.",
+        );
+        o.sample(
+            "dbkeeper_postgres_pitr_gap",
+            &[],
+            p.gap.is_some() as u8 as f64,
+        );
+        for (name, help, v) in [
+            (
+                "dbkeeper_postgres_pitr_segments_total",
+                "Whole WAL segments published by this process.",
+                p.segments_total,
+            ),
+            (
+                "dbkeeper_postgres_pitr_bytes_total",
+                "Stored bytes of the WAL published by this process (partial segments each time).",
+                p.bytes_total,
+            ),
+        ] {
+            o.family(name, "counter", help);
+            o.sample(name, &[], v as f64);
+        }
+    }
     if app.remote.is_some() {
         let r = &g.remote;
         if let Some(t) = r.last_success {

@@ -104,6 +104,14 @@ impl SidecarConfig {
                     }
                     d => d,
                 },
+                postgres_slot_lag: crate::config::parse_bytes(&a.alert_postgres_slot_lag)
+                    .filter(|b| *b > 0)
+                    .ok_or_else(|| {
+                        Error::config(format!(
+                            "DBKEEPER_ALERT_POSTGRES_SLOT_LAG={:?}: expected a size above 0 such as 1GiB or 512MiB",
+                            a.alert_postgres_slot_lag
+                        ))
+                    })?,
             },
         })
     }

@@ -20,6 +20,7 @@ mod mongo_users;
 mod mongodb;
 mod monitoring;
 mod postgres;
+mod postgres_pitr;
 mod postgres_stack;
 mod rabbitmq;
 mod redis;

@@ -3,10 +3,7 @@
 //! sidecar archives the oplog and `restore --to-time` brings back the data of that second,
 //! document for document; a gap in the archive is reported and closed by the next set.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -16,7 +13,7 @@ use mongodb::bson::{Document, Timestamp, doc};
 use serde_json::Value;
 
 use crate::common::mongodb::Mongo;
-use crate::common::{assert_code, code, dbkeeper, free_port, run, stderr, stdout, wait_until};
+use crate::common::{assert_code, code, dbkeeper, run, stderr, stdout, wait_until};
 
 /// Every user collection of `db` with its documents sorted by `_id` (as canonical bytes).
 fn snapshot(m: &Mongo, db: &str) -> Vec<(String, Vec<Vec<u8>>)> {
@@ -33,106 +30,25 @@ fn collection_names(m: &Mongo, db: &str) -> Vec<String> {
     m.collections(db).into_iter().map(|(n, _)| n).collect()
 }
 
-/// A running sidecar with oplog archiving on, stopped (SIGTERM) on drop.
-struct Archiver {
-    child: Child,
-    port: u16,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
+/// A sidecar archiving the oplog of `uri`.
+struct Archiver;
 
 impl Archiver {
-    fn start(repo: &Path, uri: &str) -> Archiver {
+    fn start(repo: &Path, uri: &str) -> crate::common::archiver::Archiver {
         Archiver::start_env(repo, uri, &[])
     }
 
-    fn start_env(repo: &Path, uri: &str, env: &[(&str, &str)]) -> Archiver {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("stderr");
-        let port = free_port();
-        let mut cmd = dbkeeper(repo);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .arg("sidecar")
-            .env("DBKEEPER_MONGODB_URI", uri)
-            .env("DBKEEPER_MONGODB_PITR", "on")
-            .env("DBKEEPER_PITR_FLUSH", "200ms")
-            .env("DBKEEPER_LISTEN", format!("127.0.0.1:{port}"))
-            .env("DBKEEPER_HEALTH_INTERVAL", "200ms")
-            .env("DBKEEPER_SCHEDULE", "0 0 1 1 *")
-            .env("DBKEEPER_MIN_FREE", "0%")
-            // Retention must not take the sets a test restores from.
-            .env("DBKEEPER_KEEP_LAST", "10")
-            .env("DBKEEPER_LOG", "info,dbkeeper=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let a = Archiver {
-            child,
-            port,
-            log,
-            _dir: dir,
-        };
-        assert!(
-            wait_until(Duration::from_secs(30), || a.get("/health").is_some()),
-            "sidecar did not start:\n{}",
-            a.log()
-        );
-        a
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn get(&self, path: &str) -> Option<String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
-    }
-
-    fn alerts(&self) -> Vec<Value> {
-        self.get("/alerts")
-            .and_then(|b| serde_json::from_str::<Value>(&b).ok())
-            .and_then(|v| {
-                v.as_array()
-                    .cloned()
-                    .or_else(|| v["alerts"].as_array().cloned())
-            })
-            .unwrap_or_default()
-    }
-
-    fn metric(&self, name: &str) -> Option<f64> {
-        let body = self.get("/metrics")?;
-        body.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-    }
-
-    fn stop(mut self) -> String {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-        self.log()
-    }
-}
-
-impl Drop for Archiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn start_env(
+        repo: &Path,
+        uri: &str,
+        env: &[(&str, &str)],
+    ) -> crate::common::archiver::Archiver {
+        let mut all = vec![
+            ("DBKEEPER_MONGODB_URI", uri),
+            ("DBKEEPER_MONGODB_PITR", "on"),
+        ];
+        all.extend_from_slice(env);
+        crate::common::archiver::Archiver::start(repo, &all)
     }
 }
 
@@ -149,7 +65,12 @@ fn window_end(repo: &Path, set: &str) -> Option<String> {
 /// Waits (20 s at most) until the archive's window from `set` reaches `point`; fails with the
 /// archiver's log when it does not.
 #[track_caller]
-fn assert_archived_to(repo: &Path, set: &str, point: (u32, u32), arch: &Archiver) {
+fn assert_archived_to(
+    repo: &Path,
+    set: &str,
+    point: (u32, u32),
+    arch: &crate::common::archiver::Archiver,
+) {
     let reached = wait_until(Duration::from_secs(20), || {
         window_end(repo, set).is_some_and(|e| parse_ts(&e) >= point)
     });

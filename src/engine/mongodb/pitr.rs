@@ -141,10 +141,6 @@ impl Segment {
         format!("oplog segment {}/{}", self.run, self.name())
     }
 
-    fn rel(&self) -> String {
-        format!("{DIR}/{}/{}", self.run, self.name())
-    }
-
     fn parse(run: &str, name: &str, size: u64) -> Option<Segment> {
         let (stem, sealed) = match name.strip_suffix(AGE) {
             Some(s) => (s, true),
@@ -175,6 +171,8 @@ impl Segment {
 #[derive(Debug, Clone)]
 pub struct SegmentStore {
     repo: Repo,
+    /// `pitr/<engine>` under the repository.
+    dir: &'static str,
 }
 
 /// Keys of one archiver run: the sealer, when segments are encrypted.
@@ -183,21 +181,44 @@ pub struct RunKeys {
     sealer: Option<SetSealer>,
 }
 
+impl RunKeys {
+    /// Whether the run's segments are encrypted.
+    pub fn is_sealed(&self) -> bool {
+        self.sealer.is_some()
+    }
+}
+
 impl SegmentStore {
     pub fn new(repo: Repo) -> Self {
-        SegmentStore { repo }
+        Self::in_dir(repo, DIR)
+    }
+
+    /// The same layout of runs under another directory (another engine's continuous log).
+    pub(crate) fn in_dir(repo: Repo, dir: &'static str) -> Self {
+        SegmentStore { repo, dir }
     }
 
     pub fn display(&self) -> String {
-        format!("{}/{DIR}", self.repo.display())
+        format!("{}/{}", self.repo.display(), self.dir)
     }
 
     /// Every published segment, ordered by `last`, then `prev`.
     pub fn list(&self) -> Result<Vec<Segment>> {
+        let mut out: Vec<Segment> = self
+            .list_files()?
+            .into_iter()
+            .filter_map(|(run, name, size)| Segment::parse(&run, &name, size))
+            .collect();
+        out.sort_by_key(|s| (s.last, s.prev));
+        Ok(out)
+    }
+
+    /// Every file of every run: `(run, name, size)`, unordered.
+    pub(crate) fn list_files(&self) -> Result<Vec<(String, String, u64)>> {
         let mut out = Vec::new();
         match self.repo.backend() {
             Backend::Local(root) => {
-                let dir = root.join(DIR);
+                let dir = root.join(self.dir);
                 let runs = match std::fs::read_dir(&dir) {
                     Ok(r) => r,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
@@ -212,17 +233,17 @@ impl SegmentStore {
                     for f in std::fs::read_dir(run.path()).map_err(|e| Error::io(run.path(), e))? {
                         let f = f.map_err(|e| Error::io(run.path(), e))?;
                         let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-                        if let Some(s) =
-                            Segment::parse(&name, &f.file_name().to_string_lossy(), size)
-                        {
-                            out.push(s);
-                        }
+                        out.push((
+                            name.clone(),
+                            f.file_name().to_string_lossy().into_owned(),
+                            size,
+                        ));
                     }
                 }
             }
             Backend::S3(store) => {
-                let prefix = format!("{DIR}/");
-                for (path, size) in store.list_files(DIR)? {
+                let prefix = format!("{}/", self.dir);
+                for (path, size) in store.list_files(self.dir)? {
                     let Some(rest) = path.strip_prefix(&prefix) else {
                         continue;
                     };
@@ -232,13 +253,10 @@ impl SegmentStore {
                     if parse_set_name(run).is_none() {
                         continue;
                     }
-                    if let Some(s) = Segment::parse(run, name, size) {
-                        out.push(s);
-                    }
+                    out.push((run.to_owned(), name.to_owned(), size));
                 }
             }
         }
-        out.sort_by_key(|s| (s.last, s.prev));
         Ok(out)
     }
 
@@ -246,7 +264,7 @@ impl SegmentStore {
     /// temporary files an interrupted run left.
     pub fn start_run(&self, now: DateTime<Utc>) -> Result<RunKeys> {
         let mut t = now;
-        let taken: Vec<String> = self.list()?.into_iter().map(|s| s.run).collect();
+        let taken: Vec<String> = self.list_files()?.into_iter().map(|f| f.0).collect();
         let run = loop {
             let id = crate::repo::set_name(t);
             if !taken.contains(&id) {
@@ -264,14 +282,14 @@ impl SegmentStore {
             None => None,
         };
         if let Backend::Local(root) = self.repo.backend() {
-            remove_temps(&root.join(DIR));
+            remove_temps(&root.join(self.dir));
         }
         let (sealer, identity) = match keys {
             Some((s, id)) => (Some(s), id),
             None => (None, None),
         };
         if let Some(bytes) = identity {
-            self.put(&format!("{DIR}/{run}/{IDENTITY}"), &bytes)?;
+            self.put(&format!("{}/{run}/{IDENTITY}", self.dir), &bytes)?;
         }
         Ok(RunKeys { run, sealer })
     }
@@ -285,12 +303,7 @@ impl SegmentStore {
         count: u64,
         raw: &[u8],
     ) -> Result<Segment> {
-        let compressed = zstd::bulk::compress(raw, LEVEL)
-            .map_err(|e| Error::engine("pitr", format!("compressing a segment: {e}")))?;
-        let stored = match &keys.sealer {
-            Some(s) => s.seal_bytes(&compressed)?,
-            None => compressed,
-        };
+        let stored = self.seal(keys, raw)?;
         let seg = Segment {
             run: keys.run.clone(),
             prev,
@@ -300,12 +313,27 @@ impl SegmentStore {
             sealed: keys.sealer.is_some(),
             size: stored.len() as u64,
         };
-        self.put(&seg.rel(), &stored)?;
+        self.put(&self.rel(&seg.run, &seg.name()), &stored)?;
         Ok(seg)
     }
 
+    /// `raw` compressed and, with age configured, encrypted: a segment's stored bytes.
+    pub(crate) fn seal(&self, keys: &RunKeys, raw: &[u8]) -> Result<Vec<u8>> {
+        let compressed = zstd::bulk::compress(raw, LEVEL)
+            .map_err(|e| Error::engine("pitr", format!("compressing a segment: {e}")))?;
+        match &keys.sealer {
+            Some(s) => s.seal_bytes(&compressed),
+            None => Ok(compressed),
+        }
+    }
+
+    /// The path of `name` in `run`, relative to the repository.
+    pub(crate) fn rel(&self, run: &str, name: &str) -> String {
+        format!("{}/{run}/{name}", self.dir)
+    }
+
     /// Writes a whole object: a temp file, fsync, rename, fsync of the directory; or one PUT.
-    fn put(&self, rel: &str, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn put(&self, rel: &str, bytes: &[u8]) -> Result<()> {
         match self.repo.backend() {
             Backend::Local(root) => {
                 let path = root.join(rel);
@@ -331,7 +359,7 @@ impl SegmentStore {
         }
     }
 
-    fn get(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn get(&self, rel: &str) -> Result<Option<Vec<u8>>> {
         match self.repo.backend() {
             Backend::Local(root) => match std::fs::read(root.join(rel)) {
                 Ok(b) => Ok(Some(b)),
@@ -348,28 +376,7 @@ impl SegmentStore {
         let what = seg.what();
         let corrupt = |m: String| Error::corrupt(&what, m);
         let stored = self.stored(seg)?;
-        let compressed = if seg.sealed {
-            let crypto: &Crypto = self.repo.crypto().ok_or_else(|| {
-                Error::Key(format!(
-                    "{what} is encrypted; set DBKEEPER_AGE_IDENTITY_FILE or DBKEEPER_AGE_PASSPHRASE_FILE"
-                ))
-            })?;
-            let identity = self.get(&format!("{DIR}/{}/{IDENTITY}", seg.run))?;
-            let sealed_to: Vec<String> = if identity.is_some() {
-                vec!["scrypt".into()]
-            } else {
-                Vec::new()
-            };
-            crypto
-                .open_set(&what, &sealed_to, identity.as_deref())?
-                .open_bytes(&stored)?
-        } else {
-            stored
-        };
-        let mut raw = Vec::new();
-        zstd::stream::read::Decoder::new(&compressed[..])
-            .and_then(|mut d| d.read_to_end(&mut raw))
-            .map_err(|e| corrupt(format!("zstd: {e}")))?;
+        let raw = self.open(&seg.run, seg.sealed, &what, stored)?;
         let mut docs = super::bsonfile::DocReader::new(&raw[..]);
         while docs
             .next_doc()
@@ -386,12 +393,45 @@ impl SegmentStore {
         Ok(raw)
     }
 
+    /// Decrypts (when `sealed`, with the run's key) and decompresses a segment's stored bytes.
+    pub(crate) fn open(
+        &self,
+        run: &str,
+        sealed: bool,
+        what: &str,
+        stored: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        let compressed = if sealed {
+            let crypto: &Crypto = self.repo.crypto().ok_or_else(|| {
+                Error::Key(format!(
+                    "{what} is encrypted; set DBKEEPER_AGE_IDENTITY_FILE or DBKEEPER_AGE_PASSPHRASE_FILE"
+                ))
+            })?;
+            let identity = self.get(&self.rel(run, IDENTITY))?;
+            let sealed_to: Vec<String> = if identity.is_some() {
+                vec!["scrypt".into()]
+            } else {
+                Vec::new()
+            };
+            crypto
+                .open_set(what, &sealed_to, identity.as_deref())?
+                .open_bytes(&stored)?
+        } else {
+            stored
+        };
+        let mut raw = Vec::new();
+        zstd::stream::read::Decoder::new(&compressed[..])
+            .and_then(|mut d| d.read_to_end(&mut raw))
+            .map_err(|e| Error::corrupt(what, format!("zstd: {e}")))?;
+        Ok(raw)
+    }
+
     /// A segment's stored bytes, checked against the checksum in its name: what `verify`
     /// checks of a segment without `--deep`.
     pub fn stored(&self, seg: &Segment) -> Result<Vec<u8>> {
         let corrupt = |m: &str| Error::corrupt(seg.what(), m);
         let stored = self
-            .get(&seg.rel())?
+            .get(&self.rel(&seg.run, &seg.name()))?
             .ok_or_else(|| corrupt("is listed but cannot be read"))?;
         if hex::encode(Sha256::digest(&stored)) != seg.sha256 {
             return Err(corrupt("checksum mismatch"));
@@ -400,16 +440,20 @@ impl SegmentStore {
     }
 
     pub fn delete(&self, seg: &Segment) -> Result<()> {
+        self.delete_rel(&self.rel(&seg.run, &seg.name()))
+    }
+
+    pub(crate) fn delete_rel(&self, rel: &str) -> Result<()> {
         match self.repo.backend() {
             Backend::Local(root) => {
-                let p = root.join(seg.rel());
+                let p = root.join(rel);
                 match std::fs::remove_file(&p) {
                     Ok(()) => Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                     Err(e) => Err(Error::io(&p, e)),
                 }
             }
-            Backend::S3(store) => store.delete(&seg.rel()),
+            Backend::S3(store) => store.delete(rel),
         }
     }
 }

@@ -147,6 +147,8 @@ pub(super) struct Conn {
     io: BufReader<Stream>,
     pub params: BTreeMap<String, String>,
     cfg: PgConfig,
+    /// Bytes `read_cancel_safe` has read past its last whole message.
+    pending: BytesMut,
 }
 
 impl Conn {
@@ -233,6 +235,7 @@ impl Conn {
             io: BufReader::with_capacity(256 << 10, stream),
             params: BTreeMap::new(),
             cfg: cfg.clone(),
+            pending: BytesMut::new(),
         };
         c.startup(replication).await.map_err(fail)?;
         Ok(c)
@@ -418,6 +421,43 @@ impl Conn {
             )));
         }
         self.read_body(tag[0]).await
+    }
+
+    /// As `read`, but cancel-safe: what a cancelled call read stays for the next, so the call
+    /// can race a timer in `select!` (the WAL stream, which also sends while it waits).
+    /// Once used, use only this on the connection.
+    pub async fn read_cancel_safe(&mut self) -> Result<Msg> {
+        loop {
+            if self.pending.len() >= 5 {
+                let len = u32::from_be_bytes([
+                    self.pending[1],
+                    self.pending[2],
+                    self.pending[3],
+                    self.pending[4],
+                ]) as usize;
+                if !(4..=MAX_MESSAGE).contains(&len) {
+                    return Err(self.cfg.refused(format!(
+                        "message {:?} of length {len}: not a PostgreSQL server",
+                        self.pending[0] as char
+                    )));
+                }
+                if self.pending.len() > len {
+                    let m = self.pending.split_to(1 + len);
+                    return Ok(Msg {
+                        tag: m[0],
+                        body: m[5..].to_vec(),
+                    });
+                }
+            }
+            let n = self
+                .io
+                .read_buf(&mut self.pending)
+                .await
+                .map_err(|e| self.io(e))?;
+            if n == 0 {
+                return Err(self.cfg.unreachable("the server closed the connection"));
+            }
+        }
     }
 
     pub async fn read(&mut self) -> Result<Msg> {

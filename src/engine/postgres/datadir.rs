@@ -75,6 +75,19 @@ fn settle(root: &Path, owner: (u32, u32)) -> Result<()> {
 }
 
 pub fn preseed_data_dir(dir: &Path, set: &SetReader, entry: &EngineEntry) -> Result<()> {
+    preseed_with(dir, set, entry, None)
+}
+
+/// Work done on the unpacked directory before it is settled and moved into place (the WAL
+/// and settings of a point-in-time recovery).
+pub(crate) type Extra<'a> = &'a dyn Fn(&Path) -> Result<()>;
+
+pub(crate) fn preseed_with(
+    dir: &Path,
+    set: &SetReader,
+    entry: &EngineEntry,
+    extra: Option<Extra>,
+) -> Result<()> {
     let meta = fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
     let owner = (meta.uid(), meta.gid());
     let set_major = entry
@@ -126,7 +139,9 @@ pub fn preseed_data_dir(dir: &Path, set: &SetReader, entry: &EngineEntry) -> Res
     super::verify::verify_deep(set, entry, &CancellationToken::new())?;
 
     let tmp = dir.join(format!("{TMP_PREFIX}{}", std::process::id()));
-    let result = unpack(set, archives[0], &tmp, owner);
+    let result = unpack(set, archives[0], &tmp)
+        .and_then(|()| extra.map_or(Ok(()), |f| f(&tmp)))
+        .and_then(|()| settle(&tmp, owner));
     if let Err(e) = result {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
@@ -155,16 +170,13 @@ pub fn preseed_data_dir(dir: &Path, set: &SetReader, entry: &EngineEntry) -> Res
     File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(dir, e))?;
-    info!(engine = ENGINE, dir = %dir.display(), set = set.id(), "PGDATA preseeded; the server recovers to the backup's end on start");
+    if extra.is_none() {
+        info!(engine = ENGINE, dir = %dir.display(), set = set.id(), "PGDATA preseeded; the server recovers to the backup's end on start");
+    }
     Ok(())
 }
 
-fn unpack(
-    set: &SetReader,
-    file: &crate::repo::manifest::FileEntry,
-    tmp: &Path,
-    owner: (u32, u32),
-) -> Result<()> {
+fn unpack(set: &SetReader, file: &crate::repo::manifest::FileEntry, tmp: &Path) -> Result<()> {
     fs::create_dir(tmp).map_err(|e| Error::io(tmp, e))?;
     let reader = set.open_file(file)?;
     let mut tar = tar::Archive::new(reader);
@@ -188,8 +200,7 @@ fn unpack(
     }
     let mut inner = tar.into_inner();
     io::copy(&mut inner, &mut io::sink()).map_err(|e| inner.error(e))?;
-    inner.finish()?;
-    settle(tmp, owner)
+    inner.finish()
 }
 
 /// Whether a PostgreSQL data directory may be preseeded: one holding `PG_VERSION` is a

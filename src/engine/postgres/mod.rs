@@ -7,7 +7,9 @@
 mod basebackup;
 mod client;
 mod datadir;
+pub mod pitr;
 mod verify;
+pub mod wal;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

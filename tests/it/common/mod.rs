@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod archiver;
 pub mod chroma;
 pub mod chroma_dir;
 pub mod import;
