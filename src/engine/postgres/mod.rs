@@ -8,6 +8,7 @@ mod basebackup;
 mod client;
 mod datadir;
 mod verify;
+pub mod wal;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
