@@ -21,6 +21,7 @@ mod mongodb;
 mod monitoring;
 mod postgres;
 mod postgres_stack;
+mod postgres_wal;
 mod rabbitmq;
 mod redis;
 mod redis_aof;
