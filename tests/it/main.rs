@@ -22,6 +22,7 @@ mod monitoring;
 mod postgres;
 mod postgres_pitr;
 mod postgres_stack;
+mod postgres_wal;
 mod rabbitmq;
 mod redis;
 mod redis_aof;
