@@ -84,6 +84,27 @@ pub fn preseed_data_dir(
     }
 }
 
+/// Whether `entry` (a set's part for `kind`) can be loaded into a running server: a Chroma
+/// data copy and a PostgreSQL base backup are physical, loaded only into the stopped server's
+/// data directory.
+pub fn loads_online(kind: EngineKind, entry: &EngineEntry) -> bool {
+    match kind {
+        EngineKind::Chroma => !chroma::datacopy::is_data_copy(entry),
+        EngineKind::Postgres => false,
+        EngineKind::Mongodb | EngineKind::Redis | EngineKind::Rabbitmq => true,
+    }
+}
+
+/// Whether `entry` can be written into the stopped server's data directory: not a logical
+/// Chroma export, which only a running server can load.
+pub fn loads_into_data_dir(kind: EngineKind, entry: &EngineEntry) -> bool {
+    match kind {
+        EngineKind::Chroma => chroma::datacopy::is_data_copy(entry),
+        EngineKind::Redis | EngineKind::Postgres => true,
+        EngineKind::Mongodb | EngineKind::Rabbitmq => false,
+    }
+}
+
 fn no_data_dir(kind: EngineKind) -> Error {
     Error::config(format!("{kind} has no data-directory preseed"))
 }

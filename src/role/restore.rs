@@ -74,6 +74,40 @@ pub enum Outcome {
     /// A server that loads its backups only from its data directory before it starts
     /// (PostgreSQL): a running one is left as it is.
     DataDirOnly,
+    /// The newest good set's part is physical (a Chroma data copy): left to the pre-start
+    /// preseed of the data directory; the running server is left as it is.
+    LeftToDataDir(String),
+    /// The newest set's part is logical (a Chroma export over the API): left to the online
+    /// preseed; the data directory is left as it is.
+    LeftToServer(String),
+}
+
+impl Outcome {
+    /// The one line that says what preseed did for `kind` (`dir`: the data directory it was
+    /// given, if any).
+    fn log(&self, kind: EngineKind, dir: Option<&Path>) {
+        let dir = dir.map(|d| d.display().to_string());
+        match self {
+            Outcome::Restored { set, records } => {
+                info!(engine = %kind, set, records, dir, "preseeded")
+            }
+            Outcome::SkippedHasData(what) => {
+                info!(engine = %kind, holds = %what, "preseed skipped: target holds data")
+            }
+            Outcome::FirstStart => {
+                info!(engine = %kind, "no backup yet and the target is empty: first start")
+            }
+            Outcome::DataDirOnly => {
+                info!(engine = %kind, "preseed left to the data directory: a running server cannot load a physical backup (DBKEEPER_POSTGRES_DATA_DIR, before the server starts)")
+            }
+            Outcome::LeftToDataDir(set) => {
+                info!(engine = %kind, set, "preseed left to the data directory: the newest good set holds a data copy, which only a preseed of the stopped server's volume loads (DBKEEPER_CHROMA_DATA_DIR, the chroma-preseed container); the running server is left as it is")
+            }
+            Outcome::LeftToServer(set) => {
+                info!(engine = %kind, set, dir, "preseed left to the running server: the newest set holds a logical export, which the online preseed restores over the API (DBKEEPER_CHROMA_URL); the data directory is left as it is")
+            }
+        }
+    }
 }
 
 /// Restores `id` into every engine. A non-empty target is refused unless `force`. With a
@@ -158,20 +192,7 @@ pub async fn preseed(
         } else {
             preseed_one(cfg, e, guard, cancel).await?
         };
-        match &outcome {
-            Outcome::Restored { set, records } => {
-                info!(engine = %e.kind(), set, records, "preseeded")
-            }
-            Outcome::SkippedHasData(what) => {
-                info!(engine = %e.kind(), holds = %what, "preseed skipped: target holds data")
-            }
-            Outcome::FirstStart => {
-                info!(engine = %e.kind(), "no backup yet and the target is empty: first start")
-            }
-            Outcome::DataDirOnly => {
-                info!(engine = %e.kind(), "preseed left to the data directory: a running server cannot load a physical backup (DBKEEPER_POSTGRES_DATA_DIR, before the server starts)")
-            }
-        }
+        outcome.log(e.kind(), cfg.data_dirs.get(&e.kind()).map(|d| d.as_path()));
         outcomes.push((e.kind(), outcome));
     }
     Ok(outcomes)
@@ -186,18 +207,9 @@ pub async fn preseed_dir_only(cfg: &Config, kind: EngineKind, guard: &SchemaGuar
             kind.data_dir_env().unwrap_or("the data directory")
         ))
     })?;
-    match preseed_dir(cfg, kind, dir, guard).await? {
-        Outcome::Restored { set, records } => {
-            info!(engine = %kind, set, records, dir = %dir.display(), "preseeded")
-        }
-        Outcome::SkippedHasData(what) => {
-            info!(engine = %kind, holds = %what, "preseed skipped: target holds data")
-        }
-        Outcome::FirstStart => {
-            info!(engine = %kind, "no backup yet and the target is empty: first start")
-        }
-        Outcome::DataDirOnly => unreachable!("a data directory was given"),
-    }
+    preseed_dir(cfg, kind, dir, guard)
+        .await?
+        .log(kind, Some(dir));
     Ok(())
 }
 
@@ -219,6 +231,13 @@ async fn preseed_one(
         }
         return Ok(Outcome::FirstStart);
     };
+    // A data copy is the pre-start preseed's (chroma-preseed): passed over before anything
+    // is wiped, so an interrupted preseed's leftovers stay for it too.
+    if let Some(entry) = set.manifest.engines.get(&e.kind())
+        && !crate::engine::loads_online(e.kind(), entry)
+    {
+        return Ok(Outcome::LeftToDataDir(set.id().to_owned()));
+    }
     // Before an interrupted preseed's leftovers are wiped: a refusal changes nothing.
     guard.refuse_preseed(e.kind(), &set)?;
     refuse_data_copy(e.kind(), &set)?;
@@ -262,12 +281,18 @@ async fn preseed_dir(
     tokio::task::spawn_blocking(move || -> Result<Outcome> {
         for (i, repo) in repos.iter().enumerate() {
             for set in repo.candidates(Some(kind))? {
+                let entry = set.manifest.engines[&kind].clone();
+                // The newest set is the online preseed's (a logical Chroma export): an older
+                // data copy written here would make the server hold data, and the newer set
+                // would then be skipped.
+                if !crate::engine::loads_into_data_dir(kind, &entry) {
+                    return Ok(Outcome::LeftToServer(set.id().to_owned()));
+                }
                 set.require_key()?;
                 guard.refuse_preseed(kind, &set)?;
                 if i > 0 {
                     info!(set = set.id(), remote = %repo.display(), engine = %kind, "no good set in the repository; using the remote's");
                 }
-                let entry = set.manifest.engines[&kind].clone();
                 match crate::engine::preseed_data_dir(kind, &dir, &set, &entry) {
                     Ok(()) => {
                         return Ok(Outcome::Restored {

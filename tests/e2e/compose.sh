@@ -13,11 +13,16 @@
 # index exists) before the app started, healthchecks healthy → a stopped database shows in /health
 # and /metrics → docker stop of the sidecar mid-backup exits within 10 s and leaves no visible
 # partial set → down -v and the backup directory emptied (a new host) → up → data back from
-# the remote. Least privilege throughout: the sidecar and preseed run as 10001 with no
+# the remote → a seed-layout set built as the seed's nightly script builds one (a mongodump-shaped
+# directory and `redis-cli --rdb` from the servers, the AOF files, Chroma's persist directory
+# copied while Chroma is stopped) and `dbkeeper import`ed → down -v → up → MongoDB, Redis and
+# Chroma hold exactly its data (Chroma's data copy written by chroma-preseed before Chroma
+# starts; chroma-preseed leaves the sidecar's logical Chroma sets to preseed, in one line).
+# Least privilege throughout: the sidecar and preseed run as 10001 with no
 # capabilities, a read-only root filesystem and no-new-privileges (docker inspect, and the
 # running sidecar's /proc status), the two root init containers with CHOWN and DAC_OVERRIDE
-# only; every file in the backup directory is 10001's, also after a `chown -R 0:0` that makes
-# it look written by an older root-run stack; Redis runs as 999 without a chowning entrypoint
+# only, chroma-preseed as root with no capability; every file in the backup directory is
+# 10001's, also after a `chown -R 0:0` that makes it look written by an older root-run stack; Redis runs as 999 without a chowning entrypoint
 # and every file of its volume is 999's; PostgreSQL runs as 999 too, healthy through
 # dbkeeper-health, and postgres-preseed runs as 999 with no capabilities: the rows written
 # before the backup come back (count and digest) after down -v, and on the new host; the new
@@ -38,7 +43,7 @@ fail() {
   echo "e2e compose: FAILED: $*" >&2
   if [ -n "${DC:-}" ] && [ -z "${E2E_NO_LOGS:-}" ]; then
     echo "---- last container logs ----" >&2
-    for svc in objectstore dbkeeper-install redis-preseed redis postgres-preseed postgres mongo chroma preseed sidecar; do
+    for svc in objectstore dbkeeper-install redis-preseed redis postgres-preseed postgres chroma-preseed chroma mongo preseed sidecar; do
       dc logs --no-color --tail 12 "$svc" 2>&1 | cut -c1-400 >&2 || true
     done
     echo "e2e compose: FAILED: $*" >&2
@@ -168,7 +173,7 @@ cleanup() {
   # Files written by root in containers: remove them from a container, then the rest.
   if [ -d "$BACKUPS" ] && [ -n "${E2E_HOSTFS_IMAGE:-}" ]; then
     timeout 60 docker run --rm -v /usr:/usr:ro -v "$TMP:/t" "$E2E_HOSTFS_IMAGE" \
-      /usr/bin/rm -rf /t/backups /t/objectstore >/dev/null 2>&1
+      /usr/bin/rm -rf /t/backups /t/objectstore /t/seed >/dev/null 2>&1
   fi
   rm -rf "$TMP"
   exit $rc
@@ -238,6 +243,7 @@ check_privileges() {
   hardened dbkeeper-install 0:0 '\[CHOWN DAC_OVERRIDE\]'
   hardened redis-preseed 0:0 '\[CHOWN DAC_OVERRIDE\]'
   hardened postgres-preseed 999:999 '\[\]'
+  hardened chroma-preseed 0:0 '\[\]'
   pid=$(docker inspect -f '{{.State.Pid}}' "$(cid sidecar)")
   [ "$pid" -gt 0 ] && cmd=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null || true)
   if [[ "$cmd" == "/dbkeeper/dbkeeper sidecar"* ]]; then
@@ -280,6 +286,7 @@ up
 [ "$(exit_code preseed)" = 0 ] || fail "preseed exited $(exit_code preseed) on a first start"
 [ "$(exit_code redis-preseed)" = 0 ] || fail "redis-preseed exited $(exit_code redis-preseed) on a first start"
 [ "$(exit_code postgres-preseed)" = 0 ] || fail "postgres-preseed exited $(exit_code postgres-preseed) on a first start"
+[ "$(exit_code chroma-preseed)" = 0 ] || fail "chroma-preseed exited $(exit_code chroma-preseed) on a first start"
 wait_for 180 "every healthcheck healthy and the app running (first start)" all_healthy
 check_privileges 10001
 
@@ -336,6 +343,7 @@ t0=$(date +%s.%N)
 up
 [ "$(exit_code redis-preseed)" = 0 ] || fail "redis-preseed exited $(exit_code redis-preseed)"
 [ "$(exit_code postgres-preseed)" = 0 ] || fail "postgres-preseed exited $(exit_code postgres-preseed)"
+[ "$(exit_code chroma-preseed)" = 0 ] || fail "chroma-preseed exited $(exit_code chroma-preseed)"
 [ "$(exit_code preseed)" = 0 ] || fail "preseed exited $(exit_code preseed)"
 wait_for 180 "every healthcheck healthy and the app running (after down -v)" all_healthy
 tools check || fail "data is missing after down -v and up"
@@ -388,11 +396,15 @@ log "migration V2 applied at $v2_at, before the app started; pre-migration set $
 owned_by 10001
 log "the root-owned backup directory was handed back to 10001; the pre-migration set is 10001's"
 # (Output captured first: `grep -q` closing a pipe early would fail the pipeline.)
-plogs=$(dc logs --no-color preseed redis-preseed postgres-preseed 2>&1)
+plogs=$(dc logs --no-color preseed redis-preseed postgres-preseed chroma-preseed 2>&1)
 for e in redis mongodb chroma postgres; do
   grep -q "preseeded engine=$e set=\"$sets_before\"" <<<"$plogs" \
     || fail "the preseed logs do not say $e was preseeded from $sets_before"
 done
+# The sidecar's Chroma set is logical: chroma-preseed leaves it to preseed, in one line.
+clogs=$(dc logs --no-color chroma-preseed 2>&1)
+[ "$(grep -c "preseed left to the running server.*set=\"$sets_before\"" <<<"$clogs")" = 1 ] \
+  || fail "chroma-preseed does not say, once, that it left set $sets_before to preseed: $(tail -3 <<<"$clogs")"
 
 # ---- 3. a stopped database shows in /health and /metrics --------------------------------------
 [ "$(http_code /health)" = 200 ] || fail "/health is $(http_code /health) with every database up"
@@ -452,13 +464,14 @@ t0=$(date +%s.%N)
 up
 [ "$(exit_code redis-preseed)" = 0 ] || fail "redis-preseed exited $(exit_code redis-preseed) (remote only)"
 [ "$(exit_code postgres-preseed)" = 0 ] || fail "postgres-preseed exited $(exit_code postgres-preseed) (remote only)"
+[ "$(exit_code chroma-preseed)" = 0 ] || fail "chroma-preseed exited $(exit_code chroma-preseed) (remote only)"
 [ "$(exit_code preseed)" = 0 ] || fail "preseed exited $(exit_code preseed) (remote only)"
 wait_for 180 "every healthcheck healthy and the app running (remote only)" all_healthy
 tools check || fail "data is missing after a preseed from the remote"
 t1=$(date +%s.%N)
 RECOVERY_REMOTE=$(python3 -c "print('%.1f' % ($t1 - $t0))")
 log "data restored from the remote and every healthcheck healthy ${RECOVERY_REMOTE}s after up"
-plogs=$(dc logs --no-color preseed redis-preseed postgres-preseed 2>&1)
+plogs=$(dc logs --no-color preseed redis-preseed postgres-preseed chroma-preseed 2>&1)
 for e in redis mongodb chroma postgres; do
   # MongoDB's newest set on the remote may be its pre-migration set, if it was copied there.
   want=$sets_before
@@ -476,6 +489,74 @@ others=$(redis_volume_not_redis) || fail "listing the Redis volume failed"
 others=$(postgres_volume_not_postgres) || fail "listing the PostgreSQL volume failed"
 [ -z "$others" ] || fail "entries of the PostgreSQL volume not the PostgreSQL user's after the new-host preseed: $others"
 
+# ---- 6. the seed's backups adopted: a seed-layout set imported, then down -v and up ------------
+# Built on this host as the seed's nightly script builds one, from the running stack (with data
+# only this set holds): a mongodump-shaped directory and `redis-cli --rdb` taken from the
+# servers, the Redis server's AOF files, and Chroma's persist directory copied while Chroma is
+# stopped. `dbkeeper import` (the image, as DBKEEPER_USER, hardened as the stack's containers)
+# makes it the newest set; after down -v, redis-preseed and chroma-preseed load its RDB and its
+# Chroma data copy before the servers start, preseed restores MongoDB from it, and PostgreSQL
+# (absent from the seed's sets) comes from the newest set that holds it, on the remote.
+log "a seed-layout set: data only it holds, then its parts taken as the seed's script takes them"
+tools seedmark || fail "writing the seed's own data failed"
+want=$(tools fingerprint | tail -1) || fail "fingerprinting the data failed"
+SEED="$TMP/seed"
+SEED_ID=$(date -u +%Y-%m-%d_%H-%M-%S)
+mkdir -p "$SEED/$SEED_ID"
+timeout 180 "${DC[@]}" --profile tools run --rm -T -v "$SEED/$SEED_ID:/seed" tools seed /seed \
+  || fail "taking the mongodump-shaped directory and redis-cli --rdb failed"
+timeout 60 "${DC[@]}" stop -t 10 chroma >/dev/null 2>&1 || fail "docker compose stop chroma failed"
+timeout 60 docker run --rm -v /usr:/usr:ro -v "${PROJECT}_redis-data:/r:ro" -v "${PROJECT}_chroma-data:/c:ro" \
+  -v "$SEED/$SEED_ID:/s" "$E2E_HOSTFS_IMAGE" /usr/bin/sh -c \
+  'cp -R /r/appendonlydir /s/redis/ && mkdir /s/chroma && cp -R /c/. /s/chroma/ && chmod -R a+rX /s' \
+  || fail "copying the AOF files and Chroma's persist directory failed"
+[ -f "$SEED/$SEED_ID/chroma/chroma.sqlite3" ] || fail "the Chroma copy holds no chroma.sqlite3: $(ls "$SEED/$SEED_ID/chroma")"
+ls "$SEED/$SEED_ID/redis/appendonlydir/"*.manifest >/dev/null 2>&1 || fail "no AOF manifest copied: $(ls -R "$SEED/$SEED_ID/redis")"
+log "seed set $SEED_ID: $(cd "$SEED/$SEED_ID" && find . -type f | wc -l) files; importing it"
+# A read-only root filesystem needs a writable /tmp: the deep verify of a Chroma data copy
+# opens its SQLite file from a temp copy.
+imported=$(timeout 300 docker run --rm --user "$DBKEEPER_USER" --cap-drop ALL --security-opt no-new-privileges \
+  --read-only --tmpfs /tmp --network none -v "$SEED:/seed:ro" -v "$BACKUPS:/backups" \
+  "$DBKEEPER_IMAGE" import "/seed/$SEED_ID" 2>"$TMP/import.err") \
+  || fail "dbkeeper import of the seed set failed: $(tail -5 "$TMP/import.err")"
+[ "$(tail -1 <<<"$imported")" = "$SEED_ID" ] || fail "the import printed $imported, not $SEED_ID"
+python3 - "$BACKUPS/$SEED_ID/manifest.json" <<'EOF' || fail "the imported set is not what was seeded"
+import json, sys
+m = json.load(open(sys.argv[1]))
+e = m["engines"]
+assert sorted(e) == ["chroma", "mongodb", "redis"], sorted(e)
+assert e["chroma"]["details"]["format"] == "data-copy", e["chroma"]["details"]["format"]
+assert e["chroma"]["counts"]["default_database/seeded"] == 40, e["chroma"]["counts"]
+assert e["mongodb"]["counts"]["e2e.seeded"] == 50, e["mongodb"]["counts"]
+assert m.get("imported", {}).get("source"), m.get("imported")
+EOF
+owned_by 10002
+
+log "down -v, up: every engine preseeded from the imported set"
+timeout 180 "${DC[@]}" down -v -t 10 >/dev/null 2>&1 || fail "docker compose down -v failed"
+t0=$(date +%s.%N)
+up
+for s in redis-preseed postgres-preseed chroma-preseed preseed; do
+  [ "$(exit_code $s)" = 0 ] || fail "$s exited $(exit_code $s) (imported set)"
+done
+wait_for 180 "every healthcheck healthy and the app running (imported set)" all_healthy
+got=$(tools fingerprint | tail -1) || fail "fingerprinting the preseeded data failed"
+[ "$got" = "$want" ] \
+  || fail "the preseeded data is not what the seed's set holds: $(diff <(tr ',' '\n' <<<"$want") <(tr ',' '\n' <<<"$got") | head -10)"
+tools check >/dev/null || fail "data is missing after the preseed from the imported set"
+t1=$(date +%s.%N)
+RECOVERY_SEED=$(python3 -c "print('%.1f' % ($t1 - $t0))")
+plogs=$(dc logs --no-color preseed redis-preseed chroma-preseed 2>&1)
+for e in redis mongodb chroma; do
+  grep -q "preseeded engine=$e set=\"$SEED_ID\"" <<<"$plogs" \
+    || fail "the preseed logs do not say $e was preseeded from the imported set $SEED_ID"
+done
+# The data copy is chroma-preseed's: preseed found Chroma holding it.
+grep -q 'preseed skipped: target holds data engine=chroma' <<<"$(dc logs --no-color preseed 2>&1)" \
+  || fail "preseed does not say Chroma already held the data copy: $(dc logs --no-color preseed 2>&1 | grep chroma | tail -3)"
+log "the imported seed set preseeded MongoDB, Redis and Chroma: $(python3 -c 'import json, sys; print(len(json.loads(sys.argv[1])))' "$want") digests (collections, keyspace) equal ${RECOVERY_SEED}s after up"
+
 echo "e2e compose: PASSED in $(( $(date +%s) - START ))s — image $DBKEEPER_IMAGE $IMAGE_BYTES bytes;" \
   "up on empty volumes → all healthy with data restored: ${RECOVERY}s; sidecar stop mid-backup: ${STOP}s;" \
-  "new host (no backup directory) → all healthy with data from the remote: ${RECOVERY_REMOTE}s"
+  "new host (no backup directory) → all healthy with data from the remote: ${RECOVERY_REMOTE}s;" \
+  "imported seed-layout set → all healthy with its data: ${RECOVERY_SEED}s"

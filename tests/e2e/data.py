@@ -1,9 +1,10 @@
 """Writes and checks the end-to-end test's data in MongoDB, Redis, Chroma and PostgreSQL (run
 inside the compose network by tests/e2e/compose.sh through the `tools` service).
 
-usage: data.py write | check | migrated | bulk N
+usage: data.py write | check | migrated | bulk N | seedmark | seed DIR | fingerprint
 """
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -181,6 +182,103 @@ def bulk(n):
     print("redis now holds %d keys" % redis("DBSIZE"))
 
 
+# What seedmark adds: data that only the seed-layout set holds, so that a preseed from any
+# older set shows.
+SEED_DOCS = 50
+SEED_KEYS = 50
+SEED_RECORDS = 40
+
+
+def seedmark():
+    c = mongo()
+    c.e2e.seeded.insert_many([{"_id": "s%d" % i, "i": i, "tag": "seed"} for i in range(SEED_DOCS)])
+    c.e2e.seeded.create_index([("i", -1)], name="i_desc")
+    for i in range(SEED_KEYS):
+        redis("SET", "seed:%d" % i, "seeded-%d" % i)
+    redis("RPUSH", "seed:list", "a", "b", "c")
+    col = chroma().create_collection("seeded", embedding_function=None, metadata={"from": "seed"})
+    col.add(ids=["s%d" % i for i in range(SEED_RECORDS)],
+            embeddings=[[float(i), -1.0] for i in range(SEED_RECORDS)],
+            documents=["seed %d" % i for i in range(SEED_RECORDS)])
+    print("seed marks written: mongodb %d docs, redis %d keys, chroma %d records"
+          % (SEED_DOCS, SEED_KEYS + 1, SEED_RECORDS))
+
+
+def seed(out):
+    """The parts of the seed's nightly set that are taken from the running servers, as its
+    script takes them: a mongodump-shaped directory (every collection's documents as the
+    server returns them, its metadata as mongodump writes it) in mongodb/mongodb_backup/, and
+    `redis-cli --rdb` in redis/dump.rdb."""
+    from bson import json_util
+    from bson.codec_options import CodecOptions
+    from bson.raw_bson import RawBSONDocument
+    raw = CodecOptions(document_class=RawBSONDocument)
+    canonical = json_util.CANONICAL_JSON_OPTIONS
+    c = mongo()
+    root = os.path.join(out, "mongodb", "mongodb_backup")
+    n = 0
+    for db in c.list_database_names():
+        if db in ("admin", "local", "config"):
+            continue
+        os.makedirs(os.path.join(root, db), exist_ok=True)
+        for info in c[db].list_collections():
+            name = info["name"]
+            if info.get("type", "collection") != "collection" or name.startswith("system."):
+                continue
+            coll = c[db].get_collection(name, codec_options=raw)
+            with open(os.path.join(root, db, name + ".bson"), "wb") as f:
+                for d in coll.find({}, sort=[("_id", 1)]):
+                    f.write(d.raw)
+                    n += 1
+            # A bson Binary (subtype 4) without a uuid representation configured.
+            uuid = info.get("info", {}).get("uuid")
+            uuid = uuid.hex() if isinstance(uuid, bytes) else getattr(uuid, "hex", "")
+            meta = {"options": info.get("options", {}),
+                    "indexes": [dict(ix) for ix in c[db][name].list_indexes()],
+                    "uuid": uuid,
+                    "collectionName": name, "type": "collection"}
+            with open(os.path.join(root, db, name + ".metadata.json"), "w") as f:
+                f.write(json_util.dumps(meta, json_options=canonical))
+    os.makedirs(os.path.join(out, "redis"), exist_ok=True)
+    rdb = os.path.join(out, "redis", "dump.rdb")
+    r = subprocess.run(["/usr/bin/redis-cli", "-h", "redis", "-a", REDIS_PASSWORD, "--no-auth-warning",
+                        "--rdb", rdb], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0 or not os.path.isfile(rdb):
+        sys.exit("redis-cli --rdb failed: %s %s" % (r.stdout.strip(), r.stderr.strip()))
+    print("seed parts written: mongodb %d docs, redis dump.rdb %d bytes" % (n, os.path.getsize(rdb)))
+
+
+def fingerprint():
+    """Every database's content, digested: MongoDB's documents per collection (as stored)
+    and index names, Redis's DEBUG DIGEST and key count, Chroma's records per collection."""
+    from bson.codec_options import CodecOptions
+    from bson.raw_bson import RawBSONDocument
+    raw = CodecOptions(document_class=RawBSONDocument)
+    out = {}
+    c = mongo()
+    for db in sorted(c.list_database_names()):
+        if db in ("admin", "local", "config"):
+            continue
+        for name in sorted(c[db].list_collection_names()):
+            coll = c[db].get_collection(name, codec_options=raw)
+            h = hashlib.sha256()
+            k = 0
+            for d in coll.find({}, sort=[("_id", 1)]):
+                h.update(d.raw)
+                k += 1
+            out["mongodb %s.%s" % (db, name)] = "%d %s %s" % (
+                k, h.hexdigest()[:16], ",".join(sorted(c[db][name].index_information())))
+    out["redis"] = "%d %s" % (redis("DBSIZE"), redis("DEBUG", "DIGEST"))
+    for col in sorted(chroma().list_collections(), key=lambda x: x.name):
+        col = chroma().get_collection(col.name, embedding_function=None)
+        r = col.get(include=["embeddings", "documents", "metadatas"])
+        rows = sorted(zip(r["ids"], [[float(x) for x in e] for e in r["embeddings"]],
+                          r["documents"], r["metadatas"]), key=lambda t: t[0])
+        h = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+        out["chroma %s" % col.name] = "%d %s %s" % (len(rows), h, json.dumps(col.metadata, sort_keys=True))
+    print(json.dumps(out, sort_keys=True))
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else ""
     if cmd == "write":
@@ -191,5 +289,11 @@ if __name__ == "__main__":
         migrated()
     elif cmd == "bulk":
         bulk(int(sys.argv[2]))
+    elif cmd == "seedmark":
+        seedmark()
+    elif cmd == "seed":
+        seed(sys.argv[2])
+    elif cmd == "fingerprint":
+        fingerprint()
     else:
         sys.exit(__doc__)

@@ -197,18 +197,45 @@ fn data_copy_verifies_preseeds_and_exports_equal() {
     assert!(matches!(e, Error::Config(_)), "{e}");
     assert_eq!(names(other.path()), vec!["notes.txt"]);
 
-    // A logical export given to the data-directory preseed is refused with one line.
+    // The online preseed (init) passes over a data copy, without failing, and leaves the
+    // running, empty server as it is: the copy is the pre-start preseed's (chroma-preseed).
+    let fresh = tempfile::tempdir().unwrap();
+    let live = ChromaDirServer::start(fresh.path());
+    let o = run(dbkeeper(repo.path())
+        .env("DBKEEPER_CHROMA_URL", live.url())
+        .arg("preseed"));
+    assert_code(&o, 0);
+    let line = stderr(&o);
+    assert!(
+        line.contains("preseed left to the data directory") && line.contains(&id),
+        "{line}"
+    );
+    assert!(!line.contains("preseeded"), "{line}");
+    let listed = py(
+        "import sys, chromadb; print(len(chromadb.HttpClient(host='127.0.0.1', port=int(sys.argv[1])).list_collections()))",
+        &[&live.port.to_string()],
+    );
+    assert_eq!(listed.trim(), "0", "the running server was written to");
+    drop(live);
+
+    // A logical export is passed over by the data-directory preseed (chroma-preseed), which
+    // writes nothing: the online preseed restores it once the server runs.
     let logical = tempfile::tempdir().unwrap();
     let o = run(dbkeeper(logical.path())
         .env("DBKEEPER_CHROMA_URL", a.url())
         .arg("backup"));
     assert_code(&o, 0);
+    let lid = stdout(&o).trim().to_owned();
     let empty = tempfile::tempdir().unwrap();
     let o = run(dbkeeper(logical.path())
         .env("DBKEEPER_CHROMA_DATA_DIR", empty.path())
         .arg("preseed"));
-    assert_code(&o, 2);
-    assert!(stderr(&o).contains("logical"), "{}", stderr(&o));
+    assert_code(&o, 0);
+    let line = stderr(&o);
+    assert!(
+        line.contains("preseed left to the running server") && line.contains(&lid),
+        "{line}"
+    );
     assert!(names(empty.path()).is_empty());
     // And a logical set cannot be exported as a directory.
     let lr = Repo::local(logical.path()).unwrap();
