@@ -212,11 +212,7 @@ fn postgres_pitr_restores_exactly_the_rows_committed_before_the_target() {
         assert_ne!(code(&o), 0);
         let err = stderr(&o);
         assert!(err.contains(says), "{err}");
-        assert_eq!(
-            err.trim().lines().filter(|l| l.contains("error")).count(),
-            1,
-            "{err}"
-        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
     }
 }
