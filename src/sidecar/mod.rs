@@ -125,6 +125,27 @@ pub async fn run(cfg: Config, sc: SidecarConfig, root: CancellationToken) -> Res
     let listener = tokio::net::TcpListener::bind(sc.listen)
         .await
         .map_err(|e| Error::config(format!("DBKEEPER_LISTEN={}: cannot listen: {e}", sc.listen)))?;
+    // Each continuous archive needs its engine's URL.
+    for (on, kind, what) in [
+        (
+            cfg.mongo_pitr,
+            EngineKind::Mongodb,
+            "DBKEEPER_MONGODB_PITR=on needs DBKEEPER_MONGODB_URI",
+        ),
+        (
+            cfg.postgres_pitr,
+            EngineKind::Postgres,
+            "DBKEEPER_POSTGRES_PITR=on needs DBKEEPER_POSTGRES_URL",
+        ),
+    ] {
+        if on && !engines.iter().any(|e| e.kind() == kind) {
+            return Err(Error::config(what));
+        }
+    }
+    let (pitr, pg_pitr) = (
+        cfg.mongo_pitr.then(Default::default),
+        cfg.postgres_pitr.then(Default::default),
+    );
     let app = Arc::new(Sidecar {
         cfg,
         repo,
@@ -133,47 +154,11 @@ pub async fn run(cfg: Config, sc: SidecarConfig, root: CancellationToken) -> Res
         engines,
         state: State::new(Utc::now()),
         root: root.clone(),
-        pitr: None,
-        pg_pitr: None,
+        pitr,
+        pg_pitr,
         stats: stats::Store::default(),
         tracker: TaskTracker::new(),
     });
-    let app = if app.cfg.postgres_pitr {
-        let Ok(mut inner) = Arc::try_unwrap(app) else {
-            unreachable!("no task holds the sidecar yet")
-        };
-        if !inner
-            .engines
-            .iter()
-            .any(|e| e.kind() == EngineKind::Postgres)
-        {
-            return Err(Error::config(
-                "DBKEEPER_POSTGRES_PITR=on needs DBKEEPER_POSTGRES_URL",
-            ));
-        }
-        inner.pg_pitr = Some(Default::default());
-        Arc::new(inner)
-    } else {
-        app
-    };
-    let app = if app.cfg.mongo_pitr {
-        let Ok(mut inner) = Arc::try_unwrap(app) else {
-            unreachable!("no task holds the sidecar yet")
-        };
-        if !inner
-            .engines
-            .iter()
-            .any(|e| e.kind() == EngineKind::Mongodb)
-        {
-            return Err(Error::config(
-                "DBKEEPER_MONGODB_PITR=on needs DBKEEPER_MONGODB_URI",
-            ));
-        }
-        inner.pitr = Some(Default::default());
-        Arc::new(inner)
-    } else {
-        app
-    };
     info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         next_backup = %next_label(&app.sc.schedule),

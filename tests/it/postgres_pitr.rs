@@ -445,3 +445,48 @@ fn postgres_pitr_encrypted_wal_needs_the_identity_and_recovers_with_it() {
     assert_eq!(rows(&copy), ["1:secret-row", "2:secret-row"]);
     copy.stop();
 }
+
+#[test]
+fn postgres_pitr_settings_that_cannot_work_are_refused_at_start() {
+    let repo = tempfile::tempdir().unwrap();
+    let port = crate::common::free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (
+            &[("DBKEEPER_POSTGRES_PITR", "on")],
+            "DBKEEPER_POSTGRES_PITR=on needs DBKEEPER_POSTGRES_URL",
+        ),
+        (
+            &[("DBKEEPER_POSTGRES_SLOT", "Bad-Slot")],
+            "DBKEEPER_POSTGRES_SLOT",
+        ),
+        (
+            &[("DBKEEPER_PRESEED_TO_TIME", "yesterday")],
+            "DBKEEPER_PRESEED_TO_TIME",
+        ),
+    ];
+    for (env, says) in cases {
+        let o = run(dbkeeper(repo.path())
+            .envs(env.iter().copied())
+            .env("DBKEEPER_REDIS_URL", "redis://127.0.0.1:1")
+            .env("DBKEEPER_LISTEN", &listen)
+            .arg("sidecar"));
+        assert_code(&o, 2);
+        let err = stderr(&o);
+        assert!(err.contains(says), "{err}");
+        // The start-up banner may come first; the refusal is one line.
+        let errors = err.lines().filter(|l| l.starts_with("dbkeeper:")).count();
+        assert_eq!(errors, 1, "{err}");
+    }
+    let o = run(dbkeeper(repo.path())
+        .env("DBKEEPER_ALERT_POSTGRES_SLOT_LAG", "lots")
+        .env("DBKEEPER_REDIS_URL", "redis://127.0.0.1:1")
+        .env("DBKEEPER_LISTEN", &listen)
+        .arg("sidecar"));
+    assert_code(&o, 2);
+    assert!(
+        stderr(&o).contains("DBKEEPER_ALERT_POSTGRES_SLOT_LAG"),
+        "{}",
+        stderr(&o)
+    );
+}
