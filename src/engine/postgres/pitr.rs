@@ -797,7 +797,14 @@ impl PostgresEngine {
         let keys = tokio::task::spawn_blocking(move || s2.start_run(Utc::now()))
             .await
             .map_err(|e| Error::engine(ENGINE, format!("starting a WAL archive run: {e}")))??;
-        let keys = Arc::new(keys);
+        let sink = Sink {
+            store,
+            keys: Arc::new(keys),
+            system: system.clone(),
+            timeline,
+            seg_size,
+            status,
+        };
 
         let mut c = Conn::connect(cfg, CONNECT_TIMEOUT, true).await?;
         let mut buf = bytes::BytesMut::new();
@@ -818,7 +825,7 @@ impl PostgresEngine {
                 _ => {}
             }
         }
-        info!(engine = ENGINE, slot, start = %fmt_lsn(start), timeline, run = %keys.run, "pitr: streaming WAL");
+        info!(engine = ENGINE, slot, start = %fmt_lsn(start), timeline, run = %sink.keys.run, "pitr: streaming WAL");
         if let Ok(mut g) = status.lock() {
             g.running = true;
             g.last_error = None;
@@ -868,7 +875,7 @@ impl PostgresEngine {
                         && last_publish.elapsed() >= flush_every * 10;
                     if grew || stale {
                         last_publish = std::time::Instant::now();
-                        let piece = self.publish(store, &keys, &system, timeline, seg_size, &mut cur, reach.unwrap_or(DateTime::UNIX_EPOCH), status).await?;
+                        let piece = sink.publish(&mut cur, reach).await?;
                         durable = durable.max(piece.end());
                     }
                     c.send(&status_update(received, durable)).await?;
@@ -911,18 +918,7 @@ impl PostgresEngine {
                                     pending = None;
                                 }
                                 if cur.data.len() as u64 == seg_size {
-                                    let piece = self
-                                        .publish(
-                                            store,
-                                            &keys,
-                                            &system,
-                                            timeline,
-                                            seg_size,
-                                            &mut cur,
-                                            reach.unwrap_or(DateTime::UNIX_EPOCH),
-                                            status,
-                                        )
-                                        .await?;
+                                    let piece = sink.publish(&mut cur, reach).await?;
                                     durable = durable.max(piece.end());
                                     cur = Current {
                                         start: piece.end(),
@@ -960,18 +956,7 @@ impl PostgresEngine {
         if result.is_ok() && !cur.data.is_empty() {
             let published = cur.published.as_ref().filter(|p| p.start == cur.start);
             if cur.data.len() as u64 > published.map_or(0, |p| p.len) {
-                let piece = self
-                    .publish(
-                        store,
-                        &keys,
-                        &system,
-                        timeline,
-                        seg_size,
-                        &mut cur,
-                        reach.unwrap_or(DateTime::UNIX_EPOCH),
-                        status,
-                    )
-                    .await?;
+                let piece = sink.publish(&mut cur, reach).await?;
                 durable = durable.max(piece.end());
                 let received = cur.start + cur.data.len() as u64;
                 let _ = c.send(&status_update(received, durable)).await;
@@ -984,28 +969,31 @@ impl PostgresEngine {
         c.terminate().await;
         result
     }
+}
 
-    /// Publishes what is held of the current segment, then deletes the shorter piece it
-    /// replaces.
-    #[allow(clippy::too_many_arguments)]
-    async fn publish(
-        &self,
-        store: &WalStore,
-        keys: &Arc<RunKeys>,
-        system: &str,
-        timeline: u32,
-        seg_size: u64,
-        cur: &mut Current,
-        reach: DateTime<Utc>,
-        status: &SharedWalStatus,
-    ) -> Result<WalPiece> {
+/// Where one archiver run publishes: its store and keys, and the server's segments.
+struct Sink<'a> {
+    store: &'a WalStore,
+    keys: Arc<RunKeys>,
+    system: String,
+    timeline: u32,
+    seg_size: u64,
+    status: &'a SharedWalStatus,
+}
+
+impl Sink<'_> {
+    /// Publishes what is held of the current segment, known to reach `reach` (the epoch when
+    /// not known yet), then deletes the shorter piece it replaces.
+    async fn publish(&self, cur: &mut Current, reach: Option<DateTime<Utc>>) -> Result<WalPiece> {
+        let reach = reach.unwrap_or(DateTime::UNIX_EPOCH);
         let (s2, k2, sys, data, start) = (
-            store.clone(),
-            keys.clone(),
-            system.to_owned(),
+            self.store.clone(),
+            self.keys.clone(),
+            self.system.clone(),
             cur.data.clone(),
             cur.start,
         );
+        let (timeline, seg_size, status) = (self.timeline, self.seg_size, self.status);
         let old = cur.published.take().filter(|p| p.start == start);
         let piece = tokio::task::spawn_blocking(move || {
             let piece = s2.write(&k2, &sys, timeline, start, seg_size, &data, reach)?;
